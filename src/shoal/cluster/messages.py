@@ -1,0 +1,123 @@
+"""Every message that travels between nodes, as pydantic models serialised to JSON.
+
+Models are strict about shape (unknown fields refused, strings and lists bounded) because they are
+parsed from the network; a body that does not validate is refused with 400 before any handler
+sees it. Body size limits per endpoint live here too, next to the messages they bound.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_BODY_BYTES = 1 << 20  # gossip of a large cluster stays far below this
+MAX_PROBE_BYTES = 16 << 20  # bulk throughput probes
+
+NodeId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+ShortStr = Annotated[str, Field(max_length=256)]
+NonNeg = Annotated[int, Field(ge=0)]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- device profile ------------------------------------------------------------------------------
+class Accelerator(Message):
+    kind: Annotated[str, Field(max_length=16)]  # "cuda" or "mps"
+    name: ShortStr
+    memory_total_bytes: NonNeg
+    gflops_fp32: float | None = None  # measured matmul throughput on this device
+
+
+class NodeProfile(Message):
+    """What a node measured about itself at start (cached in <home>/profile.json)."""
+
+    os: ShortStr
+    hostname: ShortStr
+    cpu_model: ShortStr
+    cpu_cores_logical: NonNeg
+    cpu_cores_physical: NonNeg | None = None
+    ram_total_bytes: NonNeg
+    accelerators: Annotated[list[Accelerator], Field(max_length=64)] = []
+    gflops_fp32: float  # CPU fp32 matmul throughput
+    memory_bandwidth_gbps: float  # CPU copy bandwidth, bytes read + written per second / 1e9
+    measured_with: Annotated[str, Field(max_length=32)]  # "torch 2.x" or "numpy 2.x"
+    measured_at: float  # unix time
+    measure_seconds: float
+    fingerprint: Annotated[str, Field(max_length=128)]  # machine identity the cache is valid for
+
+
+# -- membership ------------------------------------------------------------------------------------
+class MemberRecord(Message):
+    """One node as gossip carries it. Versions order as (incarnation, heartbeat): incarnation
+    changes on every restart, heartbeat grows while the node runs."""
+
+    node_id: NodeId
+    name: ShortStr
+    host: ShortStr  # "" = "the address you see me from" (only in a node's record of itself)
+    port: Annotated[int, Field(ge=1, le=65535)]
+    incarnation: NonNeg
+    heartbeat: NonNeg
+    # Seconds since the sender last saw this heartbeat advance: lets a receiver date a record
+    # without synchronised clocks (a long-silent node arrives as down, not as freshly up).
+    age_s: Annotated[float, Field(ge=0.0)] = 0.0
+    memory_available_bytes: NonNeg = 0
+    memory_offered_bytes: NonNeg = 0
+    profile: NodeProfile | None = None
+    version: Annotated[str, Field(max_length=32)] = ""
+
+
+class LinkRecord(Message):
+    """A measured link. Measured by the pair's lower node id, so each pair has one author."""
+
+    a: NodeId
+    b: NodeId
+    rtt_ms: Annotated[float, Field(ge=0.0)]
+    bandwidth_mbps: Annotated[float, Field(ge=0.0)] | None = None
+    measured_at: float  # unix time on the measuring node
+    probe_bytes: NonNeg = 0
+
+
+class Gossip(Message):
+    """Push-pull anti-entropy: a node's view of the cluster; the reply is the receiver's."""
+
+    sender: NodeId
+    members: Annotated[list[MemberRecord], Field(max_length=1024)]
+    links: Annotated[list[LinkRecord], Field(max_length=8192)] = []
+
+
+class Hello(Gossip):
+    """First contact with an address (a seed or a discovered service) whose id we may not know."""
+
+
+class HelloReply(Gossip):
+    observed_host: ShortStr  # the address the receiver saw the hello come from
+
+
+class Leave(Message):
+    sender: NodeId
+    incarnation: NonNeg
+
+
+class Ack(Message):
+    ok: bool = True
+
+
+class Ping(Message):
+    seq: NonNeg = 0
+
+
+class Pong(Message):
+    seq: NonNeg = 0
+
+
+class ProbeReply(Message):
+    received_bytes: NonNeg
+
+
+class Refusal(Message):
+    """Body of every refused request (4xx) on /peer/*."""
+
+    error: ShortStr

@@ -1,0 +1,69 @@
+"""Prefill and decode speed of shoal's engine, and of llama.cpp on the same GGUF in the same run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from shoal.engine.generate import BatchGenerator
+from shoal.engine.sampler import SamplingParams
+
+_FILLER = (
+    "The history of computing is a story of machines growing smaller, faster and more connected. "
+    "Early computers filled rooms; today a phone holds more power than they did. "
+)
+
+
+def bench_prompt(tokenizer, n: int) -> list[int]:
+    ids = tokenizer.encode(_FILLER * (n // 8 + 2), add_special_tokens=False)
+    return ids[:n]
+
+
+def bench_shoal(lm, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict:
+    """Best of `repeats` runs: prefill of the whole prompt in one chunk, then greedy decode."""
+    prompt = bench_prompt(lm.tokenizer, prompt_tokens)
+    ctx = lm.args.max_context
+    best_prefill, best_decode = 0.0, 0.0
+    for r in range(repeats + 1):  # the first run warms up (kernel compilation, caches)
+        gen = BatchGenerator(lm.model, lm.tokenizer, ctx, prefill_chunk=prompt_tokens, max_batch_tokens=prompt_tokens)
+        gen.add(prompt, SamplingParams(max_tokens=gen_tokens if r else 4, ignore_eos=True))
+        t0 = time.perf_counter()
+        gen.step()  # prefill + first token
+        t1 = time.perf_counter()
+        n = 0
+        while gen.has_work:
+            gen.step()
+            n += 1
+        t2 = time.perf_counter()
+        if r == 0:
+            continue
+        best_prefill = max(best_prefill, len(prompt) / (t1 - t0))
+        if n:
+            best_decode = max(best_decode, n / (t2 - t1))
+    return {"prefill_tokens_per_s": best_prefill, "decode_tokens_per_s": best_decode, "prompt_ids": prompt}
+
+
+def bench_llama_cpp(path: Path, prompt: list[int], gen_tokens: int, threads: int, repeats: int) -> dict | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=len(prompt) + gen_tokens + 8,
+                n_batch=max(512, len(prompt)), verbose=False)
+    best_prefill, best_decode = 0.0, 0.0
+    for r in range(repeats + 1):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        t1 = time.perf_counter()
+        token = int(torch.tensor(llm.scores[llm.n_tokens - 1]).argmax())
+        for _ in range(gen_tokens):
+            llm.eval([token])
+            token = int(torch.tensor(llm.scores[llm.n_tokens - 1]).argmax())
+        t2 = time.perf_counter()
+        if r:
+            best_prefill = max(best_prefill, len(prompt) / (t1 - t0))
+            best_decode = max(best_decode, gen_tokens / (t2 - t1))
+    return {"prefill_tokens_per_s": best_prefill, "decode_tokens_per_s": best_decode}

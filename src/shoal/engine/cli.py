@@ -1,0 +1,138 @@
+"""`shoal generate` and `shoal bench`. Nothing heavy is imported until a command runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help="catalog id, GGUF file or model directory (default: smollm2-135m)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--system", default=None, help="system message for the chat template")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("prompt", help="the prompt ('-' reads standard input)")
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the best is reported")
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def set_threads(n: int | None) -> int:
+    import os
+
+    import numba
+    import torch
+
+    if n is None:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    return n
+
+
+def _fail(msg: str, code: int = 1) -> int:
+    print(f"shoal: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _load(args):
+    from shoal.engine.loader import ModelNotFound, load_model
+    from shoal.weights.errors import ModelFileError
+
+    try:
+        return load_model(args.model)
+    except (ModelFileError, ModelNotFound, ValueError) as e:
+        raise SystemExit(_fail(str(e)))
+
+
+def run_generate(args) -> int:
+    from shoal.engine.generate import ContextOverflowError, stream_generate
+    from shoal.engine.sampler import SamplingParams
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
+        )
+    except ValueError as e:
+        return _fail(str(e), 2)
+    set_threads(args.threads)
+    lm = _load(args)
+    tok = lm.tokenizer
+    if args.raw:
+        ids = tok.encode(prompt)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+        ids = tok.encode_chat(messages)
+    stats = None
+    try:
+        for ev, stats in stream_generate(lm.model, tok, ids, params, lm.args.max_context):
+            if ev.text:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+    except ContextOverflowError as e:
+        return _fail(str(e))
+    sys.stdout.write("\n")
+    if stats is not None:
+        print(
+            f"[{lm.name}] prompt {stats.prompt_tokens} tokens, generated {stats.generation_tokens} | "
+            f"TTFT {1000 * (stats.ttft_s or 0):.0f} ms | prefill {stats.prefill_tps:.1f} tok/s | decode {stats.decode_tps:.1f} tok/s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def run_bench(args) -> int:
+    import resource
+
+    from shoal.engine.bench import bench_llama_cpp, bench_shoal
+
+    threads = set_threads(args.threads)
+    lm = _load(args)
+    ours = bench_shoal(lm, args.prompt_tokens, args.gen_tokens, args.repeats)
+    result = {
+        "model": lm.name,
+        "threads": threads,
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        **ours,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if not args.no_llama_cpp and lm.path.suffix == ".gguf":
+        ref = bench_llama_cpp(lm.path, ours["prompt_ids"], args.gen_tokens, threads, args.repeats)
+        if ref is not None:
+            result["llama_cpp"] = ref
+            result["prefill_ratio_vs_llama_cpp"] = ours["prefill_tokens_per_s"] / ref["prefill_tokens_per_s"]
+            result["decode_ratio_vs_llama_cpp"] = ours["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+    result.pop("prompt_ids")
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"model {result['model']}  threads {threads}  prompt {args.prompt_tokens}  gen {args.gen_tokens}")
+    print(f"shoal      prefill {result['prefill_tokens_per_s']:8.1f} tok/s   decode {result['decode_tokens_per_s']:8.1f} tok/s   peak RSS {result['peak_rss_mb']:.0f} MB")
+    if "llama_cpp" in result:
+        r = result["llama_cpp"]
+        print(f"llama.cpp  prefill {r['prefill_tokens_per_s']:8.1f} tok/s   decode {r['decode_tokens_per_s']:8.1f} tok/s")
+        print(f"ratio      prefill {result['prefill_ratio_vs_llama_cpp']:8.2f}x        decode {result['decode_ratio_vs_llama_cpp']:8.2f}x")
+    else:
+        print("llama.cpp  not measured (llama-cpp-python not installed, or not a GGUF model)")
+    return 0

@@ -1,0 +1,280 @@
+"""Generation: a batch of sequences stepped together, one flat forward per step.
+
+`BatchGenerator` is the engine's core loop and what continuous batching builds on: sequences are
+added and cancelled between steps; each step feeds every decoding sequence its last token and
+gives waiting prompts a chunk of prefill within a token budget, so a long prompt never stalls the
+running streams for long. Token ids become text through a streaming detokenizer and stop-string
+matcher per sequence. `stream_generate` is the one-sequence view of it, a generator of events.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+
+from shoal.engine.cache import KVCache
+from shoal.engine.sampler import SamplingParams, make_generator, sample, token_logprobs
+from shoal.engine.tokenizer import StreamingDetokenizer, Tokenizer
+from shoal.models.llama import BatchLayout
+
+
+class ContextOverflowError(ValueError):
+    def __init__(self, prompt_tokens: int, context: int):
+        self.prompt_tokens, self.context = prompt_tokens, context
+        super().__init__(f"the prompt has {prompt_tokens} tokens but the model's context is {context} tokens")
+
+
+class ShardedModel(Protocol):
+    """What the generator needs of a model: a whole model on one process, or the entry of a
+    distributed one that forwards through its stages."""
+
+    def make_cache(self) -> list[KVCache]: ...
+
+    def __call__(self, ids: torch.Tensor, layout: BatchLayout, logit_rows: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+@dataclass
+class TokenEvent:
+    uid: int
+    token: int | None  # None on a final event that only flushes text
+    text: str  # new text to show (may be empty while a UTF-8 character or a stop string is pending)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    # With SamplingParams.prompt_logprobs: on the sequence's first event, (token, logprob, top) for
+    # every prompt token after the first.
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+
+
+@dataclass
+class SequenceStats:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    t_added: float = 0.0
+    t_first_token: float | None = None
+    t_last_token: float | None = None
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.t_first_token is None else self.t_first_token - self.t_added
+
+    @property
+    def prefill_tps(self) -> float:
+        t = self.ttft_s
+        return self.prompt_tokens / t if t else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        if self.t_first_token is None or self.t_last_token is None or self.generation_tokens < 2:
+            return 0.0
+        return (self.generation_tokens - 1) / max(self.t_last_token - self.t_first_token, 1e-9)
+
+
+@dataclass
+class Sequence:
+    uid: int
+    prompt: list[int]
+    params: SamplingParams
+    caches: list[KVCache]
+    detok: StreamingDetokenizer
+    generator: torch.Generator | None
+    output: list[int] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens already in the cache
+    pending: str = ""  # text held back while it could be the start of a stop string
+    prompt_logprobs: list | None = None
+    finish_reason: str | None = None
+    stats: SequenceStats = field(default_factory=SequenceStats)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.prefilled < len(self.prompt)
+
+
+class BatchGenerator:
+    def __init__(
+        self,
+        model: ShardedModel,
+        tokenizer: Tokenizer,
+        max_context: int,
+        prefill_chunk: int = 256,
+        max_batch_tokens: int = 512,
+    ):
+        self.model, self.tokenizer, self.max_context = model, tokenizer, max_context
+        self.prefill_chunk, self.max_batch_tokens = prefill_chunk, max_batch_tokens
+        self.sequences: dict[int, Sequence] = {}
+        self._uids = itertools.count()
+        self._eos = tokenizer.eos_token_ids
+
+    def add(self, prompt: list[int], params: SamplingParams) -> int:
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) >= self.max_context:
+            raise ContextOverflowError(len(prompt), self.max_context)
+        uid = next(self._uids)
+        seq = Sequence(uid, list(prompt), params, self.model.make_cache(), StreamingDetokenizer(self.tokenizer), make_generator(params))
+        seq.stats.prompt_tokens, seq.stats.t_added = len(prompt), time.perf_counter()
+        self.sequences[uid] = seq
+        return uid
+
+    def cancel(self, uid: int) -> None:
+        """Drop a sequence and free its cache (a client went away)."""
+        self.sequences.pop(uid, None)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.sequences)
+
+    def step(self) -> list[TokenEvent]:
+        """One forward over every active sequence; returns the events it produced."""
+        events: list[TokenEvent] = []
+        if not self.sequences:
+            return events
+
+        ids: list[int] = []
+        positions: list[int] = []
+        lengths: list[int] = []
+        caches: list[list[KVCache]] = []
+        batch: list[Sequence] = []
+        sampled: list[Sequence] = []
+        scored: list[tuple[Sequence, int, int]] = []  # (sequence, first prompt index, count) to score
+        budget = self.max_batch_tokens
+        # Decoding sequences first (one token each, never starved), then prefill chunks.
+        for seq in sorted(self.sequences.values(), key=lambda s: s.in_prefill):
+            if seq.in_prefill:
+                n = min(self.prefill_chunk, len(seq.prompt) - seq.prefilled, budget)
+                if n <= 0:
+                    continue
+                chunk = seq.prompt[seq.prefilled : seq.prefilled + n]
+                start = seq.prefilled
+                seq.prefilled += n
+                if seq.params.prompt_logprobs is not None:
+                    scored.append((seq, start, n))
+                if not seq.in_prefill:
+                    sampled.append(seq)
+            else:
+                n, chunk, start = 1, seq.output[-1:], len(seq.prompt) + len(seq.output) - 1
+                sampled.append(seq)
+            ids.extend(chunk)
+            positions.extend(range(start, start + n))
+            lengths.append(n)
+            caches.append(seq.caches)
+            batch.append(seq)
+            budget -= n
+
+        layout = BatchLayout(lengths, torch.tensor(positions), caches)
+        ends = np.cumsum(lengths) - 1
+        rows = [int(ends[batch.index(s)]) for s in sampled]
+        score_rows = []
+        for seq, _, n in scored:
+            end = int(ends[batch.index(seq)])
+            score_rows.extend(range(end - n + 1, end + 1))
+        with torch.inference_mode():
+            logits = self.model(torch.tensor(ids), layout, torch.tensor(rows + score_rows, dtype=torch.long))
+        now = time.perf_counter()
+        self._score_prompts(scored, logits[len(rows) :])
+        for seq, row_logits in zip(sampled, logits):
+            if seq.params.max_tokens == 0:  # scoring only: the prompt is read, nothing is generated
+                ev = self._finish(seq, "length")
+                ev.prompt_logprobs = seq.prompt_logprobs
+                events.append(ev)
+                continue
+            new = self._advance(seq, row_logits, now)
+            if len(seq.output) == 1:
+                new[0].prompt_logprobs = seq.prompt_logprobs
+            events.extend(new)
+        return events
+
+    def _score_prompts(self, scored: list[tuple[Sequence, int, int]], logits: torch.Tensor) -> None:
+        i = 0
+        for seq, start, n in scored:
+            if seq.prompt_logprobs is None:
+                seq.prompt_logprobs = []
+            for j in range(n):
+                pos = start + j  # the row at prompt index pos predicts prompt[pos + 1]
+                if pos + 1 < len(seq.prompt):
+                    lp, top = token_logprobs(logits[i + j], seq.prompt[pos + 1], seq.params.prompt_logprobs)
+                    seq.prompt_logprobs.append((seq.prompt[pos + 1], lp, top))
+            i += n
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor, now: float) -> list[TokenEvent]:
+        p = seq.params
+        token = sample(logits, p, seq.generator)
+        lp, top = (None, None)
+        if p.logprobs is not None:
+            lp, top = token_logprobs(logits, token, p.logprobs)
+        seq.output.append(token)
+        st = seq.stats
+        st.generation_tokens += 1
+        st.t_last_token = now
+        if st.t_first_token is None:
+            st.t_first_token = now
+        if (token in self._eos and not p.ignore_eos) or token in p.stop_token_ids:
+            ev = self._finish(seq, "stop")
+            ev.token, ev.logprob, ev.top_logprobs = token, lp, top
+            return [ev]
+        text = self._match_stops(seq, seq.detok.add(token))
+        if seq.finish_reason is not None:  # a stop string matched
+            ev = self._finish(seq, "stop", flush=False)
+            ev.token, ev.text, ev.logprob, ev.top_logprobs = token, text, lp, top
+            return [ev]
+        ev = TokenEvent(seq.uid, token, text, None, lp, top)
+        context_full = len(seq.prompt) + len(seq.output) >= self.max_context
+        if len(seq.output) >= p.max_tokens or context_full:
+            fin = self._finish(seq, "length")
+            ev.text += fin.text
+            ev.finish_reason = "length"
+        return [ev]
+
+    def _match_stops(self, seq: Sequence, new_text: str) -> str:
+        stops = seq.params.stop
+        if not stops:
+            return new_text
+        seq.pending += new_text
+        hits = [(i, s) for s in stops if (i := seq.pending.find(s)) >= 0]
+        if hits:
+            i = min(hits)[0]
+            out, seq.pending = seq.pending[:i], ""
+            seq.finish_reason = "stop"
+            return out
+        # Hold back the longest tail that could still grow into a stop string.
+        hold = 0
+        for s in stops:
+            for k in range(min(len(s) - 1, len(seq.pending)), 0, -1):
+                if seq.pending.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        out = seq.pending[: len(seq.pending) - hold]
+        seq.pending = seq.pending[len(seq.pending) - hold :]
+        return out
+
+    def _finish(self, seq: Sequence, reason: str, flush: bool = True) -> TokenEvent:
+        text = ""
+        if flush:
+            text = self._match_stops(seq, seq.detok.flush())
+            if seq.finish_reason is None:
+                text += seq.pending
+            seq.pending = ""
+        seq.finish_reason = seq.finish_reason or reason
+        self.sequences.pop(seq.uid, None)
+        return TokenEvent(seq.uid, None, text, seq.finish_reason)
+
+    def stats(self, uid: int) -> SequenceStats | None:
+        s = self.sequences.get(uid)
+        return None if s is None else s.stats
+
+
+def stream_generate(
+    model: ShardedModel, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams, max_context: int, **kw
+) -> Iterator[tuple[TokenEvent, SequenceStats]]:
+    """Generate for one prompt, yielding each event with the sequence's running stats."""
+    gen = BatchGenerator(model, tokenizer, max_context, **kw)
+    uid = gen.add(prompt, params)
+    stats = gen.sequences[uid].stats
+    while gen.has_work:
+        for ev in gen.step():
+            yield ev, stats

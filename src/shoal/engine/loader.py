@@ -1,0 +1,97 @@
+"""From a model reference (catalog id, GGUF file or Hugging Face directory) to a ready shard."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shoal.catalog import CATALOG, DEFAULT_MODEL, bundled_path
+from shoal.engine.tokenizer import Tokenizer
+from shoal.models import llama
+from shoal.weights.errors import ModelFileError
+from shoal.weights.gguf import GGUFCheckpoint
+from shoal.weights.hf import HFCheckpoint
+
+# config.json model_type -> the file that builds it.
+ARCHITECTURES = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama}
+
+
+class ModelNotFound(Exception):
+    pass
+
+
+def resolve_model(ref: str | None) -> Path:
+    """A catalog id or a path -> the file or directory holding the weights."""
+    ref = ref or DEFAULT_MODEL
+    if ref in CATALOG:
+        entry = CATALOG[ref]
+        path = bundled_path(entry)
+        if path is not None:
+            return path
+        from shoal.weights.download import cached_model_path
+
+        path = cached_model_path(entry)
+        if path is not None:
+            return path
+        raise ModelNotFound(f"model {ref!r} is not downloaded yet (run `shoal download {ref}`)")
+    path = Path(os.path.expanduser(ref))
+    if path.exists():
+        return path
+    raise ModelNotFound(f"unknown model {ref!r}: not a catalog id ({', '.join(CATALOG)}) and no such file or directory")
+
+
+def open_checkpoint(path: Path) -> GGUFCheckpoint | HFCheckpoint:
+    if path.is_dir():
+        return HFCheckpoint(path)
+    if path.suffix == ".gguf" or path.is_file():
+        return GGUFCheckpoint(path)
+    raise ModelFileError(path, "neither a GGUF file nor a model directory")
+
+
+def load_tokenizer(ckpt) -> Tokenizer:
+    return Tokenizer.from_gguf(ckpt) if isinstance(ckpt, GGUFCheckpoint) else Tokenizer.from_hf_dir(ckpt.path)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    model: torch.nn.Module
+    args: "llama.ModelArgs"
+    spec: "llama.ShardSpec"
+    tokenizer: Tokenizer | None
+
+
+def load_model(ref: str | None = None, start: int | None = None, end: int | None = None, with_tokenizer: bool = True) -> LoadedModel:
+    """Load layers [start, end) of a model (the whole model by default), reading only their tensors."""
+    path = resolve_model(ref)
+    ckpt = open_checkpoint(path)
+    try:
+        module = ARCHITECTURES.get(ckpt.config.get("model_type"))
+        if module is None:
+            raise ModelFileError(path, f"unsupported architecture {ckpt.config.get('model_type')!r} (supported: {', '.join(ARCHITECTURES)})")
+        try:
+            args = module.ModelArgs.from_dict(ckpt.config)
+        except (TypeError, KeyError, ValueError) as e:
+            raise ModelFileError(path, f"bad model config ({e})") from None
+        n = args.num_hidden_layers
+        spec = module.ShardSpec(start or 0, n if end is None else end, n)
+        if not (0 <= spec.start < spec.end <= n):
+            raise ValueError(f"layer range [{spec.start}, {spec.end}) is outside the model's {n} layers")
+        weights = ckpt.load(module.required_weights(args, spec, ckpt.tensor_names()))
+        try:
+            model = module.LlamaShard(args, spec, weights)
+        except KeyError as e:
+            raise ModelFileError(path, f"missing tensor {e}") from None
+        rope_freqs = getattr(ckpt, "rope_freqs", None)
+        if rope_freqs is not None:
+            model.rope.rescale(torch.from_numpy(rope_freqs))
+        tokenizer = load_tokenizer(ckpt) if with_tokenizer else None
+    finally:
+        ckpt.close()
+    model.eval()
+    name = ref or DEFAULT_MODEL
+    return LoadedModel(name, path, model, args, spec, tokenizer)

@@ -1,0 +1,342 @@
+"""Llama family, built as a shard: Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3 and SmolLM.
+
+One file for the family because these models differ only in small switches: Qwen2 adds a bias to
+q/k/v, Qwen3 adds an RMSNorm on q and k per head, Llama 3.1 rescales RoPE frequencies. Reads top to
+bottom: config -> RoPE -> attention -> MLP -> block -> shard -> loading.
+
+A shard owns layers [start, end) and, when it is the first or last stage, the embedding or the
+final norm and head. The forward works on a *flat* batch: the new tokens of every sequence in the
+batch are concatenated along one axis, so every linear layer reads its weights once per step
+however many sequences are decoding; attention alone loops over sequences (each has its own KV
+cache, so sequences can join and leave between steps — what continuous batching needs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shoal.engine.cache import KVCache
+from shoal.quant.formats import QuantizedWeight
+from shoal.quant.kernels import gather_rows
+from shoal.quant.linear import QuantLinear, dense_or_quant_linear, fuse_rows
+
+Weight = torch.Tensor | np.ndarray | QuantizedWeight
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Field names are the checkpoint's config.json keys."""
+
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    sliding_window: int | None = None  # Mistral; contexts beyond it are refused rather than silently wrong
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
+        names = {f.name for f in fields(cls)}
+        args = {k: v for k, v in config.items() if k in names}
+        # Qwen2 checkpoints carry q/k/v biases without saying so in config.json.
+        if config.get("model_type") == "qwen2":
+            args.setdefault("attention_bias", True)
+        # transformers 5 moved rope_theta into rope_parameters.
+        params = config.get("rope_parameters") or {}
+        if "rope_theta" not in args and "rope_theta" in params:
+            args["rope_theta"] = params["rope_theta"]
+        if args.get("rope_scaling") is None and params.get("rope_type", "default") != "default":
+            args["rope_scaling"] = params
+        return cls(**args)
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.model_type == "qwen3"
+
+    @property
+    def max_context(self) -> int:
+        if self.sliding_window:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Which part of the model a process holds: layers [start, end), plus embedding and head."""
+
+    start: int
+    end: int
+    num_layers: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.num_layers
+
+    @classmethod
+    def whole(cls, num_layers: int) -> "ShardSpec":
+        return cls(0, num_layers, num_layers)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    elif kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind not in ("default", None):
+        raise ValueError(f"unsupported rope scaling {kind!r}")
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position up to the context, computed once like transformers does."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        inv_freq = rope_inv_freq(args)
+        self.inv_freq = inv_freq
+        pos = torch.arange(args.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)  # (max_pos, head_dim)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions], self.sin[positions]
+
+    def rescale(self, divisors: torch.Tensor) -> None:
+        """GGUF files of Llama 3.1 store RoPE scaling as per-frequency divisors (`rope_freqs`)."""
+        pos = torch.arange(self.cos.shape[0], dtype=torch.float32)
+        inv_freq = self.inv_freq / divisors.float()
+        freqs = torch.outer(pos, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (T, heads, head_dim); cos/sin (T, head_dim); rotate-half layout, as in the HF checkpoints.
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+@dataclass
+class BatchLayout:
+    """How the flat batch splits into sequences: `lengths[i]` new tokens of sequence i, in order."""
+
+    lengths: list[int]
+    positions: torch.Tensor  # (T,) absolute position of every token in the flat batch
+    caches: list[list[KVCache]] = field(default_factory=list)  # [sequence][layer of this shard]
+
+    @property
+    def total(self) -> int:
+        return int(self.positions.shape[0])
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, w: dict[str, Weight], prefix: str):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.q_size, self.kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        # q, k and v in one matmul: one pass over the input, one kernel call.
+        names = [f"{prefix}.{p}_proj" for p in "qkv"]
+        bias = None
+        if args.attention_bias:
+            bias = torch.cat([_as_tensor(w[f"{n}.bias"]) for n in names])
+        self.qkv_proj = dense_or_quant_linear(fuse_rows([w[f"{n}.weight"] for n in names]), bias)
+        self.o_proj = dense_or_quant_linear(w[f"{prefix}.o_proj.weight"])
+        self.q_norm = self.k_norm = None
+        if args.qk_norm:
+            self.q_norm = RMSNorm(_as_tensor(w[f"{prefix}.q_norm.weight"]), args.rms_norm_eps)
+            self.k_norm = RMSNorm(_as_tensor(w[f"{prefix}.k_norm.weight"]), args.rms_norm_eps)
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: BatchLayout, layer: int):
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q = qkv[:, : self.q_size].view(T, self.n_heads, self.head_dim)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(T, self.n_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        out = torch.empty(T, self.n_heads, self.head_dim, dtype=x.dtype)
+        start = 0
+        for seq, n in enumerate(layout.lengths):
+            cache = layout.caches[seq][layer]
+            past = cache.offset
+            keys, values = cache.update_and_fetch(k[start : start + n], v[start : start + n])  # (Hkv, L, D)
+            qs = q[start : start + n].transpose(0, 1)  # (H, n, D)
+            mask = None
+            if n > 1:  # causal within the chunk, full view of the past: lower-right aligned
+                mask = torch.ones(n, past + n, dtype=torch.bool).tril(diagonal=past)
+            o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            out[start : start + n] = o.transpose(0, 1)
+            start += n
+        return self.o_proj(out.view(T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, w: dict[str, Weight], prefix: str):
+        super().__init__()
+        gate, up = w[f"{prefix}.gate_proj.weight"], w[f"{prefix}.up_proj.weight"]
+        self.hidden = gate.shape[0]
+        self.gate_up_proj = dense_or_quant_linear(fuse_rows([gate, up]))
+        self.down_proj = dense_or_quant_linear(w[f"{prefix}.down_proj.weight"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate_up[:, : self.hidden]) * gate_up[:, self.hidden :])
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, w: dict[str, Weight], i: int):
+        super().__init__()
+        p = f"model.layers.{i}"
+        self.input_layernorm = RMSNorm(_as_tensor(w[f"{p}.input_layernorm.weight"]), args.rms_norm_eps)
+        self.self_attn = Attention(args, w, f"{p}.self_attn")
+        self.post_attention_layernorm = RMSNorm(_as_tensor(w[f"{p}.post_attention_layernorm.weight"]), args.rms_norm_eps)
+        self.mlp = MLP(w, f"{p}.mlp")
+
+    def forward(self, x, cos, sin, layout: BatchLayout, layer: int):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# ----------------------------------------------------------------------------- shard
+
+
+class Embedding(nn.Module):
+    def __init__(self, weight: Weight):
+        super().__init__()
+        self.quantized = weight if isinstance(weight, QuantizedWeight) else None
+        self.weight = None if self.quantized is not None else _as_tensor(weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            return torch.from_numpy(gather_rows(self.quantized, ids.numpy()))
+        return F.embedding(ids, self.weight)
+
+
+class LlamaShard(nn.Module):
+    """Layers [spec.start, spec.end) of a Llama-family model; embedding if first, norm+head if last."""
+
+    def __init__(self, args: ModelArgs, spec: ShardSpec, weights: dict[str, Weight]):
+        super().__init__()
+        self.args, self.spec = args, spec
+        self.rope = RotaryEmbedding(args)
+        self.embed_tokens = Embedding(weights["model.embed_tokens.weight"]) if spec.is_first else None
+        self.layers = nn.ModuleList(Block(args, weights, i) for i in range(spec.start, spec.end))
+        self.norm = self.lm_head = None
+        if spec.is_last:
+            self.norm = RMSNorm(_as_tensor(weights["model.norm.weight"]), args.rms_norm_eps)
+            head = weights.get("lm_head.weight")
+            if head is None or args.tie_word_embeddings:
+                head = weights["model.embed_tokens.weight"]
+            self.lm_head = dense_or_quant_linear(head)
+
+    def make_cache(self) -> list[KVCache]:
+        """One cache per layer of this shard, for one sequence."""
+        a = self.args
+        return [KVCache(a.num_key_value_heads, a.head_dim) for _ in self.layers]
+
+    def forward(self, x: torch.Tensor, layout: BatchLayout, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x: token ids (T,) on the first shard, hidden states (T, hidden) otherwise.
+
+        Returns hidden states (T, hidden) on a middle shard; on the last shard, logits (R, vocab)
+        for the rows `logit_rows` of the flat batch (default: each sequence's last token)."""
+        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        cos, sin = self.rope(layout.positions)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, layout, i)
+        if self.lm_head is None:
+            return h
+        if logit_rows is None:
+            logit_rows = torch.tensor(np.cumsum(layout.lengths) - 1)
+        return self.lm_head(self.norm(h[logit_rows]))
+
+
+def required_weights(args: ModelArgs, spec: ShardSpec, available: list[str]) -> list[str]:
+    """The checkpoint tensors a shard needs, so a loader reads only those."""
+    layer_prefixes = tuple(f"model.layers.{i}." for i in range(spec.start, spec.end))
+    need = [n for n in available if n.startswith(layer_prefixes)]
+    if spec.is_first:
+        need.append("model.embed_tokens.weight")
+    if spec.is_last:
+        need.append("model.norm.weight")
+        if "lm_head.weight" in available and not args.tie_word_embeddings:
+            need.append("lm_head.weight")
+        elif "model.embed_tokens.weight" not in need:
+            need.append("model.embed_tokens.weight")
+    return [n for n in dict.fromkeys(need) if n in available]
+
+
+def _as_tensor(w: Weight) -> torch.Tensor:
+    if isinstance(w, QuantizedWeight):
+        return torch.from_numpy(w.dequantize())
+    if isinstance(w, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+    return w.float()
+
+
+__all__ = ["ModelArgs", "ShardSpec", "LlamaShard", "BatchLayout", "required_weights", "QuantLinear"]

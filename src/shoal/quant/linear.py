@@ -1,0 +1,176 @@
+"""torch modules over quantized weights.
+
+``QuantLinear(weight, bias=None)``: ``y = x @ W.T + bias`` for float32 CPU ``x`` of shape (..., K).
+  * M = prod(x.shape[:-1]) <= ``QuantLinear.small_m`` (decode, small batches): the numba kernel is
+    called directly on ``x.numpy()`` / ``out.numpy()`` views (no copies).
+  * larger M (prefill): the weight is dequantized into a scratch float32 buffer shared by all
+    QuantLinears of the thread (at most ``SCRATCH_FLOATS`` floats; bigger weights are done in row
+    chunks) and multiplied with ``torch.nn.functional.linear`` (BLAS).
+  No autograd: use under ``torch.inference_mode()`` / ``torch.no_grad()``.
+
+``dense_or_quant_linear(w, bias=None)``: QuantLinear for a QuantizedWeight, else an ``nn.Linear``
+holding the float32 weight (shared with ``w``, not copied, when ``w`` already is float32 and
+C-contiguous).
+
+``fuse_rows(ws)``: concatenate weights along N (fused q/k/v or gate/up projections).
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import kernels as _k
+from .formats import QuantizedWeight
+
+__all__ = ["QuantLinear", "dense_or_quant_linear", "fuse_rows", "can_fuse_rows", "SCRATCH_FLOATS"]
+
+SCRATCH_FLOATS = 8 * 1024 * 1024      # 32 MiB of float32 per thread for prefill dequantization
+_tls = threading.local()
+
+
+def _scratch(n: int) -> np.ndarray:
+    buf = getattr(_tls, "buf", None)
+    if buf is None or buf.size < n:
+        buf = np.empty(n, np.float32)
+        _tls.buf = buf
+    return buf[:n]
+
+
+def _as_f32_tensor(a) -> torch.Tensor:
+    """float32 CPU tensor sharing memory with ``a`` when ``a`` already is C-contiguous float32."""
+    if isinstance(a, torch.Tensor):
+        return a.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    a = np.asarray(a)
+    if a.dtype != np.float32 or not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+    with warnings.catch_warnings():       # read-only memmaps: we never write into weights
+        warnings.simplefilter("ignore")
+        return torch.from_numpy(a)
+
+
+class QuantLinear(torch.nn.Module):
+    # M <= small_m -> numba kernel; larger -> dequantize + BLAS.  Chosen by measurement with
+    # scripts/bench_kernels.py --threshold on the 2-core reference machine (see the report there).
+    small_m = 12
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        if not isinstance(weight, QuantizedWeight):
+            raise TypeError("QuantLinear needs a QuantizedWeight")
+        self.qweight = weight
+        self.out_features, self.in_features = weight.shape
+        kind = weight.kind
+        c, s, b = weight.codes, weight.scales, weight.biases
+        if kind == "q4_affine":
+            k = _k.matmul_q4_affine
+            self._mm = lambda x, o: k(x, c, s, b, o)
+        elif kind == "q8_sym":
+            k = _k.matmul_q8_sym
+            self._mm = lambda x, o: k(x, c, s, o)
+        else:
+            k = _k.matmul_q8_affine
+            self._mm = lambda x, o: k(x, c, s, b, o)
+        if bias is not None:
+            bias = _as_f32_tensor(bias).reshape(self.out_features)
+            self.register_buffer("bias", bias, persistent=False)
+            self._bias_np = bias.numpy()
+        else:
+            self.bias = None
+            self._bias_np = None
+
+    def extra_repr(self) -> str:
+        w = self.qweight
+        return (f"in_features={self.in_features}, out_features={self.out_features}, kind={w.kind}, "
+                f"group_size={w.group_size}, bias={self._bias_np is not None}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shp = x.shape
+        if len(shp) != 2:
+            x = x.reshape(-1, self.in_features)
+        M = x.shape[0]
+        if M > self.small_m:
+            y = self._forward_dense(x)
+        else:
+            if x.dtype != torch.float32 or not x.is_contiguous():
+                x = x.contiguous().float()
+            y = torch.empty((M, self.out_features), dtype=torch.float32)
+            yn = y.numpy()
+            self._mm(x.numpy(), yn)
+            if self._bias_np is not None:
+                np.add(yn, self._bias_np, out=yn)
+        if len(shp) != 2:
+            y = y.view(*shp[:-1], self.out_features)
+        return y
+
+    def _forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous().float()
+        N, K = self.out_features, self.in_features
+        w = self.qweight
+        rows = max(1, min(N, SCRATCH_FLOATS // K))
+        buf = _scratch(rows * K)
+        if rows == N:
+            wt = torch.from_numpy(_k.dequantize(w, buf.reshape(N, K)))
+            return F.linear(x, wt, self.bias)
+        y = torch.empty((x.shape[0], N), dtype=torch.float32)
+        b = self.bias
+        for n0 in range(0, N, rows):
+            n1 = min(N, n0 + rows)
+            part = QuantizedWeight(w.kind, w.codes[n0:n1], w.scales[n0:n1],
+                                   None if w.biases is None else w.biases[n0:n1], w.group_size)
+            wt = torch.from_numpy(_k.dequantize(part, buf[: (n1 - n0) * K].reshape(n1 - n0, K)))
+            y[:, n0:n1] = F.linear(x, wt, None if b is None else b[n0:n1])
+        return y
+
+
+def dense_or_quant_linear(w, bias=None) -> torch.nn.Module:
+    """A module computing ``x @ w.T + bias``: QuantLinear for a QuantizedWeight, otherwise an
+    ``nn.Linear`` whose float32 weight shares memory with ``w`` when it can (float32, contiguous)."""
+    if isinstance(w, QuantizedWeight):
+        return QuantLinear(w, bias)
+    wt = _as_f32_tensor(w)
+    if wt.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(wt.shape)}")
+    N, K = wt.shape
+    lin = torch.nn.Linear(K, N, bias=bias is not None, device="meta")
+    lin.weight = torch.nn.Parameter(wt, requires_grad=False)
+    if bias is not None:
+        lin.bias = torch.nn.Parameter(_as_f32_tensor(bias).reshape(N), requires_grad=False)
+    return lin
+
+
+def can_fuse_rows(ws) -> bool:
+    """True when ``fuse_rows(ws)`` will work (all dense, or all quantized with the same kind,
+    group size and K)."""
+    ws = list(ws)
+    if not ws:
+        return False
+    if all(isinstance(w, QuantizedWeight) for w in ws):
+        w0 = ws[0]
+        return all(w.kind == w0.kind and w.group_size == w0.group_size and w.shape[1] == w0.shape[1] for w in ws)
+    if any(isinstance(w, QuantizedWeight) for w in ws):
+        return False
+    return len({tuple(np.shape(w))[1:] for w in ws}) == 1 and all(np.ndim(w) == 2 for w in ws)
+
+
+def fuse_rows(ws):
+    """Concatenate weights along N (rows).  All QuantizedWeight (same kind, group size and K) ->
+    QuantizedWeight; all dense (numpy / torch) -> float32 numpy (N_total, K).  Else ValueError."""
+    ws = list(ws)
+    if not can_fuse_rows(ws):
+        kinds = [w.kind if isinstance(w, QuantizedWeight) else "dense" for w in ws]
+        raise ValueError(f"cannot fuse weights of kinds/shapes {kinds}")
+    if isinstance(ws[0], QuantizedWeight):
+        w0 = ws[0]
+        return QuantizedWeight(
+            w0.kind,
+            np.concatenate([w.codes for w in ws], axis=0),
+            np.concatenate([w.scales for w in ws], axis=0),
+            None if w0.biases is None else np.concatenate([w.biases for w in ws], axis=0),
+            w0.group_size,
+        )
+    return np.concatenate([w.detach().cpu().float().numpy() if isinstance(w, torch.Tensor)
+                           else np.asarray(w, dtype=np.float32) for w in ws], axis=0)

@@ -1,0 +1,183 @@
+"""GGUF checkpoints: llama.cpp's single-file format.
+
+The file is memory-mapped by the `gguf` package's reader; a tensor's bytes are touched only when a
+shard asks for it, so a stage holding layers [a, b) reads only those. This module renames GGUF
+tensors to the Hugging Face names the model files use, turns GGUF metadata into config.json keys,
+and undoes the one layout change llama.cpp's converter makes (the q/k row permutation of the llama
+architecture, which switches RoPE to the interleaved layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shoal.quant.formats import QuantizedWeight, from_gguf
+from shoal.weights.errors import ModelFileError
+
+GGUF_MAGIC = b"GGUF"
+
+# GGUF tensor name (per block) -> Hugging Face name.
+_BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLOCK_RE.fullmatch(gguf_name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"
+    return None
+
+
+class GGUFCheckpoint:
+    """A GGUF file opened lazily. `config` uses config.json keys; `load(names)` reads only those."""
+
+    def __init__(self, path: str | Path):
+        import gguf
+
+        self.path = Path(path)
+        _check_header(self.path)
+        try:
+            self._reader = gguf.GGUFReader(self.path)
+        except Exception as e:  # the reader raises many kinds on a damaged file
+            raise ModelFileError(self.path, f"corrupt GGUF ({type(e).__name__}: {e})") from None
+        size = self.path.stat().st_size
+        self._tensors = {}
+        for t in self._reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise ModelFileError(self.path, f"truncated: tensor {t.name} ends past the end of the file")
+            name = hf_name(t.name)
+            if name is not None:
+                self._tensors[name] = t
+        self.metadata = self._read_metadata()
+        self.arch = str(self.metadata.get("general.architecture", "?"))
+        if self.arch not in SUPPORTED_ARCHS:
+            raise ModelFileError(self.path, f"unsupported architecture {self.arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+        self.config = self._config()
+        self.rope_freqs = None
+        for t in self._reader.tensors:
+            if t.name == "rope_freqs.weight":  # Llama 3.1's RoPE scaling, stored as divisors
+                self.rope_freqs = np.array(t.data, dtype=np.float32)
+
+    def _read_metadata(self) -> dict[str, Any]:
+        out = {}
+        for key, f in self._reader.fields.items():
+            if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+                continue  # read on demand by the tokenizer; large
+            try:
+                out[key] = f.contents()
+            except Exception:
+                continue
+        return out
+
+    def field(self, key: str) -> Any:
+        f = self._reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    def _config(self) -> dict[str, Any]:
+        md, a = self.metadata, self.arch
+
+        def get(key, default=None):
+            return md.get(f"{a}.{key}", default)
+
+        n_heads = int(get("attention.head_count"))
+        hidden = int(get("embedding_length"))
+        vocab = get("vocab_size")
+        if vocab is None:
+            tokens = self._reader.fields.get("tokenizer.ggml.tokens")
+            vocab = len(tokens.data) if tokens is not None else self._tensors["model.embed_tokens.weight"].shape[1]
+        cfg = {
+            "model_type": a,
+            "hidden_size": hidden,
+            "num_hidden_layers": int(get("block_count")),
+            "intermediate_size": int(get("feed_forward_length")),
+            "num_attention_heads": n_heads,
+            "num_key_value_heads": int(get("attention.head_count_kv", n_heads)),
+            "head_dim": int(get("attention.key_length", hidden // n_heads)),
+            "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_theta": float(get("rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(get("context_length", 4096)),
+            "vocab_size": int(vocab),
+            "tie_word_embeddings": "lm_head.weight" not in self._tensors,
+            "attention_bias": "model.layers.0.self_attn.q_proj.bias" in self._tensors,
+            "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": md.get("tokenizer.ggml.eos_token_id"),
+        }
+        return cfg
+
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def tensor_nbytes(self, name: str) -> int:
+        return int(self._tensors[name].n_bytes)
+
+    def load(self, names: list[str]) -> dict[str, np.ndarray | QuantizedWeight]:
+        out = {}
+        for name in names:
+            t = self._tensors.get(name)
+            if t is None:
+                raise ModelFileError(self.path, f"missing tensor {name}")
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+            try:
+                w = from_gguf(t.data, t.tensor_type, shape if len(shape) == 2 else (shape[0],))
+            except ValueError as e:
+                raise ModelFileError(self.path, f"tensor {t.name}: {e}") from None
+            out[name] = self._undo_permute(name, w)
+        return out
+
+    def _undo_permute(self, name: str, w):
+        # llama.cpp's converter interleaves the two RoPE halves of q and k rows for `llama`
+        # (not for qwen); put them back in the rotate-half order the HF layout uses.
+        if self.arch != "llama" or not name.endswith(("q_proj.weight", "k_proj.weight")):
+            return w
+        heads = self.config["num_attention_heads"] if "q_proj" in name else self.config["num_key_value_heads"]
+        n = w.shape[0]
+        rows = np.arange(n).reshape(heads, n // heads // 2, 2).swapaxes(1, 2).reshape(n)
+        if isinstance(w, QuantizedWeight):
+            biases = None if w.biases is None else w.biases[rows]
+            return dataclasses.replace(w, codes=w.codes[rows], scales=w.scales[rows], biases=biases)
+        return np.ascontiguousarray(w[rows])
+
+    def close(self) -> None:
+        # Drop the memory map so pages of tensors we copied out no longer count as ours.
+        self._reader = None
+        self._tensors = {}
+
+
+def _check_header(path: Path) -> None:
+    if not path.exists():
+        raise ModelFileError(path, "no such file")
+    if path.stat().st_size < 24:
+        raise ModelFileError(path, "truncated: too small to be a GGUF file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelFileError(path, f"not a GGUF file (magic {magic!r})")

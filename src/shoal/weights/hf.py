@@ -1,0 +1,112 @@
+"""Hugging Face checkpoint directories: config.json + safetensors (one file, or sharded with
+model.safetensors.index.json), in fp32/fp16/bf16 — and MLX-community quantized ones, which add
+`<name>.scales` / `<name>.biases` beside a uint32-packed `<name>.weight`.
+
+safetensors files are memory-mapped; `load(names)` copies out only the tensors asked for, so a
+pipeline stage never touches the bytes of another stage's layers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shoal.quant.formats import QuantizedWeight, from_mlx
+from shoal.weights.errors import ModelFileError
+
+
+class HFCheckpoint:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        cfg_path = self.path / "config.json"
+        if not cfg_path.exists():
+            raise ModelFileError(self.path, "no config.json in the model directory")
+        try:
+            self.config: dict[str, Any] = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelFileError(cfg_path, f"config.json is not valid JSON ({e})") from None
+        self.quantization = self.config.get("quantization") or self.config.get("quantization_config")
+        if self.quantization and "bits" not in self.quantization:
+            self.quantization = None  # a quantization_config of another kind (e.g. fp8) is handled elsewhere
+        self._files = self._index()
+
+    def _index(self) -> dict[str, Path]:
+        """tensor name -> the file that holds it."""
+        from safetensors import SafetensorError, safe_open
+
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ModelFileError(index, f"bad safetensors index ({e})") from None
+            files = {name: self.path / fname for name, fname in weight_map.items()}
+            for f in set(files.values()):
+                if not f.exists():
+                    raise ModelFileError(f, "missing shard named in model.safetensors.index.json")
+            return files
+        shards = sorted(self.path.glob("*.safetensors"))
+        if not shards:
+            raise ModelFileError(self.path, "no *.safetensors files in the model directory")
+        files = {}
+        for f in shards:
+            try:
+                with safe_open(f, framework="pt") as st:
+                    for name in st.keys():
+                        files[name] = f
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ModelFileError(f, f"corrupt safetensors file ({e})") from None
+        return files
+
+    def tensor_names(self) -> list[str]:
+        # A quantized layer appears under its weight name only; scales/biases travel with it.
+        return [n for n in self._files if not (self.quantization and n.endswith((".scales", ".biases")))]
+
+    def tensor_nbytes(self, name: str) -> int:
+        from safetensors import safe_open
+
+        with safe_open(self._files[name], framework="pt") as st:
+            sl = st.get_slice(name)
+            shape, dtype = sl.get_shape(), sl.get_dtype()
+        itemsize = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "F64": 8, "I64": 8}.get(dtype, 4)
+        return int(np.prod(shape)) * itemsize
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor | QuantizedWeight]:
+        from safetensors import SafetensorError, safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            if n not in self._files:
+                raise ModelFileError(self.path, f"missing tensor {n}")
+            by_file.setdefault(self._files[n], []).append(n)
+        out = {}
+        for f, file_names in by_file.items():
+            try:
+                with safe_open(f, framework="pt") as st:
+                    keys = set(st.keys())
+                    for n in file_names:
+                        out[n] = self._read_one(st, keys, n)
+            except (SafetensorError, OSError) as e:
+                raise ModelFileError(f, f"corrupt safetensors file ({e})") from None
+        return out
+
+    def _read_one(self, st, keys: set[str], name: str) -> torch.Tensor | QuantizedWeight:
+        base = name.removesuffix(".weight")
+        if self.quantization and name.endswith(".weight") and f"{base}.scales" in keys:
+            q = self.quantization
+            return from_mlx(
+                st.get_tensor(name).numpy(),
+                st.get_tensor(f"{base}.scales").float().numpy(),
+                st.get_tensor(f"{base}.biases").float().numpy(),
+                bits=int(q["bits"]),
+                group_size=int(q["group_size"]),
+            )
+        t = st.get_tensor(name)
+        return t.float() if t.is_floating_point() else t
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,224 @@
+"""Shared test helpers: real `shoal node` processes on loopback ports (or inside network
+namespaces), each with its own temporary --home, started and killed by their own pids."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TEST_KEY = "test-cluster-key-0123456789abcdef"
+NODE_CMD = [sys.executable, "-m", "shoal.cli", "node"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, timeout_s: float = 2.0, netns: str | None = None) -> Any:
+    """GET url and parse JSON; inside `netns` through a tiny python run there (our root namespace
+    has no route into the test's namespaces)."""
+    if netns is None:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return json.loads(r.read())
+    code = (
+        "import sys, urllib.request; "
+        "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])).read().decode())"
+    )
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", code, url, str(timeout_s)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s + 5,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise OSError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "fetch failed")
+    return json.loads(out.stdout)
+
+
+class NodeProc:
+    """One `shoal node` process. Restartable with the same home and port (same node id)."""
+
+    def __init__(
+        self, name: str, host: str, port: int, home: Path, args: Sequence[str], log_dir: Path, netns: str | None = None
+    ) -> None:
+        self.name, self.host, self.port, self.home = name, host, port, home
+        self.args = list(args)
+        self.netns = netns
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_at = 0.0  # monotonic time /v1/cluster first answered
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> NodeProc:
+        cmd = [
+            *NODE_CMD,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--home",
+            str(self.home),
+            "--name",
+            self.name,
+            *self.args,
+        ]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]  # ip execs the node: the pid is the node's
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("SHOAL_CLUSTER_KEY", None)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        return self
+
+    def cluster(self, timeout_s: float = 2.0) -> dict[str, Any]:
+        return http_json(self.url + "/v1/cluster", timeout_s, self.netns)
+
+    def wait_ready(self, timeout_s: float = 30.0) -> NodeProc:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node {self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                self.cluster(timeout_s=1.0)
+                self.ready_at = time.monotonic()
+                return self
+            except (OSError, ValueError, urllib.error.URLError):
+                time.sleep(0.05)
+        raise AssertionError(f"node {self.name} not ready after {timeout_s} s:\n{self.log()}")
+
+    @property
+    def node_id(self) -> str:
+        return (self.home / "node_id").read_text().strip()
+
+    def kill(self) -> None:
+        """SIGKILL: no leave announcement, the others must notice by themselves."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+class NodeLauncher:
+    """Starts nodes for one test; its fixture stops every one of them at teardown."""
+
+    def __init__(self, root: Path, profile_file: Path | None) -> None:
+        self.root = root
+        self.profile_file = profile_file
+        self.nodes: list[NodeProc] = []
+
+    def start(
+        self,
+        name: str,
+        peers: Sequence[NodeProc | str] = (),
+        key: str = TEST_KEY,
+        extra: Sequence[str] = (),
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        netns: str | None = None,
+        discovery: bool = False,
+        wait: bool = True,
+    ) -> NodeProc:
+        home = self.root / name
+        home.mkdir(parents=True, exist_ok=True)
+        if self.profile_file is not None and not (home / "profile.json").exists():
+            # One measurement per test session: nodes start in a fraction of a second and do not
+            # all benchmark the same two cores at once.
+            shutil.copy(self.profile_file, home / "profile.json")
+        args = ["--cluster-key", key, "--log-level", "DEBUG"]
+        for p in peers:
+            args += ["--peer", p.address if isinstance(p, NodeProc) else p]
+        if not discovery:
+            args.append("--no-discovery")
+        node = NodeProc(name, host, port or free_port(), home, [*args, *extra], self.root, netns)
+        self.nodes.append(node)
+        node.start()
+        if wait:
+            node.wait_ready()
+        return node
+
+    def close(self) -> None:
+        for n in self.nodes:
+            if n.proc is not None and n.proc.poll() is None:
+                os.kill(n.proc.pid, signal.SIGTERM)
+        for n in self.nodes:
+            if n.proc is not None:
+                try:
+                    n.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    n.kill()
+
+
+@pytest.fixture(scope="session")
+def cached_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A device profile measured once for the session, copied into every test node's home."""
+    home = tmp_path_factory.mktemp("profile")
+    code = (
+        "import sys, pathlib; from shoal.cluster.profile import load_or_measure; "
+        "load_or_measure(pathlib.Path(sys.argv[1]))"
+    )
+    subprocess.run([sys.executable, "-c", code, str(home / "profile.json")], check=True, timeout=120)
+    return home / "profile.json"
+
+
+@pytest.fixture
+def launcher(tmp_path: Path, cached_profile: Path) -> Iterator[NodeLauncher]:
+    nl = NodeLauncher(tmp_path, cached_profile)
+    try:
+        yield nl
+    finally:
+        nl.close()
+
+
+def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.05, what: str = "condition") -> float:
+    """Poll until predicate() is truthy; the seconds it took. Exceptions count as 'not yet'."""
+    start = time.monotonic()
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            if predicate():
+                return time.monotonic() - start
+        except Exception as e:  # noqa: BLE001 - a node briefly not answering is 'not yet'
+            last_exc = e
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"{what} not reached within {timeout_s} s (last error: {last_exc!r})")
+        time.sleep(interval_s)

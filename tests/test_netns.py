@@ -1,0 +1,251 @@
+"""Link measurement and mDNS discovery across network namespaces this test builds itself.
+
+Topology, all inside namespaces (the host's own namespace is never touched):
+
+    shsw<tag>: bridge br0 ── p0 ═ eth0 in shn<tag>0 (10.213.0.1)
+                        ├── p1 ═ eth0 in shn<tag>1 (10.213.0.2)
+                        └── p2 ═ eth0 in shn<tag>2 (10.213.0.3)
+
+One link (node 0 ↔ node 1) is shaped with tc on both ends' egress — an htb class (rate, or a netem
+leaf for delay) that a u32 filter on the other end's address feeds — so the other two links stay
+as fast as the bridge.
+Needs root, iproute2 (`ip`, `tc`); skipped with the reason when the machine forbids any of it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import NodeLauncher, NodeProc, wait_for
+
+pytestmark = pytest.mark.netns
+
+SUBNET = "10.213.0"
+PORT = 7400  # namespaces are isolated: every node can use the same port
+
+
+def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    if check and out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {out.stderr.strip() or out.returncode}")
+    return out
+
+
+class Net:
+    """Three node namespaces on one bridge that lives in a fourth namespace."""
+
+    def __init__(self, n: int = 3) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.switch = f"shsw{tag}"
+        self.names = [f"shn{tag}{i}" for i in range(n)]
+        self.created: list[str] = []
+
+    def ip(self, i: int) -> str:
+        return f"{SUBNET}.{i + 1}"
+
+    def up(self) -> None:
+        sw = self.switch
+        _run("ip", "netns", "add", sw)
+        self.created.append(sw)
+        _run("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", sw, "link", "set", "br0", "up")
+        for i, ns in enumerate(self.names):
+            _run("ip", "netns", "add", ns)
+            self.created.append(ns)
+            # Made straight between the two namespaces: no interface ever appears in the host's.
+            _run("ip", "-n", sw, "link", "add", f"p{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _run("ip", "-n", sw, "link", "set", f"p{i}", "master", "br0", "up")
+            _run("ip", "-n", ns, "addr", "add", f"{self.ip(i)}/24", "dev", "eth0")
+            _run("ip", "-n", ns, "link", "set", "eth0", "up")
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+            # mDNS needs a route for multicast; only inside this namespace.
+            _run("ip", "-n", ns, "route", "add", "224.0.0.0/4", "dev", "eth0")
+
+    def down(self) -> None:
+        for ns in reversed(self.created):  # deleting a namespace deletes its veth ends
+            _run("ip", "netns", "del", ns, check=False)
+        self.created.clear()
+
+    def shape(self, i: int, j: int, klass: list[str], leaf: list[str] | None = None) -> None:
+        """Shape traffic between nodes i and j only, both directions: an htb class (e.g. rate
+        100mbit) with an optional leaf qdisc (e.g. netem delay 5ms); other traffic matches no
+        filter and leaves through htb's unshaped direct queue."""
+        for src, dst in ((i, j), (j, i)):
+            tc = ["ip", "netns", "exec", self.names[src], "tc"]
+            _run(*tc, "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb")
+            _run(*tc, "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:2", "htb", *klass)
+            if leaf:
+                _run(*tc, "qdisc", "add", "dev", "eth0", "parent", "1:2", "handle", "20:", *leaf)
+            _run(
+                *tc,
+                "filter",
+                "add",
+                "dev",
+                "eth0",
+                "parent",
+                "1:",
+                "protocol",
+                "ip",
+                "prio",
+                "1",
+                "u32",
+                "match",
+                "ip",
+                "dst",
+                f"{self.ip(dst)}/32",
+                "flowid",
+                "1:2",
+            )
+
+    def qdisc_supported(self, leaf: list[str]) -> str | None:
+        """None if this kernel accepts the qdisc, else the reason it does not."""
+        ns = self.names[0]
+        out = _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo", "root", *leaf, check=False)
+        if out.returncode != 0:
+            return out.stderr.strip() or f"tc exit {out.returncode}"
+        _run("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", "lo", "root", check=False)
+        return None
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"`{tool}` not found: install iproute2")
+    n = Net()
+    try:
+        n.up()
+    except RuntimeError as e:
+        n.down()
+        pytest.skip(f"cannot build network namespaces here: {e}")
+    try:
+        yield n
+    finally:
+        n.down()
+
+
+@pytest.fixture
+def nslauncher(tmp_path: Path, cached_profile: Path) -> Iterator[NodeLauncher]:
+    nl = NodeLauncher(tmp_path, cached_profile)
+    try:
+        yield nl
+    finally:
+        nl.close()
+
+
+def _start_three(nl: NodeLauncher, net: Net, discovery: bool = False) -> list[NodeProc]:
+    nodes: list[NodeProc] = []
+    for i, ns in enumerate(net.names):
+        peers = [] if discovery or i == 0 else [nodes[0]]
+        nodes.append(
+            nl.start(f"n{i}", peers=peers, host=net.ip(i), port=PORT, netns=ns, discovery=discovery, wait=False)
+        )
+    for n in nodes:
+        n.wait_ready(timeout_s=60)
+    return nodes
+
+
+def _links(node: NodeProc, ids: list[str]) -> dict[tuple[int, int], dict[str, Any]]:
+    """(i, j) with i < j -> the link record between nodes i and j, as `node` sees them."""
+    out = {}
+    for lk in node.cluster(timeout_s=5)["links"]:
+        i, j = sorted((ids.index(lk["a"]), ids.index(lk["b"])))
+        out[(i, j)] = lk
+    return out
+
+
+def _all_links(node: NodeProc, ids: list[str]) -> dict[tuple[int, int], dict[str, Any]]:
+    found: dict[tuple[int, int], dict[str, Any]] = {}
+
+    def ready() -> bool:
+        found.clear()
+        found.update(_links(node, ids))
+        return len(found) == 3 and all(lk["bandwidth_mbps"] for lk in found.values())
+
+    wait_for(ready, timeout_s=40, interval_s=0.3, what="all 3 links measured")
+    return found
+
+
+def test_netem_delay_shows_in_rtt(net: Net, nslauncher: NodeLauncher) -> None:
+    leaf = ["netem", "delay", "5ms"]
+    if why := net.qdisc_supported(leaf):
+        pytest.skip(f"tc netem unavailable in this kernel (sch_netem missing?): {why}")
+    net.shape(0, 1, ["rate", "10gbit"], leaf)
+    nodes = _start_three(nslauncher, net)
+    ids = [n.node_id for n in nodes]
+    links = _all_links(nodes[2], ids)
+    print({k: (v["rtt_ms"], v["bandwidth_mbps"]) for k, v in links.items()})
+    assert 8.0 <= links[(0, 1)]["rtt_ms"] <= 12.0, links[(0, 1)]  # 2 x 5 ms, ±20%
+    assert links[(0, 2)]["rtt_ms"] < 3.0 and links[(1, 2)]["rtt_ms"] < 3.0, links
+
+
+def test_rate_limit_shows_in_bandwidth(net: Net, nslauncher: NodeLauncher) -> None:
+    if why := net.qdisc_supported(["htb"]):
+        pytest.skip(f"tc htb unavailable: {why}")
+    net.shape(0, 1, ["rate", "100mbit", "ceil", "100mbit"])
+    nodes = _start_three(nslauncher, net)
+    ids = [n.node_id for n in nodes]
+    links = _all_links(nodes[2], ids)
+    print("htb 100mbit", {k: (v["rtt_ms"], v["bandwidth_mbps"]) for k, v in links.items()})
+    assert 75.0 <= links[(0, 1)]["bandwidth_mbps"] <= 125.0, links[(0, 1)]  # 100 Mbit/s ±25%
+    for k in ((0, 2), (1, 2)):
+        assert links[k]["bandwidth_mbps"] > 200.0, links[k]  # the unshaped links stay fast
+
+
+def _multicast_passes(net: Net) -> bool:
+    """Does a multicast datagram from node 0's namespace reach node 1's across the bridge?"""
+    group, port = "239.255.213.13", 45213
+    recv = (
+        "import socket,struct;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+        f"s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('',{port}));"
+        "s.setsockopt(socket.IPPROTO_IP,socket.IP_ADD_MEMBERSHIP,"
+        f"struct.pack('4s4s',socket.inet_aton('{group}'),socket.inet_aton('{net.ip(1)}')));"
+        "s.settimeout(3);print(s.recv(100).decode())"
+    )
+    send = (
+        "import socket,time;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+        f"s.setsockopt(socket.IPPROTO_IP,socket.IP_MULTICAST_IF,socket.inet_aton('{net.ip(0)}'));"
+        f"[(s.sendto(b'hello',('{group}',{port})),time.sleep(0.2)) for _ in range(10)]"
+    )
+    r = subprocess.Popen(
+        ["ip", "netns", "exec", net.names[1], sys.executable, "-c", recv], stdout=subprocess.PIPE, text=True
+    )
+    time.sleep(0.3)
+    subprocess.run(["ip", "netns", "exec", net.names[0], sys.executable, "-c", send], timeout=10, check=False)
+    try:
+        out, _ = r.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        r.kill()
+        r.wait()
+        return False
+    return "hello" in out
+
+
+def test_mdns_discovery_across_namespaces(net: Net, nslauncher: NodeLauncher) -> None:
+    if not _multicast_passes(net):
+        pytest.skip("multicast does not pass the bridge between the namespaces here")
+    nodes = _start_three(nslauncher, net, discovery=True)
+    ids = {n.node_id for n in nodes}
+    last_up = max(n.ready_at for n in nodes)
+    for n in nodes:
+        wait_for(
+            lambda n=n: {x["id"] for x in n.cluster()["nodes"] if x["status"] == "up"} == ids,
+            timeout_s=15,
+            interval_s=0.1,
+            what=f"{n.name} discovers the others",
+        )
+    took = time.monotonic() - last_up
+    print(f"mDNS: all three joined {took:.1f} s after the last was up")
+    assert took <= 3.0, f"discovered nodes joined only after {took:.1f} s"
+    assert "mDNS: announcing" in nodes[0].log()
