@@ -42,7 +42,8 @@ def dumps(obj: Any) -> bytes:
 
 
 class Reply:
-    def __init__(self, request: web.Request, kind: Kind, ollama: bool = False, keepalive_record: dict | None = None):
+    def __init__(self, request: web.Request, kind: Kind, ollama: bool = False,
+                 keepalive_record: Callable[[], dict] | None = None):
         self.request, self.kind, self.ollama = request, kind, ollama
         self.keepalive_record = keepalive_record  # NDJSON: a harmless record (Ollama clients parse every line)
         self.response: web.StreamResponse | None = None
@@ -73,7 +74,7 @@ class Reply:
         if self.kind == "sse":
             await self.response.write(b": keep-alive\n\n")
         elif self.kind == "ndjson" and self.keepalive_record is not None:
-            await self.response.write(dumps(self.keepalive_record) + b"\n")
+            await self.response.write(dumps(self.keepalive_record()) + b"\n")
         elif self.kind == "json":
             await self.response.write(b" ")  # leading whitespace is valid JSON
 

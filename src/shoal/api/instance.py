@@ -237,6 +237,7 @@ class LocalInstance:
     def _closed(self, stream: GenerationStream) -> None:
         self._open -= 1
         req = stream.request
+        record_finished(self.metrics, self.name, req)
         if req.t_last_token is not None:
             self._avg_duration_s = 0.9 * self._avg_duration_s + 0.1 * (req.t_last_token - req.t_arrival)
 
@@ -264,6 +265,7 @@ class LocalInstance:
                 if self._gen.has_work:
                     self._step()
                 self._n_running, self._n_waiting = len(self._running), len(self._waiting)
+                self._kv_tokens = sum(len(s.prompt) + len(s.output) for s in self._gen.sequences.values())
         except Exception:  # a bug here must not leave clients hanging
             log.exception("model worker %s crashed", self.name)
         finally:
@@ -349,7 +351,6 @@ class LocalInstance:
             batch.append((job.stream, evs))
             if evs[-1].finish_reason is not None:
                 self._release(uid)
-        self._kv_tokens = sum(len(s.prompt) + len(s.output) for s in list(self._gen.sequences.values()))
         self._post(batch, n_seqs)
 
     def _post(self, batch: list, n_seqs: int) -> None:
@@ -357,6 +358,17 @@ class LocalInstance:
             self._loop.call_soon_threadsafe(self._deliver, batch, n_seqs)
         except RuntimeError:  # the loop is closed: the process is exiting
             pass
+
+
+def record_finished(metrics: Metrics, model: str, req: GenerationRequest) -> None:
+    """Count a finished (or abandoned) sequence; every kind of instance calls this once per sequence."""
+    if req.stats is not None or req.output_ids:
+        metrics.prompt_tokens.inc(len(req.prompt_ids), model=model)
+    metrics.generation_tokens.inc(len(req.output_ids), model=model)
+    if req.t_first_token is not None:
+        metrics.ttft.observe(req.t_first_token - req.t_arrival, model=model)
+    if req.t_last_token is not None:
+        metrics.duration.observe(req.t_last_token - req.t_arrival, model=model)
 
 
 _request_ids = itertools.count()

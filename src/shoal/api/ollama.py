@@ -224,7 +224,7 @@ class OllamaHandlers:
         head = {"model": body.model, "created_at": ""}
         empty = {"message": {"role": "assistant", "content": ""}} if is_chat else {"response": ""}
         stream = body.stream is not False
-        reply = Reply(request, "ndjson" if stream else "json", ollama=True, keepalive_record={**head, **empty, "done": False})
+        reply = Reply(request, "ndjson" if stream else "json", ollama=True, keepalive_record=lambda: {**head, "created_at": _now(), **empty, "done": False})
         if not (messages if is_chat else prompt):  # load (or unload) only
             if _unload_requested(body.keep_alive):
                 await self.service.unload(body.model)

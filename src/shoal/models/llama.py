@@ -221,17 +221,21 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         out = torch.empty(T, self.n_heads, self.head_dim, dtype=x.dtype)
+        group = self.n_heads // self.n_kv_heads
         start = 0
         for seq, n in enumerate(layout.lengths):
             cache = layout.caches[seq][layer]
             past = cache.offset
             keys, values = cache.update_and_fetch(k[start : start + n], v[start : start + n])  # (Hkv, L, D)
-            qs = q[start : start + n].transpose(0, 1)  # (H, n, D)
-            mask = None
+            # GQA without copying K/V: the `group` query heads of one KV head become rows of one matmul.
+            qs = q[start : start + n].view(n, self.n_kv_heads, group, self.head_dim).permute(1, 2, 0, 3)
+            qs = qs.reshape(self.n_kv_heads, group * n, self.head_dim)  # (Hkv, group*n, D)
+            scores = torch.bmm(qs, keys.transpose(1, 2)).mul_(self.scale)  # (Hkv, group*n, L)
             if n > 1:  # causal within the chunk, full view of the past: lower-right aligned
                 mask = torch.ones(n, past + n, dtype=torch.bool).tril(diagonal=past)
-            o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
-            out[start : start + n] = o.transpose(0, 1)
+                scores.masked_fill_(~mask.repeat(group, 1), float("-inf"))
+            o = torch.bmm(torch.softmax(scores, dim=-1), values)  # (Hkv, group*n, D)
+            out[start : start + n] = o.view(self.n_kv_heads, group, n, self.head_dim).permute(2, 0, 1, 3).reshape(n, self.n_heads, self.head_dim)
             start += n
         return self.o_proj(out.view(T, self.q_size))
 

@@ -302,6 +302,55 @@ def _make_dq_row(kind):
     return intrinsic(typer)
 
 
+def _make_lane_sums_row():
+    """xsl[m, g*16 + l] = sum_c x[m, g*G + c*16 + l]  (c over the G/16 chunks of group g)."""
+
+    def codegen(context, builder, sig, args):
+        xp = _data(context, builder, sig.args[0], args[0])
+        lp = _data(context, builder, sig.args[1], args[1])
+        m, ng, C = args[2:5]
+        G = builder.mul(C, _i64c(_W))
+        x_base = builder.mul(m, builder.mul(ng, G))
+        l_base = builder.mul(m, builder.mul(ng, _i64c(_W)))
+        entry = builder.basic_block
+        fn = builder.function
+        gloop = fn.append_basic_block("ls.g")
+        cloop = fn.append_basic_block("ls.c")
+        gend = fn.append_basic_block("ls.gend")
+        done = fn.append_basic_block("ls.done")
+        builder.branch(gloop)
+        builder.position_at_end(gloop)
+        g = builder.phi(_i64)
+        g.add_incoming(_i64c(0), entry)
+        x_g = builder.add(x_base, builder.mul(g, G))
+        builder.branch(cloop)
+        builder.position_at_end(cloop)
+        k = builder.phi(_i64)
+        v = builder.phi(_VF)
+        k.add_incoming(_i64c(0), gloop)
+        v.add_incoming(ir.Constant(_VF, [0.0] * _W), gloop)
+        v1 = builder.fadd(v, _vload(builder, xp, builder.add(x_g, builder.mul(k, _i64c(_W))), _VF, 4))
+        k1 = builder.add(k, _i64c(1))
+        k.add_incoming(k1, cloop)
+        v.add_incoming(v1, cloop)
+        builder.cbranch(builder.icmp_signed("<", k1, C), cloop, gend)
+        builder.position_at_end(gend)
+        _vstore(builder, v1, lp, builder.add(l_base, builder.mul(g, _i64c(_W))))
+        g1 = builder.add(g, _i64c(1))
+        g.add_incoming(g1, gend)
+        builder.cbranch(builder.icmp_signed("<", g1, ng), gloop, done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    def typer(typingctx, x, xsl, m, ng, C):
+        _check_c(x, xsl)
+        return types.void(x, xsl, m, ng, C), codegen
+
+    typer.__name__ = "_lane_sums_row"
+    return intrinsic(typer)
+
+
+_ls_row = _make_lane_sums_row()
 _t_q4_21 = _make_tile("q4_affine", 2, 1)
 _t_q4_11 = _make_tile("q4_affine", 1, 1)
 _t_q4_12 = _make_tile("q4_affine", 1, 2)
@@ -328,12 +377,11 @@ _dq_a8 = _make_dq_row("q8_affine")
 # ----------------------------------------------------------------------------------------------
 @njit(fastmath=False, cache=True)
 def _lane_sums(x, ng, G):
+    """Requires G % 16 == 0 (only used by the vector paths)."""
     M = x.shape[0]
-    xsl = np.zeros((M, ng * 16), np.float32)
+    xsl = np.empty((M, ng * 16), np.float32)
     for m in range(M):
-        for g in range(ng):
-            for j in range(G):
-                xsl[m, g * 16 + (j & 15)] += x[m, g * G + j]
+        _ls_row(x, xsl, m, ng, G // 16)
     return xsl
 
 

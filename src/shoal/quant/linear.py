@@ -30,6 +30,7 @@ __all__ = ["QuantLinear", "dense_or_quant_linear", "fuse_rows", "can_fuse_rows",
 
 SCRATCH_FLOATS = 8 * 1024 * 1024      # 32 MiB of float32 per thread for prefill dequantization
 _tls = threading.local()
+_F32 = torch.float32
 
 
 def _scratch(n: int) -> np.ndarray:
@@ -88,23 +89,29 @@ class QuantLinear(torch.nn.Module):
                 f"group_size={w.group_size}, bias={self._bias_np is not None}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shp = x.shape
-        if len(shp) != 2:
-            x = x.reshape(-1, self.in_features)
+        # hot path (decode): 2-D contiguous float32 x with few rows; ~2 us of Python per call
+        if x.dim() != 2:
+            return self._forward_nd(x)
         M = x.shape[0]
-        if M > self.small_m:
-            y = self._forward_dense(x)
-        else:
-            if x.dtype != torch.float32 or not x.is_contiguous():
-                x = x.contiguous().float()
-            y = torch.empty((M, self.out_features), dtype=torch.float32)
-            yn = y.numpy()
-            self._mm(x.numpy(), yn)
-            if self._bias_np is not None:
-                np.add(yn, self._bias_np, out=yn)
-        if len(shp) != 2:
-            y = y.view(*shp[:-1], self.out_features)
-        return y
+        if M > self.small_m or x.dtype != _F32 or not x.is_contiguous() or x.requires_grad:
+            return self._forward_other(x)
+        yn = np.empty((M, self.out_features), np.float32)
+        self._mm(x.numpy(), yn)
+        if self._bias_np is not None:
+            np.add(yn, self._bias_np, out=yn)
+        return torch.from_numpy(yn)
+
+    def _forward_nd(self, x: torch.Tensor) -> torch.Tensor:
+        shp = x.shape
+        y = self.forward(x.reshape(-1, self.in_features))
+        return y.view(*shp[:-1], self.out_features)
+
+    def _forward_other(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.small_m:
+            return self._forward_dense(x)
+        if x.requires_grad:
+            x = x.detach()
+        return self.forward(x.contiguous().float())
 
     def _forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous().float()

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from shoal.quant.formats import QuantizedWeight, from_gguf
 from shoal.weights.errors import ModelFileError
+from shoal.weights.gguf_file import GGUFFile, GGUFFormatError
 
 GGUF_MAGIC = b"GGUF"
 
@@ -61,60 +64,49 @@ class GGUFCheckpoint:
     """A GGUF file opened lazily. `config` uses config.json keys; `load(names)` reads only those."""
 
     def __init__(self, path: str | Path):
-        import gguf
-
         self.path = Path(path)
         _check_header(self.path)
         try:
-            self._reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # the reader raises many kinds on a damaged file
-            raise ModelFileError(self.path, f"corrupt GGUF ({type(e).__name__}: {e})") from None
-        size = self.path.stat().st_size
-        self._tensors = {}
-        for t in self._reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise ModelFileError(self.path, f"truncated: tensor {t.name} ends past the end of the file")
-            name = hf_name(t.name)
-            if name is not None:
-                self._tensors[name] = t
-        self.metadata = self._read_metadata()
-        self.arch = str(self.metadata.get("general.architecture", "?"))
+            self._file = GGUFFile(self.path)
+        except GGUFFormatError as e:
+            raise ModelFileError(self.path, str(e)) from None
+        except (OSError, ValueError, struct.error) as e:
+            raise ModelFileError(self.path, f"corrupt GGUF ({e})") from None
+        self._tensors = {name: t for gname, t in self._file.tensors.items() if (name := hf_name(gname)) is not None}
+        self.arch = str(self._file.field("general.architecture", "?"))
         if self.arch not in SUPPORTED_ARCHS:
             raise ModelFileError(self.path, f"unsupported architecture {self.arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
-        self.config = self._config()
+        try:
+            self.config = self._config()
+        except (TypeError, ValueError, KeyError) as e:
+            raise ModelFileError(self.path, f"missing or bad model metadata ({e})") from None
         self.rope_freqs = None
-        for t in self._reader.tensors:
-            if t.name == "rope_freqs.weight":  # Llama 3.1's RoPE scaling, stored as divisors
-                self.rope_freqs = np.array(t.data, dtype=np.float32)
+        if "rope_freqs.weight" in self._file.tensors:  # Llama 3.1's RoPE scaling, stored as divisors
+            self.rope_freqs = np.frombuffer(self._file.raw("rope_freqs.weight").tobytes(), dtype=np.float32).copy()
 
-    def _read_metadata(self) -> dict[str, Any]:
-        out = {}
-        for key, f in self._reader.fields.items():
-            if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
-                continue  # read on demand by the tokenizer; large
-            try:
-                out[key] = f.contents()
-            except Exception:
-                continue
-        return out
+    @property
+    def metadata(self) -> _Metadata:
+        return _Metadata(self._file)
 
     def field(self, key: str) -> Any:
-        f = self._reader.fields.get(key)
-        return None if f is None else f.contents()
+        return self._file.field(key)
 
     def _config(self) -> dict[str, Any]:
-        md, a = self.metadata, self.arch
+        a, f = self.arch, self._file.field
 
         def get(key, default=None):
-            return md.get(f"{a}.{key}", default)
+            v = f(f"{a}.{key}", default)
+            if v is None:
+                raise KeyError(f"{a}.{key}")
+            return v
 
         n_heads = int(get("attention.head_count"))
         hidden = int(get("embedding_length"))
-        vocab = get("vocab_size")
+        vocab = f(f"{a}.vocab_size")
         if vocab is None:
-            tokens = self._reader.fields.get("tokenizer.ggml.tokens")
-            vocab = len(tokens.data) if tokens is not None else self._tensors["model.embed_tokens.weight"].shape[1]
-        cfg = {
+            tokens = f("tokenizer.ggml.tokens")
+            vocab = len(tokens) if tokens is not None else self._tensors["model.embed_tokens.weight"].shape[0]
+        return {
             "model_type": a,
             "hidden_size": hidden,
             "num_hidden_layers": int(get("block_count")),
@@ -128,16 +120,15 @@ class GGUFCheckpoint:
             "vocab_size": int(vocab),
             "tie_word_embeddings": "lm_head.weight" not in self._tensors,
             "attention_bias": "model.layers.0.self_attn.q_proj.bias" in self._tensors,
-            "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": md.get("tokenizer.ggml.eos_token_id"),
+            "bos_token_id": f("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": f("tokenizer.ggml.eos_token_id"),
         }
-        return cfg
 
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
 
     def tensor_nbytes(self, name: str) -> int:
-        return int(self._tensors[name].n_bytes)
+        return self._tensors[name].nbytes
 
     def load(self, names: list[str]) -> dict[str, np.ndarray | QuantizedWeight]:
         out = {}
@@ -145,11 +136,12 @@ class GGUFCheckpoint:
             t = self._tensors.get(name)
             if t is None:
                 raise ModelFileError(self.path, f"missing tensor {name}")
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
             try:
-                w = from_gguf(t.data, t.tensor_type, shape if len(shape) == 2 else (shape[0],))
+                w = from_gguf(self._file.raw(t.name), GGMLQuantizationType(t.ggml_type), t.shape)
             except ValueError as e:
                 raise ModelFileError(self.path, f"tensor {t.name}: {e}") from None
+            if isinstance(w, np.ndarray) and w.base is not None:
+                w = w.copy()  # never keep a view of the memory map: it would pin the file's pages
             out[name] = self._undo_permute(name, w)
         return out
 
@@ -168,8 +160,26 @@ class GGUFCheckpoint:
 
     def close(self) -> None:
         # Drop the memory map so pages of tensors we copied out no longer count as ours.
-        self._reader = None
+        self._file = None
         self._tensors = {}
+
+
+class _Metadata:
+    """Dict-like read access to GGUF metadata (what the tokenizer builder reads)."""
+
+    def __init__(self, file: GGUFFile):
+        self._file = file
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._file.field(key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file.keys()
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self:
+            raise KeyError(key)
+        return self._file.field(key)
 
 
 def _check_header(path: Path) -> None:

@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Concurrency benchmark of the OpenAI API on one node: N streaming chat clients at once.
+
+Starts `python -m shoal.api.serve` with the bundled model on a free loopback port (or uses --url),
+then for each concurrency level runs every client at the same moment, each streaming a chat
+completion of exactly --max-tokens tokens (ignore_eos). Reports per level the aggregate
+generation throughput (all clients' tokens / wall time of the round), the time to first token
+p50/p99 over the clients, and the engine's mean batch size read from /metrics; finally the ratio
+of 8-client to 1-client aggregate throughput (the bar: >= 4x).
+
+    .venv/bin/python scripts/bench_api.py [--levels 1,4,8,16] [--max-tokens 64] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import aiohttp
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how photosynthesis works.",
+    "List some tips for learning a new language.",
+    "Describe the water cycle to a child.",
+    "What are the benefits of regular exercise?",
+    "Write a poem about the sea at night.",
+    "Explain what a CPU cache is.",
+    "Give me a recipe for pancakes.",
+    "Why is the sky blue?",
+    "Summarize the plot of a heist movie you invent.",
+    "How do vaccines train the immune system?",
+    "Describe a day in the life of a honeybee.",
+    "What makes a good cup of coffee?",
+    "Explain recursion with an example.",
+    "Write a letter to a future version of yourself.",
+    "What are black holes?",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, threads: int | None, max_running: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "shoal.api.serve", "--port", str(port), "--model", model, "--max-running", str(max_running),
+           "--log-level", "WARNING"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "ready" not in line:
+        proc.kill()
+        raise SystemExit(f"server did not start: {line!r}")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def one_client(session: aiohttp.ClientSession, url: str, model: str, prompt: str, max_tokens: int, start: asyncio.Event) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    await start.wait()
+    t0 = time.perf_counter()
+    ttft = None
+    tokens = 0
+    async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for raw in resp.content:
+            if not raw.startswith(b"data: ") or raw.startswith(b"data: [DONE]"):
+                continue
+            chunk = json.loads(raw[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for ch in chunk["choices"]:
+                if ttft is None and ch["delta"].get("content"):
+                    ttft = time.perf_counter() - t0
+    return {"t0": t0, "t1": time.perf_counter(), "ttft": ttft, "tokens": tokens}
+
+
+async def scrape_batches(session: aiohttp.ClientSession, url: str) -> tuple[float, float]:
+    async with session.get(f"{url}/metrics") as r:
+        text = await r.text()
+    steps = sum(float(v) for v in re.findall(r"^shoal_engine_steps_total\{[^}]*\} (\S+)$", text, re.M))
+    seqs = sum(float(v) for v in re.findall(r"^shoal_engine_step_sequences_total\{[^}]*\} (\S+)$", text, re.M))
+    return steps, seqs
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
+    return values[k]
+
+
+async def run_level(url: str, model: str, clients: int, max_tokens: int, rounds: int) -> dict:
+    timeout = aiohttp.ClientTimeout(total=1800)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        steps0, seqs0 = await scrape_batches(session, url)
+        results, walls = [], []
+        for r in range(rounds):
+            start = asyncio.Event()
+            tasks = [asyncio.ensure_future(one_client(session, url, model, PROMPTS[(i + r) % len(PROMPTS)], max_tokens, start))
+                     for i in range(clients)]
+            await asyncio.sleep(0.05)
+            start.set()
+            res = await asyncio.gather(*tasks)
+            walls.append(max(x["t1"] for x in res) - min(x["t0"] for x in res))
+            results += res
+        steps1, seqs1 = await scrape_batches(session, url)
+    total_tokens = sum(x["tokens"] for x in results)
+    ttfts = [x["ttft"] for x in results if x["ttft"] is not None]
+    return {
+        "clients": clients,
+        "rounds": rounds,
+        "tokens": total_tokens,
+        "aggregate_tokens_per_s": total_tokens / sum(walls),
+        "per_client_tokens_per_s": statistics.mean(x["tokens"] / (x["t1"] - x["t0"]) for x in results),
+        "ttft_p50_ms": 1000 * pct(ttfts, 0.5),
+        "ttft_p99_ms": 1000 * pct(ttfts, 0.99),
+        "mean_batch": (seqs1 - seqs0) / max(1.0, steps1 - steps0),
+    }
+
+
+async def bench(args: argparse.Namespace, url: str) -> list[dict]:
+    levels = [int(x) for x in args.levels.split(",")]
+    await run_level(url, args.model, 2, 8, 1)  # warm-up: first requests, batched path
+    out = []
+    for c in levels:
+        res = await run_level(url, args.model, c, args.max_tokens, args.rounds)
+        out.append(res)
+        if not args.json:
+            print(f"{c:3d} clients  aggregate {res['aggregate_tokens_per_s']:7.1f} tok/s  per client {res['per_client_tokens_per_s']:6.1f} tok/s"
+                  f"  TTFT p50 {res['ttft_p50_ms']:7.0f} ms  p99 {res['ttft_p99_ms']:7.0f} ms  mean batch {res['mean_batch']:5.1f}",
+                  flush=True)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--url", default=None, help="a running server (default: start one)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--levels", default="1,4,8,16")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2, help="rounds per level (TTFT percentiles pool them)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max-running", type=int, default=32)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    proc = None
+    url = args.url
+    if url is None:
+        proc, url = start_server(args.model, args.threads, args.max_running)
+    try:
+        results = asyncio.run(bench(args, url))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    by = {r["clients"]: r for r in results}
+    ratio = by[8]["aggregate_tokens_per_s"] / by[1]["aggregate_tokens_per_s"] if 1 in by and 8 in by else None
+    if args.json:
+        print(json.dumps({"model": args.model, "max_tokens": args.max_tokens, "cpu_count": os.cpu_count(), "levels": results,
+                          "ratio_8_vs_1": ratio}))
+    elif ratio is not None:
+        print(f"8 clients vs 1: {ratio:.2f}x aggregate throughput (bar: >= 4x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

