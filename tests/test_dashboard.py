@@ -147,28 +147,36 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, cached_profile: Path) -> I
 
 
 @pytest.fixture(scope="module")
-def page(cluster: Cluster) -> Iterator[Any]:
+def browser(cluster: Cluster) -> Iterator[Any]:
+    """A fresh chromium profile for the module; every page opened in it is checked for JS errors."""
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     profile = tempfile.mkdtemp(prefix="shoal-chromium-")
+    errors: list[str] = []
     try:
         with sync_playwright() as pw:
             ctx = pw.chromium.launch_persistent_context(
                 profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS, viewport=LAPTOP
             )
+            ctx.set_default_timeout(UI_TIMEOUT_MS)
+            ctx.on("page", lambda pg: pg.on("pageerror", lambda e: errors.append(str(e))))
             try:
-                pg = ctx.pages[0] if ctx.pages else ctx.new_page()
-                pg.set_default_timeout(UI_TIMEOUT_MS)
-                errors: list[str] = []
-                pg.on("pageerror", lambda e: errors.append(str(e)))
-                pg.goto(cluster.a.url + "/")
-                yield pg
-                assert not errors, f"JavaScript errors on the page: {errors}"
+                yield ctx
             finally:
                 ctx.close()
+        assert not errors, f"JavaScript errors on the page: {errors}"
     finally:
         shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def page(browser: Any, cluster: Cluster) -> Any:
+    """The one tab the user keeps open through the whole story."""
+    pg = browser.pages[0] if browser.pages else browser.new_page()
+    pg.on("pageerror", lambda e: pytest.fail(f"JavaScript error: {e}"))
+    pg.goto(cluster.a.url + "/")
+    return pg
 
 
 def shot(page: Any, name: str, viewport: dict[str, int] = LAPTOP, full: bool = True, dark: bool = False) -> None:
@@ -198,8 +206,8 @@ def test_topology_shows_both_nodes(page: Any, cluster: Cluster) -> None:
     expect(page.locator("li.node")).to_have_count(2)
     expect(node_card(page, "node-a")).to_contain_text("this node")
     # The link between them, measured and drawn with its RTT and bandwidth.
-    expect(page.locator("#topo-links .label text")).to_contain_text(" ms", timeout=20_000)
-    expect(page.locator("#topo-links .label text")).to_contain_text("b/s")
+    expect(page.locator("#topo-links .label text.rtt")).to_contain_text(" ms", timeout=20_000)
+    expect(page.locator("#topo-links .label text.bw")).to_contain_text("b/s")
     expect(page.locator("#conn")).to_have_class("conn live")
     shot(page, "01-topology-laptop")
     shot(page, "01-topology-narrow", NARROW)
@@ -298,6 +306,88 @@ def test_chat_streams_a_reply(page: Any) -> None:
     page.reload()
     expect(page.locator("#chat-log li.msg")).to_have_count(len(texts))
     assert page.locator("#chat-log li.msg .text").all_text_contents() == texts
+
+
+def test_placement_ui_with_documented_shapes(browser: Any, cluster: Cluster) -> None:
+    """The preview -> place -> stop path of the page, in its own tab, with /v1/placement and
+    /v1/instances answered by the browser in the documented shapes (the cluster itself stays real).
+    Proves the page's side of issue 4's flow whatever the backend's state; the real end-to-end run
+    is test_place_from_preview."""
+    from playwright.sync_api import expect
+
+    a, b = cluster.a.node_id, cluster.b.node_id
+    mib = 2**20
+    plans = {
+        "model": MODEL,
+        "chosen": "pipeline",
+        "plans": [
+            {
+                "strategy": "pipeline",
+                "feasible": True,
+                "shards": [
+                    {"node_id": a, "layers": [0, 16], "tp_rank": 0, "tp_size": 1, "memory_bytes": 52 * mib},
+                    {"node_id": b, "layers": [16, 30], "tp_rank": 0, "tp_size": 1, "memory_bytes": 46 * mib},
+                ],
+                "prediction": {"ttft_ms": 123.4, "tokens_per_s": 48.2},
+                "why": "both nodes are needed for memory headroom; one hop per token over a 0.3 ms link",
+            },
+            {
+                "strategy": "tensor",
+                "feasible": True,
+                "shards": [
+                    {"node_id": a, "layers": [0, 30], "tp_rank": 0, "tp_size": 2, "memory_bytes": 49 * mib},
+                    {"node_id": b, "layers": [0, 30], "tp_rank": 1, "tp_size": 2, "memory_bytes": 49 * mib},
+                ],
+                "prediction": {"ttft_ms": 310.0, "tokens_per_s": 21.5},
+            },
+        ],
+    }
+    instance = {"id": "inst-stub-1", "model": MODEL, "strategy": "pipeline", "status": "loading",
+                "shards": [{k: v for k, v in sh.items() if k != "memory_bytes"} for sh in plans["plans"][0]["shards"]]}
+    calls: list[str] = []
+    live: list[dict[str, Any]] = []
+
+    def instances(route: Any) -> None:
+        req = route.request
+        calls.append(f"{req.method} {req.url.split('/v1/', 1)[1]}")
+        if req.method == "POST":
+            body = json.loads(req.post_data or "{}")
+            assert body["model"] == MODEL and body["strategy"] == "pipeline" and set(body["nodes"]) == {a, b}
+            live.append(dict(instance))
+            return route.fulfill(status=201, json=live[-1])
+        if req.method == "DELETE":
+            live.clear()
+            return route.fulfill(json={"id": instance["id"], "deleted": True})
+        for inst in live:  # loading on the first look, ready after
+            inst["status"] = "ready" if sum(c.startswith("GET") for c in calls) > 2 else "loading"
+        return route.fulfill(json={"instances": live})
+
+    pg = browser.new_page()
+    pg.route("**/v1/placement?*", lambda route: route.fulfill(json=plans))
+    pg.route("**/v1/instances", instances)
+    pg.route("**/v1/instances/*", instances)
+    pg.goto(cluster.a.url + "/#place")
+    expect(pg.locator("#place-model option", has_text=MODEL)).to_have_count(1)
+    pg.select_option("#place-model", MODEL)
+    pg.click("#preview-btn")
+    chosen = pg.locator("#plan .plan-card.chosen")
+    expect(chosen).to_have_attribute("data-strategy", "pipeline")
+    expect(chosen.locator(".ttft")).to_have_text("123 ms")
+    expect(chosen.locator(".tps")).to_have_text("48.2")
+    expect(chosen.locator(".plan-nodes li")).to_have_count(2)
+    expect(chosen.locator(".plan-nodes")).to_contain_text("+52.0 MiB for this model")
+    expect(pg.locator("#plan .plan-card")).to_have_count(2)
+    shot(pg, "x-stubbed-placement-preview")
+    chosen.locator("button").click()
+    inst = pg.locator("#instance-list li.instance")
+    expect(inst).to_have_attribute("data-status", "ready", timeout=15_000)
+    expect(inst.locator(".layerbar > span")).to_have_count(2)
+    expect(node_card(pg, "node-b").locator(".chip")).to_contain_text("layers 16–29")
+    shot(pg, "x-stubbed-instance-ready")
+    inst.locator("button", has_text="Stop").click()
+    expect(pg.locator("#instance-list li.instance")).to_have_count(0)
+    assert any(c.startswith("DELETE instances/inst-stub-1") for c in calls), calls
+    pg.close()
 
 
 def test_killed_node_shows_down(page: Any, cluster: Cluster) -> None:

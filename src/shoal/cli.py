@@ -23,6 +23,7 @@ def _cluster_cli():
 SUBCOMMANDS = {
     "generate": ("generate text from a prompt (chat template applied unless --raw)", _engine_cli),
     "bench": ("measure prefill and decode speed (and llama.cpp's, when installed)", _engine_cli),
+    "download": ("download a catalog model from the hub (resumable)", _engine_cli),
     "node": ("run a shoal node daemon", _cluster_cli),
     "status": ("show a cluster's nodes and links", _cluster_cli),
 }

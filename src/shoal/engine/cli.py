@@ -35,6 +35,31 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def add_download_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="catalog id (see `shoal download --list`)", nargs="?")
+    p.add_argument("--list", action="store_true", help="list the catalog's models")
+
+
+def run_download(args) -> int:
+    from shoal.catalog import CATALOG
+    from shoal.weights.download import DownloadError, cached_model_path, download, print_progress
+
+    if args.list or not args.model:
+        for e in CATALOG.values():
+            where = cached_model_path(e) or ("bundled" if e.bundled_package else "-")
+            print(f"{e.id:16} {e.architecture:8} {e.params_b:7.2f}B  {e.hf_repo:45} {where}")
+        return 0
+    entry = CATALOG.get(args.model)
+    if entry is None:
+        return _fail(f"unknown model {args.model!r} (known: {', '.join(CATALOG)})")
+    try:
+        path = download(entry, progress=print_progress)
+    except DownloadError as e:
+        return _fail(str(e))
+    print(path)
+    return 0
+
+
 def set_threads(n: int | None) -> int:
     import os
 

@@ -230,7 +230,7 @@ function renderNodeCard(entry) {
 
   const shardItems = shardsOnNode(n.id).map(({ inst, sh }) =>
     h("li", { class: "chip", style: { "--chip-color": colorFor(inst.id) } },
-      `${inst.model} · ${layersText(sh.layers)}${sh.tp_size > 1 ? ` · tp ${sh.tp_rank}/${sh.tp_size}` : ""}`));
+      [inst.model, layersText(sh.layers) || "whole model", sh.tp_size > 1 ? `tp ${sh.tp_rank}/${sh.tp_size}` : ""].filter(Boolean).join(" · ")));
 
   return [
     h("div", { class: "node-head" },
@@ -312,7 +312,8 @@ function renderLinksTable() {
     h("td", {}, fmtAgo(l.age_s)))) : [h("tr", {}, h("td", { colspan: 4, class: "muted" }, "no link measured yet"))]));
 }
 
-/** Lines between card centres, under the cards, labelled at the midpoint where that falls in a gap. */
+/** Lines between card centres, under the cards; each labelled (RTT over bandwidth) at its midpoint
+ *  when the label fits in the gap between cards. The links table below always has them all. */
 function drawLinks() {
   const svg = $("topo-links");
   const box = $("topo").getBoundingClientRect();
@@ -321,7 +322,8 @@ function drawLinks() {
     const r = li.getBoundingClientRect();
     rects.set(li.dataset.nodeId, { x: r.left - box.left, y: r.top - box.top, w: r.width, h: r.height });
   }
-  const inside = (x, y) => [...rects.values()].some((r) => x > r.x - 4 && x < r.x + r.w + 4 && y > r.y - 4 && y < r.y + r.h + 4);
+  const overlapsCard = (x, y, w, hgt) =>
+    [...rects.values()].some((r) => x < r.x + r.w && x + w > r.x && y < r.y + r.h && y + hgt > r.y);
   const lines = [];
   const labels = [];
   for (const l of currentLinks()) {
@@ -330,13 +332,15 @@ function drawLinks() {
     const ax = a.x + a.w / 2, ay = a.y + a.h / 2, bx = b.x + b.w / 2, by = b.y + b.h / 2;
     const down = [l.a, l.b].some((id) => nodeStatus(state.seen.get(id)) !== "up");
     lines.push(s("line", { x1: ax, y1: ay, x2: bx, y2: by, class: down ? "down" : "" }));
+    const rtt = fmtMs(l.rtt_ms), bw = fmtRate(l.bandwidth_mbps);
+    const w = Math.max(rtt.length, bw.length) * 7.4 + 14, hgt = 36;
     const mx = (ax + bx) / 2, my = (ay + by) / 2;
-    if (inside(mx, my)) continue;
-    const text = `${fmtMs(l.rtt_ms)} · ${fmtRate(l.bandwidth_mbps)}`;
-    const w = text.length * 7.3 + 14;
+    if (overlapsCard(mx - w / 2, my - hgt / 2, w, hgt)) continue;
     labels.push(s("g", { class: "label", transform: `translate(${mx} ${my})` },
-      s("rect", { x: -w / 2, y: -11, width: w, height: 22, rx: 11 }),
-      s("text", { "text-anchor": "middle", "dominant-baseline": "central" }, text)));
+      s("title", {}, `${nodeName(l.a)} ↔ ${nodeName(l.b)}: round trip ${rtt}, bandwidth ${bw}`),
+      s("rect", { x: -w / 2, y: -hgt / 2, width: w, height: hgt, rx: 8 }),
+      s("text", { "text-anchor": "middle", y: -7, "dominant-baseline": "central", class: "rtt" }, rtt),
+      s("text", { "text-anchor": "middle", y: 8, "dominant-baseline": "central", class: "bw" }, bw)));
   }
   svg.setAttribute("viewBox", `0 0 ${box.width} ${box.height}`);
   svg.replaceChildren(...lines, ...labels);
@@ -673,6 +677,8 @@ function loadConversation() {
     if (saved?.model) $("chat-model").dataset.want = saved.model;
   } catch { /* a broken store is an empty conversation */ }
   for (const m of chat.messages) $("chat-log").append(messageEl(m));
+  const last = chat.messages.filter((m) => m.role === "assistant" && m.stats).pop();
+  if (last) setStats(last.stats);
   scrollLog();
 }
 function saveConversation() {

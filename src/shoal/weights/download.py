@@ -1,0 +1,133 @@
+"""Fetching model files from a Hugging Face–style hub.
+
+Plain HTTP with the hub's two public endpoints — `GET /api/models/{repo}` for the file list and
+`GET /{repo}/resolve/{revision}/{file}` for a file — so any mirror that speaks them works (set
+`SHOAL_HF_ENDPOINT`, or `HF_ENDPOINT`). Files land in `<models dir>/<repo>/`, written to a
+`.partial` file first and renamed when complete, so an interrupted download is resumed (HTTP Range)
+and never mistaken for a finished one. Only the files a model needs are fetched: config, tokenizer
+and weights (one GGUF file when the catalog names one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+from shoal.catalog import CatalogEntry
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+_NEEDED_SUFFIXES = (".json", ".safetensors", ".jinja", ".model", ".txt")
+_CHUNK = 1 << 20
+
+
+class DownloadError(Exception):
+    pass
+
+
+def endpoint() -> str:
+    return (os.environ.get("SHOAL_HF_ENDPOINT") or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("SHOAL_MODELS") or Path.home() / ".shoal" / "models")
+
+
+def model_dir(entry: CatalogEntry) -> Path:
+    return models_dir() / entry.hf_repo
+
+
+def cached_model_path(entry: CatalogEntry) -> Path | None:
+    """The local path of a fully downloaded catalog model, or None."""
+    d = model_dir(entry)
+    if entry.filename:
+        f = d / entry.filename
+        return f if f.is_file() else None
+    return d if (d / "config.json").is_file() and (d / ".complete").exists() else None
+
+
+def _request(url: str, headers: dict[str, str] | None = None, timeout: float = 30.0):
+    req = urllib.request.Request(url, headers={"User-Agent": "shoal", **(headers or {})})
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    return urllib.request.urlopen(req, timeout=timeout)
+
+
+def list_files(repo: str, revision: str = "main") -> list[str]:
+    url = f"{endpoint()}/api/models/{repo}/revision/{revision}"
+    try:
+        with _request(url) as r:
+            info = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise DownloadError(f"{repo}: the hub answered {e.code} for the file list") from None
+    except (urllib.error.URLError, OSError, json.JSONDecodeError) as e:
+        raise DownloadError(f"{repo}: cannot read the file list from {endpoint()} ({e})") from None
+    return [s["rfilename"] for s in info.get("siblings", []) if "rfilename" in s]
+
+
+def download_file(repo: str, filename: str, dest: Path, revision: str = "main",
+                  progress: Callable[[str, int, int | None], None] | None = None) -> Path:
+    """Download one file, resuming a `.partial` left by an earlier attempt."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        return dest
+    partial = dest.with_name(dest.name + ".partial")
+    have = partial.stat().st_size if partial.exists() else 0
+    url = f"{endpoint()}/{repo}/resolve/{revision}/{filename}"
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    total = None
+    try:
+        with _request(url, headers) as r:
+            if have and r.status != 206:  # the server ignored the range: start over
+                have = 0
+            length = r.headers.get("Content-Length")
+            total = have + int(length) if length is not None else None
+            with open(partial, "ab" if have else "wb") as f:
+                done = have
+                while chunk := r.read(_CHUNK):
+                    f.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(filename, done, total)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # nothing left to fetch: the partial file is complete
+            pass
+        else:
+            raise DownloadError(f"{repo}/{filename}: the hub answered {e.code}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise DownloadError(f"{repo}/{filename}: download interrupted ({e}); run again to resume") from None
+    if total is not None and partial.stat().st_size != total:
+        raise DownloadError(f"{repo}/{filename}: got {partial.stat().st_size} of {total} bytes; run again to resume")
+    partial.rename(dest)
+    return dest
+
+
+def download(entry: CatalogEntry, progress: Callable[[str, int, int | None], None] | None = None) -> Path:
+    """Fetch what a catalog model needs; return the local path to load it from."""
+    d = model_dir(entry)
+    if entry.filename:
+        return download_file(entry.hf_repo, entry.filename, d / entry.filename, progress=progress)
+    files = [f for f in list_files(entry.hf_repo) if f.endswith(_NEEDED_SUFFIXES) and "/" not in f]
+    if "config.json" not in files:
+        raise DownloadError(f"{entry.hf_repo}: no config.json in the repository")
+    for f in files:
+        download_file(entry.hf_repo, f, d / f, progress=progress)
+    (d / ".complete").write_text(str(time.time()))
+    return d
+
+
+def print_progress(filename: str, done: int, total: int | None) -> None:
+    """A one-line progress meter on stderr."""
+    if total:
+        sys.stderr.write(f"\r{filename}: {done / 1e6:8.1f} / {total / 1e6:.1f} MB ({100 * done / total:5.1f}%)")
+    else:
+        sys.stderr.write(f"\r{filename}: {done / 1e6:8.1f} MB")
+    if total and done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
