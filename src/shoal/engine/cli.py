@@ -24,6 +24,10 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("prompt", help="the prompt ('-' reads standard input)")
+    # --cluster URL: run on the cluster's instance of the model (placed first if there is none).
+    from shoal.runner.cli import add_cluster_placement_arguments
+
+    add_cluster_placement_arguments(p, None)
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,16 +65,9 @@ def run_download(args) -> int:
 
 
 def set_threads(n: int | None) -> int:
-    import os
+    from shoal.engine import threads
 
-    import numba
-    import torch
-
-    if n is None:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(n)
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    return n
+    return threads.configure(n)
 
 
 def _fail(msg: str, code: int = 1) -> int:
@@ -100,6 +97,13 @@ def run_generate(args) -> int:
         )
     except ValueError as e:
         return _fail(str(e), 2)
+    if args.cluster:
+        import dataclasses
+
+        from shoal.runner.cli import generate_on_cluster
+
+        wire = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()}
+        return generate_on_cluster(args, prompt, wire)
     set_threads(args.threads)
     lm = _load(args)
     tok = lm.tokenizer

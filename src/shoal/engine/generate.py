@@ -17,6 +17,7 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
+from shoal.engine import threads
 from shoal.engine.cache import KVCache
 from shoal.engine.sampler import SamplingParams, make_generator, sample, token_logprobs
 from shoal.engine.tokenizer import StreamingDetokenizer, Tokenizer
@@ -166,6 +167,7 @@ class BatchGenerator:
             batch.append(seq)
             budget -= n
 
+        threads.for_step(len(ids))
         layout = BatchLayout(lengths, torch.tensor(positions), caches)
         ends = np.cumsum(lengths) - 1
         rows = [int(ends[batch.index(s)]) for s in sampled]
