@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -15,8 +16,19 @@ from shoal.weights.errors import ModelFileError
 from shoal.weights.gguf import GGUFCheckpoint
 from shoal.weights.hf import HFCheckpoint
 
-# config.json model_type -> the file that builds it.
-ARCHITECTURES = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama}
+@dataclass(frozen=True)
+class Architecture:
+    """What the loader needs of a model file: its config type, its shard type, its tensor list."""
+
+    args: type
+    model: type
+    required_weights: Callable
+
+
+_LLAMA = Architecture(llama.ModelArgs, llama.LlamaShard, llama.required_weights)
+
+# config.json model_type -> how to build it (a literal table: grep-able, no registry magic).
+ARCHITECTURES: dict[str, Architecture] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA}
 
 
 class ModelNotFound(Exception):
@@ -70,20 +82,20 @@ def load_model(ref: str | None = None, start: int | None = None, end: int | None
     path = resolve_model(ref)
     ckpt = open_checkpoint(path)
     try:
-        module = ARCHITECTURES.get(ckpt.config.get("model_type"))
-        if module is None:
+        arch = ARCHITECTURES.get(ckpt.config.get("model_type"))
+        if arch is None:
             raise ModelFileError(path, f"unsupported architecture {ckpt.config.get('model_type')!r} (supported: {', '.join(ARCHITECTURES)})")
         try:
-            args = module.ModelArgs.from_dict(ckpt.config)
+            args = arch.args.from_dict(ckpt.config)
         except (TypeError, KeyError, ValueError) as e:
             raise ModelFileError(path, f"bad model config ({e})") from None
         n = args.num_hidden_layers
-        spec = module.ShardSpec(start or 0, n if end is None else end, n)
+        spec = llama.ShardSpec(start or 0, n if end is None else end, n)
         if not (0 <= spec.start < spec.end <= n):
             raise ValueError(f"layer range [{spec.start}, {spec.end}) is outside the model's {n} layers")
-        weights = ckpt.load(module.required_weights(args, spec, ckpt.tensor_names()))
+        weights = ckpt.load(arch.required_weights(args, spec, ckpt.tensor_names()))
         try:
-            model = module.LlamaShard(args, spec, weights)
+            model = arch.model(args, spec, weights)
         except KeyError as e:
             raise ModelFileError(path, f"missing tensor {e}") from None
         rope_freqs = getattr(ckpt, "rope_freqs", None)
