@@ -11,7 +11,7 @@ import torch
 
 from shoal.catalog import CATALOG, DEFAULT_MODEL, bundled_path
 from shoal.engine.tokenizer import Tokenizer
-from shoal.models import llama
+from shoal.models import deepseek, llama, mixtral
 from shoal.weights.errors import ModelFileError
 from shoal.weights.gguf import GGUFCheckpoint
 from shoal.weights.hf import HFCheckpoint
@@ -26,9 +26,15 @@ class Architecture:
 
 
 _LLAMA = Architecture(llama.ModelArgs, llama.LlamaShard, llama.required_weights)
+_DEEPSEEK = Architecture(deepseek.ModelArgs, deepseek.DeepseekShard, deepseek.required_weights)
+_MIXTRAL = Architecture(mixtral.ModelArgs, mixtral.MixtralShard, mixtral.required_weights)
 
 # config.json model_type -> how to build it (a literal table: grep-able, no registry magic).
-ARCHITECTURES: dict[str, Architecture] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA}
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
+    "deepseek_v3": _DEEPSEEK, "kimi_k2": _DEEPSEEK,  # Kimi-K2 is the DeepSeek-V3 architecture
+    "qwen3_moe": _MIXTRAL, "mixtral": _MIXTRAL,
+}
 
 
 class ModelNotFound(Exception):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from shoal.quant.formats import QuantizedWeight, from_mlx
+from shoal.weights import hf_quant
 from shoal.weights.errors import ModelFileError
 
 
@@ -32,7 +33,10 @@ class HFCheckpoint:
         self.quantization = self.config.get("quantization") or self.config.get("quantization_config")
         if self.quantization and "bits" not in self.quantization:
             self.quantization = None  # a quantization_config of another kind (e.g. fp8) is handled elsewhere
-        self._files = self._index()
+        # FP8 / compressed-tensors / MLX-stacked experts appear under their plain names (hf_quant.py).
+        stored = self._index()
+        self._store = hf_quant.TensorStore(stored)
+        self._files = hf_quant.logical_index(stored, self.config)
 
     def _index(self) -> dict[str, Path]:
         """tensor name -> the file that holds it."""
@@ -69,6 +73,9 @@ class HFCheckpoint:
     def tensor_nbytes(self, name: str) -> int:
         from safetensors import safe_open
 
+        special = hf_quant.stored_nbytes(self._store, name)
+        if special is not None:
+            return special
         with safe_open(self._files[name], framework="pt") as st:
             sl = st.get_slice(name)
             shape, dtype = sl.get_shape(), sl.get_dtype()
@@ -95,6 +102,9 @@ class HFCheckpoint:
         return out
 
     def _read_one(self, st, keys: set[str], name: str) -> torch.Tensor | QuantizedWeight:
+        special = hf_quant.read_tensor(self._store, name, self.config)
+        if special is not None:
+            return special
         base = name.removesuffix(".weight")
         if self.quantization and name.endswith(".weight") and f"{base}.scales" in keys:
             q = self.quantization
@@ -109,4 +119,4 @@ class HFCheckpoint:
         return t.float() if t.is_floating_point() else t
 
     def close(self) -> None:
-        pass
+        self._store.close()
