@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 
 from shoal.engine.generate import BatchGenerator
 from shoal.engine.sampler import SamplingParams
@@ -56,15 +55,15 @@ def bench_llama_cpp(path: Path, prompt: list[int], gen_tokens: int, threads: int
                 n_batch=min(n_ctx, max(512, len(prompt))), verbose=False)
     best_prefill, best_decode = 0.0, 0.0
     for r in range(repeats + 1):
-        llm.reset()
+        # Greedy through llama-cpp-python's own generator (its low-level `eval` crashes in 0.3.36).
+        tokens = llm.generate(prompt, temp=0.0, top_k=1, reset=True)
         t0 = time.perf_counter()
-        llm.eval(prompt)
+        next(tokens)  # prefill + the first token
         t1 = time.perf_counter()
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         for _ in range(gen_tokens):
-            llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            next(tokens)
         t2 = time.perf_counter()
+        tokens.close()
         if r:
             best_prefill = max(best_prefill, len(prompt) / (t1 - t0))
             best_decode = max(best_decode, gen_tokens / (t2 - t1))
