@@ -324,6 +324,39 @@ def test_fuse_rows():
     assert np.allclose(K.matmul(fz, x), np.concatenate([K.matmul(w, x) for w in ws], axis=1), rtol=1e-5, atol=1e-6)
     d = fuse_rows([np.ones((2, 4), np.float32), np.zeros((3, 4), np.float16)])
     assert d.shape == (5, 4) and d.dtype == np.float32
-    assert not can_fuse_rows([ws[0], _random_qw("q8_sym", 2, 64, 32, r)])
+    assert can_fuse_rows(ws) and not can_fuse_rows([ws[0], _random_qw("q8_sym", 2, 64, 32, r)])
     with pytest.raises(ValueError):
-        fuse_rows([ws[0], np.ones((2, 64), np.float32)])
+        fuse_rows([ws[0], np.ones((2, 32), np.float32)])     # different K
+
+
+def test_fuse_rows_mixed():
+    """Q4_K_M-style mixes (q4_affine G=32 with q8_sym G=16, ...) are fused in a common form."""
+    r = rng(17)
+    a = _random_qw("q4_affine", 6, 64, 32, r)
+    b = _random_qw("q8_sym", 3, 64, 16, r)
+    c = _random_qw("q8_affine", 2, 64, 64, r)
+    d = _random_qw("q4_affine", 4, 64, 64, r)
+    x = r.standard_normal((3, 64)).astype(np.float32)
+    for parts, kind, G in [([a, b, c], "q8_affine", 16), ([a, d], "q4_affine", 32), ([b, _random_qw("q8_sym", 2, 64, 32, r)], "q8_sym", 16)]:
+        fz = fuse_rows(parts)
+        assert (fz.kind, fz.group_size) == (kind, G)
+        ref = np.concatenate([p.dequantize() for p in parts]).astype(np.float64)
+        assert np.allclose(fz.dequantize(), ref, rtol=1e-6, atol=1e-7)
+        assert _rel_err(K.matmul(fz, x), x.astype(np.float64) @ ref.T) <= 1e-5
+    # exact when no q8_sym -> affine shift is needed
+    assert np.array_equal(fuse_rows([a, d]).dequantize(), np.concatenate([a.dequantize(), d.dequantize()]))
+    dense = fuse_rows([a, np.ones((2, 64), np.float32)])
+    assert isinstance(dense, np.ndarray) and np.array_equal(dense[:6], a.dequantize())
+
+
+def test_kernels_check_shapes():
+    r = rng(16)
+    qw = _random_qw("q4_affine", 8, 64, 32, r)
+    with pytest.raises(ValueError):                     # wrong K
+        K.matmul_q4_affine(np.zeros((1, 32), np.float32), qw.codes, qw.scales, qw.biases, np.empty((1, 8), np.float32))
+    with pytest.raises(ValueError):                     # wrong out
+        K.matmul_q4_affine(np.zeros((2, 64), np.float32), qw.codes, qw.scales, qw.biases, np.empty((1, 8), np.float32))
+    with pytest.raises(ValueError):
+        K.dequantize_q4_affine(qw.codes, qw.scales, qw.biases, np.empty((8, 32), np.float32))
+    with pytest.raises(ValueError):
+        QuantLinear(qw)(torch.zeros(1, 63))

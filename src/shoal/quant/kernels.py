@@ -15,18 +15,22 @@ plus the Python helpers ``matmul(qw, x, out=None)``, ``dequantize(qw, out=None)`
 
 Why intrinsics: with ``fastmath=False`` LLVM may not reassociate float reductions, numba keeps
 SLP vectorisation off, and the short per-group loops of a hand-written "lane accumulator" loop
-need runtime alias checks that cost more than the loop body.  The hot tiles (one or two weight
-rows against one to four rows of x, all groups of the row) are therefore emitted as explicit
-``<16 x float>`` LLVM IR through ``numba.extending.intrinsic``: each group of the row is a
-handful of vector instructions, accumulators stay in registers, and each weight byte is loaded
-once per call (for M > 1 a row's codes are re-read from L1 for each tile of 4 rows of x, never
-from memory).  On hardware without AVX-512 LLVM splits the vectors; the code stays correct.
+need runtime alias checks that cost more than the loop body (measured: 4-7 GB/s, compute bound).
+The hot tiles (two weight rows against one row of x for GEMV; one weight row against 1-4 rows of
+x otherwise; all groups of the row) are therefore emitted as explicit ``<16 x float>`` LLVM IR
+through ``numba.extending.intrinsic``: a group is a handful of vector instructions, accumulators
+stay in registers, and each weight byte is loaded once per call (for M > 1 a row's codes are
+re-read from L1 for each tile of 4 rows of x, never from memory).  The chunk count per group
+(G/32 for q4, G/16 for q8) is passed as a literal for the common cases so the chunk loop folds
+away.  Without AVX-512 LLVM splits the vectors; the code stays correct.
 
-Arithmetic: per group g of a weight row, ``scale_g * sum_j(code_j * x_j) + bias_g * sum_j(x_j)``,
-accumulated in float32 in 16 lanes (lane l holds the elements l, l+16, ... of each group) and
-summed by a fixed tree at the end of the row; the per-group sums of x are precomputed once per
-call, also in 16 lanes.  Multiply-adds are ``llvm.fmuladd`` (may fuse).  Dequantisation is
-``scale*code + bias`` with separate rounding (fmul then fadd), so it is bit-identical to numpy.
+Arithmetic (float32, fixed order, deterministic): for weight row n and x row m,
+``out[m, n] = sum_g scale[n,g] * (sum_j code_j * x_j) + sum_g bias[n,g] * xs[m,g]`` where
+``xs[m, g]`` (the per-group sums of x) is computed once per call.  The first sum keeps 16 lane
+accumulators (lane l collects the elements l, l+16, ... of every group, times the group's scale)
+reduced by a fixed tree at the end of the row; the bias term is a 16-lane dot over the groups.
+Multiply-adds are ``llvm.fmuladd`` (may fuse).  Dequantisation is ``scale*code + bias`` with
+separate rounding (fmul then fadd), bit-identical to the numpy expression.
 
 Fast paths need group_size % 32 == 0 (q4_affine) or % 16 == 0 (q8); other group sizes use plain
 numba loops (correct, slower).
@@ -116,8 +120,56 @@ def _decode(builder, kind, ptr, idx):
     return lo, hi
 
 
+def _const_or(ty, val):
+    """Chunk counts passed as integer literals (C = 1 or 2 for the common group sizes) become
+    LLVM constants: the chunk loop then disappears instead of being versioned at run time."""
+    if isinstance(ty, types.IntegerLiteral):
+        return _i64c(int(ty.literal_value))
+    return val
+
+
+def _fmuladd_s(builder, a, b, c):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_f32, [_f32, _f32, _f32]), "llvm.fmuladd.f32")
+    return builder.call(fn, [a, b, c])
+
+
+def _loop(builder, count, carried, body, name):
+    """Emit ``for i in range(count)`` (count may be 0) carrying the LLVM values ``carried``;
+    ``body(i, vals) -> new vals`` emits the loop body.  Returns the values after the loop."""
+    fn = builder.function
+    pre = builder.basic_block
+    hdr = fn.append_basic_block(name)
+    ext = fn.append_basic_block(name + ".exit")
+    builder.cbranch(builder.icmp_signed(">", count, _i64c(0)), hdr, ext)
+    builder.position_at_end(hdr)
+    i = builder.phi(_i64)
+    i.add_incoming(_i64c(0), pre)
+    phis = []
+    for v in carried:
+        p = builder.phi(v.type)
+        p.add_incoming(v, pre)
+        phis.append(p)
+    new = body(i, phis)
+    last = builder.basic_block
+    i1 = builder.add(i, _i64c(1))
+    i.add_incoming(i1, last)
+    for p, v in zip(phis, new):
+        p.add_incoming(v, last)
+    builder.cbranch(builder.icmp_signed("<", i1, count), hdr, ext)
+    builder.position_at_end(ext)
+    outs = []
+    for v0, v in zip(carried, new):
+        p = builder.phi(v0.type)
+        p.add_incoming(v0, pre)
+        p.add_incoming(v, last)
+        outs.append(p)
+    return outs
+
+
 # ----------------------------------------------------------------------------------------------
 # matmul tile: R consecutive weight rows (n..n+R-1) x T consecutive rows of x (m..m+T-1)
+#   out[m+t, n+r] = sum_g scale[n+r, g] * (sum over the group's codes * x)   (16-lane accumulators)
+#                 + sum_g bias[n+r, g] * xs[m+t, g]                           (xs = group sums of x)
 # ----------------------------------------------------------------------------------------------
 def _make_tile(kind, R, T):
     has_bias = kind != "q8_sym"
@@ -125,15 +177,15 @@ def _make_tile(kind, R, T):
 
     def codegen(context, builder, sig, args):
         tys = sig.args
-        codes_t, scales_t, biases_t, x_t, xsl_t, out_t = tys[:6]
-        cp = _data(context, builder, codes_t, args[0])
-        sp = _data(context, builder, scales_t, args[1])
-        bp = _data(context, builder, biases_t, args[2])
-        xp = _data(context, builder, x_t, args[3])
-        lp = _data(context, builder, xsl_t, args[4])
-        op = _data(context, builder, out_t, args[5])
+        cp = _data(context, builder, tys[0], args[0])
+        sp = _data(context, builder, tys[1], args[1])
+        bp = _data(context, builder, tys[2], args[2])
+        xp = _data(context, builder, tys[3], args[3])
+        xsp = _data(context, builder, tys[4], args[4])
+        op = _data(context, builder, tys[5], args[5])
         n, m, ng, C, N = args[6:11]
-        # C = 16-lane chunks per group (q4: G/32, q8: G/16); derived strides (all C-contiguous)
+        C = _const_or(sig.args[9], C)
+        # C = 16-lane chunks per group (q4: G/32, q8: G/16); all arrays C-contiguous
         G = builder.mul(C, _i64c(32 if q4 else 16))
         K = builder.mul(ng, G)
         Kc = builder.udiv(K, _i64c(2)) if q4 else K
@@ -141,100 +193,68 @@ def _make_tile(kind, R, T):
         c_base = [builder.mul(builder.add(n, _i64c(r)), Kc) for r in range(R)]
         s_base = [builder.mul(builder.add(n, _i64c(r)), ng) for r in range(R)]
         x_base = [builder.mul(builder.add(m, _i64c(t)), K) for t in range(T)]
-        l_base = [builder.mul(builder.add(m, _i64c(t)), builder.mul(ng, _i64c(_W))) for t in range(T)]
         zero = ir.Constant(_VF, [0.0] * _W)
 
-        entry = builder.basic_block
-        fn = builder.function
-        gloop = fn.append_basic_block("qt.g")
-        cloop = fn.append_basic_block("qt.c")
-        gend = fn.append_basic_block("qt.gend")
-        done = fn.append_basic_block("qt.done")
-        builder.branch(gloop)
+        def group(g, vals):
+            sv = [_splat(builder, builder.load(builder.gep(sp, [builder.add(s_base[r], g)]))) for r in range(R)]
+            c_g = builder.mul(g, H if q4 else G)      # code offset of the group inside a row
+            x_g = builder.mul(g, G)                   # x offset of the group
 
-        # --- group loop header
-        builder.position_at_end(gloop)
-        g = builder.phi(_i64)
-        acc = [[builder.phi(_VF) for _ in range(T)] for _ in range(R)]
-        bacc = [[builder.phi(_VF) for _ in range(T)] for _ in range(R)] if has_bias else None
-        g.add_incoming(_i64c(0), entry)
-        for r in range(R):
-            for t in range(T):
-                acc[r][t].add_incoming(zero, entry)
-                if has_bias:
-                    bacc[r][t].add_incoming(zero, entry)
-        sv = [_splat(builder, builder.load(builder.gep(sp, [builder.add(s_base[r], g)]))) for r in range(R)]
-        bacc_new = None
-        if has_bias:
-            bv = [_splat(builder, builder.load(builder.gep(bp, [builder.add(s_base[r], g)]))) for r in range(R)]
-            gl = builder.mul(g, _i64c(_W))
-            xs = [_vload(builder, lp, builder.add(l_base[t], gl), _VF, 4) for t in range(T)]
-            bacc_new = [[_fmuladd(builder, bv[r], xs[t], bacc[r][t]) for t in range(T)] for r in range(R)]
-        c_g = builder.mul(g, H if q4 else G)   # code offset of the group inside a row
-        x_g = builder.mul(g, G)                # x offset of the group
-        builder.branch(cloop)
-
-        # --- chunk loop (16 lanes per step)
-        builder.position_at_end(cloop)
-        k = builder.phi(_i64)
-        a = [[builder.phi(_VF) for _ in range(T)] for _ in range(R)]
-        k.add_incoming(_i64c(0), gloop)
-        for r in range(R):
-            for t in range(T):
-                a[r][t].add_incoming(acc[r][t], gloop)
-        k16 = builder.mul(k, _i64c(_W))
-        cidx = builder.add(c_g, k16)
-        xi = builder.add(x_g, k16)
-        if q4:
-            xl = [_vload(builder, xp, builder.add(x_base[t], xi), _VF, 4) for t in range(T)]
-            xh = [_vload(builder, xp, builder.add(builder.add(x_base[t], xi), H), _VF, 4) for t in range(T)]
-        else:
-            xl = [_vload(builder, xp, builder.add(x_base[t], xi), _VF, 4) for t in range(T)]
-        a_new = [[None] * T for _ in range(R)]
-        for r in range(R):
-            dec = _decode(builder, kind, cp, builder.add(c_base[r], cidx))
-            for t in range(T):
+            def chunk(k, acc):
+                k16 = builder.mul(k, _i64c(_W))
+                cidx = builder.add(c_g, k16)
+                xi = builder.add(x_g, k16)
+                xl = [_vload(builder, xp, builder.add(x_base[t], xi), _VF, 4) for t in range(T)]
                 if q4:
-                    p = builder.fmul(dec[0], xl[t])
-                    p = _fmuladd(builder, dec[1], xh[t], p)
-                else:
-                    p = builder.fmul(dec[0], xl[t])
-                a_new[r][t] = _fmuladd(builder, sv[r], p, a[r][t])
-        k1 = builder.add(k, _i64c(1))
-        for r in range(R):
-            for t in range(T):
-                a[r][t].add_incoming(a_new[r][t], cloop)
-        k.add_incoming(k1, cloop)
-        builder.cbranch(builder.icmp_signed("<", k1, C), cloop, gend)
+                    xh = [_vload(builder, xp, builder.add(builder.add(x_base[t], xi), H), _VF, 4) for t in range(T)]
+                out = []
+                for r in range(R):
+                    dec = _decode(builder, kind, cp, builder.add(c_base[r], cidx))
+                    for t in range(T):
+                        p = builder.fmul(dec[0], xl[t])
+                        if q4:
+                            p = _fmuladd(builder, dec[1], xh[t], p)
+                        out.append(_fmuladd(builder, sv[r], p, acc[r * T + t]))
+                return out
 
-        # --- group loop latch
-        builder.position_at_end(gend)
-        g1 = builder.add(g, _i64c(1))
-        g.add_incoming(g1, gend)
-        for r in range(R):
-            for t in range(T):
-                acc[r][t].add_incoming(a_new[r][t], gend)
-                if has_bias:
-                    bacc[r][t].add_incoming(bacc_new[r][t], gend)
-        builder.cbranch(builder.icmp_signed("<", g1, ng), gloop, done)
+            return _loop(builder, C, vals, chunk, "qt.c")
 
-        # --- reduce and store
-        builder.position_at_end(done)
+        acc = _loop(builder, ng, [zero] * (R * T), group, "qt.g")
+        tot = [_hsum(builder, v) for v in acc]
+        if has_bias:
+            nv = builder.udiv(ng, _i64c(_W))
+
+            def bvec(i, vals):
+                off = builder.mul(i, _i64c(_W))
+                bv = [_vload(builder, bp, builder.add(s_base[r], off), _VF, 4) for r in range(R)]
+                xv = [_vload(builder, xsp, builder.add(builder.mul(builder.add(m, _i64c(t)), ng), off), _VF, 4)
+                      for t in range(T)]
+                return [_fmuladd(builder, bv[r], xv[t], vals[r * T + t]) for r in range(R) for t in range(T)]
+
+            bacc = _loop(builder, nv, [zero] * (R * T), bvec, "qt.bv")
+            g0 = builder.mul(nv, _i64c(_W))
+
+            def bscal(i, vals):
+                g = builder.add(g0, i)
+                bs = [builder.load(builder.gep(bp, [builder.add(s_base[r], g)])) for r in range(R)]
+                xs = [builder.load(builder.gep(xsp, [builder.add(builder.mul(builder.add(m, _i64c(t)), ng), g)]))
+                      for t in range(T)]
+                return [_fmuladd_s(builder, bs[r], xs[t], vals[r * T + t]) for r in range(R) for t in range(T)]
+
+            btail = _loop(builder, builder.sub(ng, g0), [ir.Constant(_f32, 0.0)] * (R * T), bscal, "qt.bs")
+            tot = [builder.fadd(tot[j], builder.fadd(_hsum(builder, bacc[j]), btail[j])) for j in range(R * T)]
         for r in range(R):
             for t in range(T):
-                v = a_new[r][t]
-                if has_bias:
-                    v = builder.fadd(v, bacc_new[r][t])
                 o = builder.add(builder.mul(builder.add(m, _i64c(t)), N), builder.add(n, _i64c(r)))
-                builder.store(_hsum(builder, v), builder.gep(op, [o]))
+                builder.store(tot[r * T + t], builder.gep(op, [o]))
         return context.get_dummy_value()
 
-    def typer(typingctx, codes, scales, biases, x, xsl, out, n, m, ng, C, N):
-        _check_c(codes, scales, biases, x, xsl, out)
-        return types.void(codes, scales, biases, x, xsl, out, n, m, ng, C, N), codegen
+    def typer(typingctx, codes, scales, biases, x, xs, out, n, m, ng, C, N):
+        _check_c(codes, scales, biases, x, xs, out)
+        return types.void(codes, scales, biases, x, xs, out, n, m, ng, C, N), codegen
 
     typer.__name__ = "_tile_%s_r%d_t%d" % (kind, R, T)
-    return intrinsic(typer)
+    return intrinsic(prefer_literal=True)(typer)
 
 
 def _make_dq_row(kind):
@@ -249,6 +269,7 @@ def _make_dq_row(kind):
         bp = _data(context, builder, biases_t, args[2])
         op = _data(context, builder, out_t, args[3])
         n, i, ng, C = args[4:8]
+        C = _const_or(sig.args[7], C)
         G = builder.mul(C, _i64c(32 if q4 else 16))
         K = builder.mul(ng, G)
         Kc = builder.udiv(K, _i64c(2)) if q4 else K
@@ -299,58 +320,42 @@ def _make_dq_row(kind):
         return types.void(codes, scales, biases, out, n, i, ng, C), codegen
 
     typer.__name__ = "_dq_row_%s" % kind
-    return intrinsic(typer)
+    return intrinsic(prefer_literal=True)(typer)
 
 
-def _make_lane_sums_row():
-    """xsl[m, g*16 + l] = sum_c x[m, g*G + c*16 + l]  (c over the G/16 chunks of group g)."""
+def _make_group_sums_row():
+    """xs[m, g] = sum of the G = 16*C elements of group g of x row m (16 lanes, then a tree)."""
 
     def codegen(context, builder, sig, args):
         xp = _data(context, builder, sig.args[0], args[0])
-        lp = _data(context, builder, sig.args[1], args[1])
+        sp = _data(context, builder, sig.args[1], args[1])
         m, ng, C = args[2:5]
         G = builder.mul(C, _i64c(_W))
         x_base = builder.mul(m, builder.mul(ng, G))
-        l_base = builder.mul(m, builder.mul(ng, _i64c(_W)))
-        entry = builder.basic_block
-        fn = builder.function
-        gloop = fn.append_basic_block("ls.g")
-        cloop = fn.append_basic_block("ls.c")
-        gend = fn.append_basic_block("ls.gend")
-        done = fn.append_basic_block("ls.done")
-        builder.branch(gloop)
-        builder.position_at_end(gloop)
-        g = builder.phi(_i64)
-        g.add_incoming(_i64c(0), entry)
-        x_g = builder.add(x_base, builder.mul(g, G))
-        builder.branch(cloop)
-        builder.position_at_end(cloop)
-        k = builder.phi(_i64)
-        v = builder.phi(_VF)
-        k.add_incoming(_i64c(0), gloop)
-        v.add_incoming(ir.Constant(_VF, [0.0] * _W), gloop)
-        v1 = builder.fadd(v, _vload(builder, xp, builder.add(x_g, builder.mul(k, _i64c(_W))), _VF, 4))
-        k1 = builder.add(k, _i64c(1))
-        k.add_incoming(k1, cloop)
-        v.add_incoming(v1, cloop)
-        builder.cbranch(builder.icmp_signed("<", k1, C), cloop, gend)
-        builder.position_at_end(gend)
-        _vstore(builder, v1, lp, builder.add(l_base, builder.mul(g, _i64c(_W))))
-        g1 = builder.add(g, _i64c(1))
-        g.add_incoming(g1, gend)
-        builder.cbranch(builder.icmp_signed("<", g1, ng), gloop, done)
-        builder.position_at_end(done)
+        s_base = builder.mul(m, ng)
+
+        def group(g, vals):
+            x_g = builder.add(x_base, builder.mul(g, G))
+
+            def chunk(k, v):
+                return [builder.fadd(v[0], _vload(builder, xp, builder.add(x_g, builder.mul(k, _i64c(_W))), _VF, 4))]
+
+            v = _loop(builder, C, [ir.Constant(_VF, [0.0] * _W)], chunk, "gs.c")[0]
+            builder.store(_hsum(builder, v), builder.gep(sp, [builder.add(s_base, g)]))
+            return []
+
+        _loop(builder, ng, [], group, "gs.g")
         return context.get_dummy_value()
 
-    def typer(typingctx, x, xsl, m, ng, C):
-        _check_c(x, xsl)
-        return types.void(x, xsl, m, ng, C), codegen
+    def typer(typingctx, x, xs, m, ng, C):
+        _check_c(x, xs)
+        return types.void(x, xs, m, ng, C), codegen
 
-    typer.__name__ = "_lane_sums_row"
+    typer.__name__ = "_group_sums_row"
     return intrinsic(typer)
 
 
-_ls_row = _make_lane_sums_row()
+_gs_row = _make_group_sums_row()
 _t_q4_21 = _make_tile("q4_affine", 2, 1)
 _t_q4_11 = _make_tile("q4_affine", 1, 1)
 _t_q4_12 = _make_tile("q4_affine", 1, 2)
@@ -372,17 +377,16 @@ _dq_a8 = _make_dq_row("q8_affine")
 
 
 # ----------------------------------------------------------------------------------------------
-# per-call precomputation: 16-lane per-group sums of x  (lane l of group g = sum of the group's
-# elements with index = l mod 16), shape (M, ng*16)
+# per-call precomputation: per-group sums of x, shape (M, ng)
 # ----------------------------------------------------------------------------------------------
 @njit(fastmath=False, cache=True)
-def _lane_sums(x, ng, G):
-    """Requires G % 16 == 0 (only used by the vector paths)."""
+def _xsums(x, ng, G):
+    """Requires G % 16 == 0 (vector paths)."""
     M = x.shape[0]
-    xsl = np.empty((M, ng * 16), np.float32)
+    xs = np.empty((M, ng), np.float32)
     for m in range(M):
-        _ls_row(x, xsl, m, ng, G // 16)
-    return xsl
+        _gs_row(x, xs, m, ng, G // 16)
+    return xs
 
 
 @njit(fastmath=False, cache=True)
@@ -402,18 +406,18 @@ def _group_sums(x, ng, G):
 # matmul
 # ----------------------------------------------------------------------------------------------
 @njit(fastmath=False, cache=True)
-def _q4_row_tiles(codes, scales, biases, x, xsl, out, n, M, ng, C, N):
+def _q4_row_tiles(codes, scales, biases, x, xs, out, n, M, ng, C, N):
     m = 0
     while m + 4 <= M:
-        _t_q4_14(codes, scales, biases, x, xsl, out, n, m, ng, C, N)
+        _t_q4_14(codes, scales, biases, x, xs, out, n, m, ng, C, N)
         m += 4
     r = M - m
     if r == 3:
-        _t_q4_13(codes, scales, biases, x, xsl, out, n, m, ng, C, N)
+        _t_q4_13(codes, scales, biases, x, xs, out, n, m, ng, C, N)
     elif r == 2:
-        _t_q4_12(codes, scales, biases, x, xsl, out, n, m, ng, C, N)
+        _t_q4_12(codes, scales, biases, x, xs, out, n, m, ng, C, N)
     elif r == 1:
-        _t_q4_11(codes, scales, biases, x, xsl, out, n, m, ng, C, N)
+        _t_q4_11(codes, scales, biases, x, xs, out, n, m, ng, C, N)
 
 
 @njit(fastmath=False, cache=True)
@@ -432,18 +436,18 @@ def _s8_row_tiles(codes, scales, x, out, n, M, ng, C, N):
 
 
 @njit(fastmath=False, cache=True)
-def _a8_row_tiles(codes, scales, biases, x, xsl, out, n, M, ng, C, N):
+def _a8_row_tiles(codes, scales, biases, x, xs, out, n, M, ng, C, N):
     m = 0
     while m + 4 <= M:
-        _t_a8_14(codes, scales, biases, x, xsl, out, n, m, ng, C, N)
+        _t_a8_14(codes, scales, biases, x, xs, out, n, m, ng, C, N)
         m += 4
     r = M - m
     if r == 3:
-        _t_a8_13(codes, scales, biases, x, xsl, out, n, m, ng, C, N)
+        _t_a8_13(codes, scales, biases, x, xs, out, n, m, ng, C, N)
     elif r == 2:
-        _t_a8_12(codes, scales, biases, x, xsl, out, n, m, ng, C, N)
+        _t_a8_12(codes, scales, biases, x, xs, out, n, m, ng, C, N)
     elif r == 1:
-        _t_a8_11(codes, scales, biases, x, xsl, out, n, m, ng, C, N)
+        _t_a8_11(codes, scales, biases, x, xs, out, n, m, ng, C, N)
 
 
 @njit(parallel=True, fastmath=False, cache=True)
@@ -473,8 +477,28 @@ def _matmul_generic(x, codes, scales, biases, out, mode):
             out[m, n] = tot
 
 
+@njit(fastmath=False, cache=True)
+def _check_mm(x, codes, scales, biases, out, kmul):
+    M, K = x.shape
+    N = codes.shape[0]
+    ng = scales.shape[1]
+    if (codes.shape[1] * kmul != K or out.shape[0] != M or out.shape[1] != N or scales.shape[0] != N
+            or biases.shape[0] != N or biases.shape[1] != ng or ng == 0 or K % ng != 0):
+        raise ValueError("quant matmul: inconsistent shapes")
+
+
+@njit(fastmath=False, cache=True)
+def _check_dq(codes, scales, biases, out, kmul):
+    N, K = out.shape
+    ng = scales.shape[1]
+    if (codes.shape[1] * kmul != K or codes.shape[0] != N or scales.shape[0] != N
+            or biases.shape[0] != N or biases.shape[1] != ng or ng == 0 or K % ng != 0):
+        raise ValueError("quant dequantize: inconsistent shapes")
+
+
 @njit(parallel=True, fastmath=False, cache=True)
 def matmul_q4_affine(x, codes, scales, biases, out):
+    _check_mm(x, codes, scales, biases, out, 2)
     M, K = x.shape
     N = codes.shape[0]
     ng = scales.shape[1]
@@ -483,20 +507,26 @@ def matmul_q4_affine(x, codes, scales, biases, out):
         _matmul_generic(x, codes, scales, biases, out, 0)
         return
     C = G // 32
-    xsl = _lane_sums(x, ng, G)
+    xs = _xsums(x, ng, G)
     for p in prange(N // 2):
         n = 2 * p
         if M == 1:
-            _t_q4_21(codes, scales, biases, x, xsl, out, n, 0, ng, C, N)
+            if C == 1:
+                _t_q4_21(codes, scales, biases, x, xs, out, n, 0, ng, 1, N)
+            elif C == 2:
+                _t_q4_21(codes, scales, biases, x, xs, out, n, 0, ng, 2, N)
+            else:
+                _t_q4_21(codes, scales, biases, x, xs, out, n, 0, ng, C, N)
         else:
-            _q4_row_tiles(codes, scales, biases, x, xsl, out, n, M, ng, C, N)
-            _q4_row_tiles(codes, scales, biases, x, xsl, out, n + 1, M, ng, C, N)
+            _q4_row_tiles(codes, scales, biases, x, xs, out, n, M, ng, C, N)
+            _q4_row_tiles(codes, scales, biases, x, xs, out, n + 1, M, ng, C, N)
     if N % 2 == 1:
-        _q4_row_tiles(codes, scales, biases, x, xsl, out, N - 1, M, ng, C, N)
+        _q4_row_tiles(codes, scales, biases, x, xs, out, N - 1, M, ng, C, N)
 
 
 @njit(parallel=True, fastmath=False, cache=True)
 def matmul_q8_sym(x, codes, scales, out):
+    _check_mm(x, codes, scales, scales, out, 1)
     M, K = x.shape
     N = codes.shape[0]
     ng = scales.shape[1]
@@ -508,7 +538,12 @@ def matmul_q8_sym(x, codes, scales, out):
     for p in prange(N // 2):
         n = 2 * p
         if M == 1:
-            _t_s8_21(codes, scales, scales, x, x, out, n, 0, ng, C, N)
+            if C == 1:
+                _t_s8_21(codes, scales, scales, x, x, out, n, 0, ng, 1, N)
+            elif C == 2:
+                _t_s8_21(codes, scales, scales, x, x, out, n, 0, ng, 2, N)
+            else:
+                _t_s8_21(codes, scales, scales, x, x, out, n, 0, ng, C, N)
         else:
             _s8_row_tiles(codes, scales, x, out, n, M, ng, C, N)
             _s8_row_tiles(codes, scales, x, out, n + 1, M, ng, C, N)
@@ -518,6 +553,7 @@ def matmul_q8_sym(x, codes, scales, out):
 
 @njit(parallel=True, fastmath=False, cache=True)
 def matmul_q8_affine(x, codes, scales, biases, out):
+    _check_mm(x, codes, scales, biases, out, 1)
     M, K = x.shape
     N = codes.shape[0]
     ng = scales.shape[1]
@@ -526,16 +562,21 @@ def matmul_q8_affine(x, codes, scales, biases, out):
         _matmul_generic(x, codes, scales, biases, out, 2)
         return
     C = G // 16
-    xsl = _lane_sums(x, ng, G)
+    xs = _xsums(x, ng, G)
     for p in prange(N // 2):
         n = 2 * p
         if M == 1:
-            _t_a8_21(codes, scales, biases, x, xsl, out, n, 0, ng, C, N)
+            if C == 1:
+                _t_a8_21(codes, scales, biases, x, xs, out, n, 0, ng, 1, N)
+            elif C == 2:
+                _t_a8_21(codes, scales, biases, x, xs, out, n, 0, ng, 2, N)
+            else:
+                _t_a8_21(codes, scales, biases, x, xs, out, n, 0, ng, C, N)
         else:
-            _a8_row_tiles(codes, scales, biases, x, xsl, out, n, M, ng, C, N)
-            _a8_row_tiles(codes, scales, biases, x, xsl, out, n + 1, M, ng, C, N)
+            _a8_row_tiles(codes, scales, biases, x, xs, out, n, M, ng, C, N)
+            _a8_row_tiles(codes, scales, biases, x, xs, out, n + 1, M, ng, C, N)
     if N % 2 == 1:
-        _a8_row_tiles(codes, scales, biases, x, xsl, out, N - 1, M, ng, C, N)
+        _a8_row_tiles(codes, scales, biases, x, xs, out, N - 1, M, ng, C, N)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -565,6 +606,7 @@ def _dq_row_generic(codes, scales, biases, out, n, i, mode):
 
 @njit(parallel=True, fastmath=False, cache=True)
 def dequantize_q4_affine(codes, scales, biases, out):
+    _check_dq(codes, scales, biases, out, 2)
     N, K = out.shape
     ng = scales.shape[1]
     G = K // ng
@@ -574,11 +616,17 @@ def dequantize_q4_affine(codes, scales, biases, out):
         return
     C = G // 32
     for n in prange(N):
-        _dq_q4(codes, scales, biases, out, n, n, ng, C)
+        if C == 1:
+            _dq_q4(codes, scales, biases, out, n, n, ng, 1)
+        elif C == 2:
+            _dq_q4(codes, scales, biases, out, n, n, ng, 2)
+        else:
+            _dq_q4(codes, scales, biases, out, n, n, ng, C)
 
 
 @njit(parallel=True, fastmath=False, cache=True)
 def dequantize_q8_sym(codes, scales, out):
+    _check_dq(codes, scales, scales, out, 1)
     N, K = out.shape
     ng = scales.shape[1]
     G = K // ng
@@ -588,11 +636,17 @@ def dequantize_q8_sym(codes, scales, out):
         return
     C = G // 16
     for n in prange(N):
-        _dq_s8(codes, scales, scales, out, n, n, ng, C)
+        if C == 1:
+            _dq_s8(codes, scales, scales, out, n, n, ng, 1)
+        elif C == 2:
+            _dq_s8(codes, scales, scales, out, n, n, ng, 2)
+        else:
+            _dq_s8(codes, scales, scales, out, n, n, ng, C)
 
 
 @njit(parallel=True, fastmath=False, cache=True)
 def dequantize_q8_affine(codes, scales, biases, out):
+    _check_dq(codes, scales, biases, out, 1)
     N, K = out.shape
     ng = scales.shape[1]
     G = K // ng
@@ -602,7 +656,12 @@ def dequantize_q8_affine(codes, scales, biases, out):
         return
     C = G // 16
     for n in prange(N):
-        _dq_a8(codes, scales, biases, out, n, n, ng, C)
+        if C == 1:
+            _dq_a8(codes, scales, biases, out, n, n, ng, 1)
+        elif C == 2:
+            _dq_a8(codes, scales, biases, out, n, n, ng, 2)
+        else:
+            _dq_a8(codes, scales, biases, out, n, n, ng, C)
 
 
 @njit(parallel=True, fastmath=False, cache=True)
@@ -611,6 +670,8 @@ def gather_rows_q4_affine(codes, scales, biases, ids, out):
     N = codes.shape[0]
     ng = scales.shape[1]
     G = K // ng
+    if codes.shape[1] * 2 != K or ids.shape[0] != R or biases.shape[0] != N or K % ng != 0:
+        raise ValueError("gather_rows: inconsistent shapes")
     for i in range(R):
         if ids[i] < 0 or ids[i] >= N:
             raise IndexError("gather_rows: row id out of range")
@@ -627,6 +688,8 @@ def gather_rows_q8_sym(codes, scales, ids, out):
     N = codes.shape[0]
     ng = scales.shape[1]
     G = K // ng
+    if codes.shape[1] * 1 != K or ids.shape[0] != R or scales.shape[0] != N or K % ng != 0:
+        raise ValueError("gather_rows: inconsistent shapes")
     for i in range(R):
         if ids[i] < 0 or ids[i] >= N:
             raise IndexError("gather_rows: row id out of range")
@@ -643,6 +706,8 @@ def gather_rows_q8_affine(codes, scales, biases, ids, out):
     N = codes.shape[0]
     ng = scales.shape[1]
     G = K // ng
+    if codes.shape[1] * 1 != K or ids.shape[0] != R or biases.shape[0] != N or K % ng != 0:
+        raise ValueError("gather_rows: inconsistent shapes")
     for i in range(R):
         if ids[i] < 0 or ids[i] >= N:
             raise IndexError("gather_rows: row id out of range")

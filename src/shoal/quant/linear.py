@@ -150,8 +150,9 @@ def dense_or_quant_linear(w, bias=None) -> torch.nn.Module:
 
 
 def can_fuse_rows(ws) -> bool:
-    """True when ``fuse_rows(ws)`` will work (all dense, or all quantized with the same kind,
-    group size and K)."""
+    """True when ``fuse_rows(ws)`` is a plain concatenation: all dense with the same K, or all
+    quantized with the same kind, group size and K.  (``fuse_rows`` also accepts other mixes but
+    has to convert them, see there; callers may prefer separate modules then.)"""
     ws = list(ws)
     if not ws:
         return False
@@ -163,21 +164,69 @@ def can_fuse_rows(ws) -> bool:
     return len({tuple(np.shape(w))[1:] for w in ws}) == 1 and all(np.ndim(w) == 2 for w in ws)
 
 
+def _codes_full(w: QuantizedWeight) -> np.ndarray:
+    """Unpacked codes (N, K): uint8 for the affine kinds, int8 for q8_sym."""
+    if w.kind != "q4_affine":
+        return w.codes
+    N, K = w.shape
+    G = w.group_size
+    c = w.codes.reshape(N, K // G, G // 2)
+    return np.concatenate([c & 0x0F, c >> 4], axis=-1).reshape(N, K)
+
+
+def _regroup(w: QuantizedWeight, kind: str, G: int) -> QuantizedWeight:
+    """Same matrix as ``kind`` with group size ``G`` (a divisor of w.group_size).  Exact except
+    q8_sym -> q8_affine (code + 128, bias = -128*scale: one float32 rounding per value)."""
+    if w.kind == kind and w.group_size == G:
+        return w
+    N, K = w.shape
+    rep = w.group_size // G
+    scales = np.repeat(w.scales, rep, axis=1)
+    codes = _codes_full(w)
+    if kind == "q8_sym":
+        return QuantizedWeight(kind, codes, scales, None, G)
+    if w.kind == "q8_sym":
+        codes = (codes.astype(np.int16) + 128).astype(np.uint8)
+        biases = scales * np.float32(-128.0)
+    else:
+        biases = np.repeat(w.biases, rep, axis=1)
+    if kind == "q8_affine":
+        return QuantizedWeight(kind, np.ascontiguousarray(codes), scales, biases, G)
+    q = codes.reshape(N, K // G, 2, G // 2)
+    return QuantizedWeight(kind, ((q[:, :, 0] & 0x0F) | (q[:, :, 1] << 4)).reshape(N, K // 2), scales, biases, G)
+
+
 def fuse_rows(ws):
-    """Concatenate weights along N (rows).  All QuantizedWeight (same kind, group size and K) ->
-    QuantizedWeight; all dense (numpy / torch) -> float32 numpy (N_total, K).  Else ValueError."""
+    """Concatenate weights along N (rows), e.g. q/k/v or gate/up into one matmul.
+
+    * all QuantizedWeight with the same kind and group size -> QuantizedWeight (concatenation);
+    * QuantizedWeights of different kinds / group sizes (e.g. Q4_K q/k with a Q6_K v) -> one
+      QuantizedWeight in a common form with group size = gcd of the group sizes: q8_sym if all
+      are q8_sym, q4_affine if all are q4_affine, else q8_affine (q4 codes widened to bytes, so
+      the fused weight reads more bytes than the parts did);
+    * all dense (numpy / torch) -> float32 numpy (N_total, K);
+    * dense mixed with quantized -> float32 numpy of the dequantized values.
+    All parts must have the same K (ValueError otherwise)."""
     ws = list(ws)
-    if not can_fuse_rows(ws):
-        kinds = [w.kind if isinstance(w, QuantizedWeight) else "dense" for w in ws]
-        raise ValueError(f"cannot fuse weights of kinds/shapes {kinds}")
-    if isinstance(ws[0], QuantizedWeight):
-        w0 = ws[0]
+    if not ws:
+        raise ValueError("fuse_rows needs at least one weight")
+    if not all(isinstance(w, QuantizedWeight) or len(w.shape) == 2 for w in ws) or len({w.shape[1] for w in ws}) != 1:
+        raise ValueError(f"cannot fuse weights of shapes {[tuple(w.shape) for w in ws]}")
+    quant = [isinstance(w, QuantizedWeight) for w in ws]
+    if all(quant):
+        kinds = {w.kind for w in ws}
+        G = int(np.gcd.reduce([w.group_size for w in ws]))
+        kind = kinds.pop() if len(kinds) == 1 else "q8_affine"
+        if kind == "q4_affine" and G % 2:
+            kind = "q8_affine"
+        ws = [_regroup(w, kind, G) for w in ws]
         return QuantizedWeight(
-            w0.kind,
+            kind,
             np.concatenate([w.codes for w in ws], axis=0),
             np.concatenate([w.scales for w in ws], axis=0),
-            None if w0.biases is None else np.concatenate([w.biases for w in ws], axis=0),
-            w0.group_size,
+            None if kind == "q8_sym" else np.concatenate([w.biases for w in ws], axis=0),
+            G,
         )
-    return np.concatenate([w.detach().cpu().float().numpy() if isinstance(w, torch.Tensor)
+    return np.concatenate([w.dequantize() if isinstance(w, QuantizedWeight)
+                           else w.detach().cpu().float().numpy() if isinstance(w, torch.Tensor)
                            else np.asarray(w, dtype=np.float32) for w in ws], axis=0)
