@@ -56,6 +56,7 @@ def bench_llama_cpp(path: Path, prompt: list[int], gen_tokens: int, threads: int
     best_prefill, best_decode = 0.0, 0.0
     for r in range(repeats + 1):
         # Greedy through llama-cpp-python's own generator (its low-level `eval` crashes in 0.3.36).
+        llm.reset()  # else generate() reuses the cached prefix of the previous run
         tokens = llm.generate(prompt, temp=0.0, top_k=1, reset=True)
         t0 = time.perf_counter()
         next(tokens)  # prefill + the first token
