@@ -139,7 +139,8 @@ async def bench(args: argparse.Namespace, url: str) -> list[dict]:
         res = await run_level(url, args.model, c, args.max_tokens, args.rounds)
         out.append(res)
         if not args.json:
-            print(f"{c:3d} clients  aggregate {res['aggregate_tokens_per_s']:7.1f} tok/s  per client {res['per_client_tokens_per_s']:6.1f} tok/s"
+            print(f"{c:3d} clients  aggregate {res['aggregate_tokens_per_s']:7.1f} tok/s"
+                  f"  per client {res['per_client_tokens_per_s']:6.1f} tok/s"
                   f"  TTFT p50 {res['ttft_p50_ms']:7.0f} ms  p99 {res['ttft_p99_ms']:7.0f} ms  mean batch {res['mean_batch']:5.1f}",
                   flush=True)
     return out

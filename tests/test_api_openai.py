@@ -12,7 +12,7 @@ import threading
 import aiohttp
 import openai
 import pytest
-from api_helpers import MODEL, MODEL_PATH, http, metric, needs_model, parse_sse, server_fixture, wait_for
+from api_helpers import MODEL, MODEL_PATH, free_port, http, metric, needs_model, parse_sse, server_fixture, wait_for
 
 pytestmark = needs_model
 
@@ -32,7 +32,7 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def greedy_chat(client, max_tokens=24, **kw):
+def greedy_chat(client, max_tokens=16, **kw):
     return client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=max_tokens, temperature=0, **kw)
 
 
@@ -63,7 +63,7 @@ def test_chat_non_streaming_usage_and_timings(client):
     assert r.object == "chat.completion" and r.model == MODEL
     assert choice.message.role == "assistant" and choice.message.content
     assert choice.finish_reason in ("stop", "length")
-    assert r.usage.prompt_tokens > 10 and 0 < r.usage.completion_tokens <= 24
+    assert r.usage.prompt_tokens > 10 and 0 < r.usage.completion_tokens <= 16
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     shoal = r.model_extra["shoal"]
     assert shoal["ttft_ms"] > 0 and shoal["decode_tokens_per_s"] > 0
@@ -83,22 +83,22 @@ def test_chat_streaming_equals_non_streaming(client):
 
 
 def test_stop_sequences(client):
-    text = greedy_chat(client, max_tokens=24).choices[0].message.content
+    text = greedy_chat(client).choices[0].message.content
     words = text.split()
     assert len(words) >= 3, text
     stop = " " + words[2]  # cut before the third word
     cut = text[: text.index(stop)]
-    r = greedy_chat(client, max_tokens=24, stop=[stop, "never-appears"])
+    r = greedy_chat(client, stop=[stop, "never-appears"])
     assert r.choices[0].message.content == cut and r.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].delta.content or "" for c in greedy_chat(client, max_tokens=24, stop=stop, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in greedy_chat(client, stop=stop, stream=True))
     assert streamed == cut
 
 
 def test_greedy_chat_equals_shoal_generate(client):
     prompt = "Write one sentence about the moon."
-    out = subprocess.run([sys.executable, "-m", "shoal.cli", "generate", "--max-tokens", "20", prompt],
+    out = subprocess.run([sys.executable, "-m", "shoal.cli", "generate", "--max-tokens", "12", prompt],
                          capture_output=True, text=True, timeout=300, check=True)
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=20, temperature=0)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=12, temperature=0)
     assert out.stdout == r.choices[0].message.content + "\n"
 
 
@@ -139,7 +139,7 @@ def test_chat_logprobs(client):
 
 
 def test_n_choices_and_seed(client):
-    kw = dict(model=MODEL, messages=CHAT, max_tokens=12, temperature=1.0, seed=1234)
+    kw = dict(model=MODEL, messages=CHAT, max_tokens=8, temperature=1.0, seed=1234)
     r = client.chat.completions.create(n=3, **kw)
     assert [c.index for c in r.choices] == [0, 1, 2]
     again = client.chat.completions.create(n=3, **kw)
@@ -216,7 +216,7 @@ def test_client_disconnect_stops_generation(server):
 
 def test_concurrent_streams_decode_in_one_batch(client, server):
     prompts = ["Tell me about cats.", "Tell me about dogs.", "What is rain?", "Describe a forest."]
-    solo = [client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=12, temperature=0,
+    solo = [client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=8, temperature=0,
                                            extra_body={"ignore_eos": True}).choices[0].message.content for p in prompts]
     steps0 = metric(server.url, "shoal_engine_steps_total", model=MODEL)
     results: list[str | None] = [None] * len(prompts)
@@ -224,7 +224,7 @@ def test_concurrent_streams_decode_in_one_batch(client, server):
 
     def run(i: int) -> None:
         start.wait()
-        stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompts[i]}], max_tokens=12,
+        stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompts[i]}], max_tokens=8,
                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
         results[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
@@ -235,7 +235,7 @@ def test_concurrent_streams_decode_in_one_batch(client, server):
         t.join(120)
     steps = metric(server.url, "shoal_engine_steps_total", model=MODEL) - steps0
     assert results == solo  # batching does not change greedy outputs
-    assert steps < 4 * 12 * 0.75, f"{steps} forward passes for 48 tokens: the streams were not batched"
+    assert steps < 4 * 8 * 0.75, f"{steps} forward passes for 32 tokens: the streams were not batched"
 
 
 def test_metrics_exposition(server):
@@ -287,3 +287,134 @@ def test_overload_is_429_with_retry_after(tight):
     assert status == 429 and retry_after is not None and int(retry_after) >= 1
     assert body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == "rate_limit_exceeded"
     assert wait_for(lambda: metric(tight.url, "shoal_queue_running", headers=auth, model=TIGHT_MODEL) == 0, 10)
+
+
+# -- a stand-in instance that is not the engine (as a remote one would be), placed slowly ----------
+
+
+class EchoInstance:
+    """Streams the prompt's own tokens back from the event loop, like a remote instance would."""
+
+    max_context = 8192
+    loaded_at = load_seconds = 0.0
+
+    def __init__(self, name, tokenizer, card):
+        self.name, self.tokenizer, self.card = name, tokenizer, card
+
+    def submit(self, request):
+        from shoal.api.instance import GenerationStream
+        from shoal.engine.generate import TokenEvent
+
+        stream = GenerationStream(request, lambda s: None, lambda s: None)
+
+        async def feed():
+            ids = request.prompt_ids[-request.params.max_tokens:]
+            for i, t in enumerate(ids):
+                await asyncio.sleep(0.01)
+                last = i == len(ids) - 1
+                stream.push([TokenEvent(0, t, self.tokenizer.decode([t]), "length" if last else None)])
+
+        asyncio.ensure_future(feed())
+        return stream
+
+    def queue_depth(self):
+        return 0, 0
+
+    def kv_bytes(self):
+        return 0
+
+    async def close(self):
+        pass
+
+
+class SlowPlacer:
+    """Places "echo" after `delay` seconds (or fails to), with the bundled model's tokenizer."""
+
+    def __init__(self, delay, fail=False):
+        from shoal.api.instance import ModelCard
+        from shoal.engine.loader import load_tokenizer, open_checkpoint
+
+        ckpt = open_checkpoint(MODEL_PATH)
+        self.tokenizer = load_tokenizer(ckpt)
+        ckpt.close()
+        self._card = ModelCard("echo", MODEL_PATH, 1, "llama", "", "none", 8192, "test", 0.0)
+        self.delay, self.fail = delay, fail
+
+    def card(self, name):
+        return self._card if name == "echo" else None
+
+    def names(self):
+        return ["echo"]
+
+    async def place(self, name):
+        from shoal.api.errors import ApiError
+
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise ApiError(503, "no room for it anywhere", "server_error", None, "service_unavailable", retry_after=5)
+        return EchoInstance(name, self.tokenizer, self._card)
+
+    async def close(self):
+        pass
+
+
+async def _with_app(placer, body):
+    """Serve the API with `placer` on a loopback port for the duration of `body(url)`."""
+    from aiohttp import web
+
+    from shoal.api.app import setup_api
+    from shoal.api.service import ModelService, ServiceConfig
+
+    app = web.Application()
+    setup_api(app, ModelService(ServiceConfig(), placer=placer))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        return await body(f"http://127.0.0.1:{port}")
+    finally:
+        await runner.cleanup()
+
+
+def test_keepalives_while_placing_and_a_pluggable_instance(monkeypatch):
+    from shoal.api import generation
+
+    monkeypatch.setattr(generation, "STREAM_KEEPALIVE_S", 0.2)
+    monkeypatch.setattr(generation, "JSON_KEEPALIVE_AFTER_S", 0.2)
+    chat = {"model": "echo", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 3}
+
+    async def body(url):
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{url}/v1/chat/completions", json={**chat, "stream": True}) as r:
+                sse = await r.read()
+            assert (await (await s.post(f"{url}/api/generate", json={"model": "echo", "prompt": ""})).json())["done_reason"] == "load"
+            return sse
+
+    raw = asyncio.run(_with_app(SlowPlacer(1.0), body))
+    comments, events = parse_sse(raw)
+    assert comments.count("keep-alive") >= 3 and events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"])  # the echo came through
+
+    async def whole(url):  # a non-streaming reply that must wait: whitespace first, then the JSON
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{url}/v1/chat/completions", json=chat) as r:
+                return r.status, await r.read()
+
+    status, raw = asyncio.run(_with_app(SlowPlacer(1.0), whole))
+    assert status == 200 and raw[:1] == b" " and json.loads(raw)["usage"]["completion_tokens"] == 3
+
+
+def test_placement_failure_after_the_stream_started():
+    async def body(url):
+        async with aiohttp.ClientSession() as s:
+            chat = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+            async with s.post(f"{url}/v1/chat/completions", json=chat) as r:
+                sse = await r.read()
+            async with s.post(f"{url}/v1/chat/completions", json={**chat, "stream": False}) as r:
+                return sse, r.status, r.headers.get("Retry-After"), await r.json()
+
+    sse, status, retry_after, err = asyncio.run(_with_app(SlowPlacer(0.1, fail=True), body))
+    _, events = parse_sse(sse)
+    assert events[-1]["error"]["code"] == "service_unavailable"  # told in-band: the 200 had gone out
+    assert status == 503 and retry_after == "5" and err["error"]["message"] == "no room for it anywhere"

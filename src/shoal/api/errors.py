@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from aiohttp import web
@@ -151,11 +152,15 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         raise invalid(f"invalid value for {param!r}: {msg}" if param else msg, param or None, "invalid_value") from None
 
 
+# Parts of a pydantic error location that name a union member or validator, not a parameter.
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|[a-z-]+\[.*\]|constrained-\w+|[A-Z]\w*)$")
+
+
 def _param_path(loc: tuple) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not str(part).startswith(("function-", "tagged-union", "union[", "list[", "str", "int", "float", "bool", "dict")):
+        elif not _TYPE_TAG.match(str(part)):
             out += ("." if out else "") + str(part)
     return out

@@ -118,7 +118,7 @@ class Reply:
 
 async def acquire(service: ModelService, model: str, reply: Reply) -> Instance:
     """The model's instance; a streaming reply starts at once if the model must load first."""
-    if not service.is_loaded(model) and reply.kind != "json" and service.card(model) is not None and service.config.auto_load:
+    if reply.kind != "json" and service.must_wait(model):
         await reply.start()
         await reply.keepalive()
     return await service.acquire(model, reply.keepalive, reply.keepalive_interval)
@@ -265,7 +265,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 _BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}

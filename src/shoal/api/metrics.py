@@ -77,7 +77,7 @@ class Histogram:
     def samples(self) -> Iterable[str]:
         for labels, counts in sorted(self.counts.items()):
             cum = 0
-            for b, c in zip((*self.buckets, math.inf), counts):
+            for b, c in zip((*self.buckets, math.inf), counts, strict=True):
                 cum += c
                 yield f"{self.name}_bucket{_fmt_labels(labels, (('le', _fmt_value(b)),))} {cum}"
             yield f"{self.name}_sum{_fmt_labels(labels)} {_fmt_value(self.sums[labels])}"
@@ -109,7 +109,8 @@ class Metrics:
         self.steps = Counter("shoal_engine_steps_total", "Batched forward passes, by model.")
         self.step_sequences = Counter("shoal_engine_step_sequences_total", "Sequences summed over all forward passes, by model.")
         self.ttft = Histogram("shoal_time_to_first_token_seconds", "Time from request arrival to its first token, by model.", TTFT_BUCKETS)
-        self.duration = Histogram("shoal_request_duration_seconds", "Time from request arrival to its last token, by model.", DURATION_BUCKETS)
+        self.duration = Histogram("shoal_request_duration_seconds", "Time from request arrival to its last token, by model.",
+                                  DURATION_BUCKETS)
         self.batch = Histogram("shoal_engine_batch_sequences", "Sequences in one batched forward pass, by model.", BATCH_BUCKETS)
         self.gauges: list[Gauge] = []
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from aiohttp import web
@@ -93,11 +93,11 @@ class ShowRequest(_Body):
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _digest(card: ModelCard) -> str:
@@ -133,7 +133,7 @@ def _unload_requested(keep_alive: str | float | None) -> bool:
 class OllamaHandlers:
     def __init__(self, service: ModelService):
         self.service = service
-        self._pieces: dict[int, TokenPieces] = {}
+        self._pieces: dict[str, TokenPieces] = {}  # by model name
 
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
@@ -188,9 +188,9 @@ class OllamaHandlers:
         })
 
     def pieces(self, inst: Instance) -> TokenPieces:
-        p = self._pieces.get(id(inst.tokenizer))
-        if p is None:
-            p = self._pieces[id(inst.tokenizer)] = TokenPieces(inst.tokenizer)
+        p = self._pieces.get(inst.name)
+        if p is None or p.tokenizer is not inst.tokenizer:  # new, or reloaded
+            p = self._pieces[inst.name] = TokenPieces(inst.tokenizer)
         return p
 
     # -- generation
@@ -224,7 +224,8 @@ class OllamaHandlers:
         head = {"model": body.model, "created_at": ""}
         empty = {"message": {"role": "assistant", "content": ""}} if is_chat else {"response": ""}
         stream = body.stream is not False
-        reply = Reply(request, "ndjson" if stream else "json", ollama=True, keepalive_record=lambda: {**head, "created_at": _now(), **empty, "done": False})
+        reply = Reply(request, "ndjson" if stream else "json", ollama=True,
+                      keepalive_record=lambda: {**head, "created_at": _now(), **empty, "done": False})
         if not (messages if is_chat else prompt):  # load (or unload) only
             if _unload_requested(body.keep_alive):
                 await self.service.unload(body.model)
@@ -238,7 +239,8 @@ class OllamaHandlers:
         loaded_before = self.service.is_loaded(body.model)
         try:
             inst = await acquire(self.service, body.model, reply)
-            ids = await tokenize(lambda: self._prompt_ids(inst, body, messages, prompt), len(prompt or "") + sum(len(m["content"]) for m in messages or []))
+            size = len(prompt or "") + sum(len(m["content"]) for m in messages or [])
+            ids = await tokenize(lambda: self._prompt_ids(inst, body, messages, prompt), size)
             params = _params(body, len(ids), inst, self.service.config.max_tokens_cap)
             (s,) = submit(inst, inst.name, ids, params, t0, "ollama")
         except ApiError as e:

@@ -99,7 +99,12 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class CompletionRequest(_Sampling):
-    prompt: Annotated[str, Field(min_length=1)] | TokenIds | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)] | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)]
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)]
+    )
     max_tokens: int | None = Field(16, ge=0, le=MAX_TOKENS_LIMIT)
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -135,7 +140,7 @@ def _sampling_kwargs(body: _Sampling) -> dict[str, Any]:
 class OpenAIHandlers:
     def __init__(self, service: ModelService):
         self.service = service
-        self._pieces: dict[int, TokenPieces] = {}
+        self._pieces: dict[str, TokenPieces] = {}  # by model name
 
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
@@ -146,9 +151,9 @@ class OpenAIHandlers:
         ]
 
     def pieces(self, inst: Instance) -> TokenPieces:
-        p = self._pieces.get(id(inst.tokenizer))
-        if p is None:
-            p = self._pieces[id(inst.tokenizer)] = TokenPieces(inst.tokenizer)
+        p = self._pieces.get(inst.name)
+        if p is None or p.tokenizer is not inst.tokenizer:  # new, or reloaded
+            p = self._pieces[inst.name] = TokenPieces(inst.tokenizer)
         return p
 
     # -- models
@@ -231,7 +236,8 @@ class OpenAIHandlers:
             await reply.send({**base, "choices": [], "usage": _usage(streams), "shoal": timings(streams[0].request)})
         return await reply.end()
 
-    async def _chat_whole(self, reply: Reply, base: dict, streams: list[GenerationStream], pieces: TokenPieces | None) -> web.StreamResponse:
+    async def _chat_whole(self, reply: Reply, base: dict, streams: list[GenerationStream],
+                          pieces: TokenPieces | None) -> web.StreamResponse:
         texts = [""] * len(streams)
         lps: list[list[dict]] = [[] for _ in streams]
         finish: list[str | None] = [None] * len(streams)
@@ -283,7 +289,7 @@ class OpenAIHandlers:
                 mt = max_tokens_for(body.max_tokens, len(ids), inst.max_context, self.service.config.max_tokens_cap, "prompt")
                 echo_lp = body.logprobs if body.echo and body.logprobs is not None else None
                 params.append(sampling(max_tokens=mt, logprobs=body.logprobs, prompt_logprobs=echo_lp, **_sampling_kwargs(body)))
-            for ids, sp in zip(prompt_ids, params):
+            for ids, sp in zip(prompt_ids, params, strict=True):
                 streams += submit(inst, inst.name, ids, sp, t0, "cmpl", n)
         except ApiError as e:
             for s in streams:
@@ -304,7 +310,7 @@ class OpenAIHandlers:
             except ConnectionError:
                 return reply.response or web.Response(status=499)
 
-    async def _completion_stream(self, reply: Reply, base: dict, streams: list[GenerationStream], job: "_CompletionJob",
+    async def _completion_stream(self, reply: Reply, base: dict, streams: list[GenerationStream], job: _CompletionJob,
                                  include_usage: bool) -> web.StreamResponse:
         usage_null = {"usage": None} if include_usage else {}
 
@@ -321,7 +327,7 @@ class OpenAIHandlers:
             await reply.send({**base, "choices": [], "usage": _usage(streams, job.prompt_ids), "shoal": timings(streams[0].request)})
         return await reply.end()
 
-    async def _completion_whole(self, reply: Reply, base: dict, streams: list[GenerationStream], job: "_CompletionJob") -> web.StreamResponse:
+    async def _completion_whole(self, reply: Reply, base: dict, streams: list[GenerationStream], job: _CompletionJob) -> web.StreamResponse:
         texts = [""] * len(streams)
         lps: list[dict | None] = [None] * len(streams)
         finish: list[str | None] = [None] * len(streams)

@@ -2,8 +2,9 @@
 
     python -m shoal.api.serve --port 8000 [--model smollm2-135m] [--api-key KEY] [--no-auto-load]
 
-Prints one line `shoal-api ready on http://HOST:PORT` on standard output once it accepts requests
-(after any --model has loaded), and stops cleanly on SIGINT/SIGTERM.
+Prints one line `shoal-api ready on http://HOST:PORT` on standard output once any --model has
+loaded (it accepts requests from the start; they wait for the load), and stops cleanly on
+SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServiceConfig:
     limits = InstanceLimits(max_running=args.max_running, max_waiting=args.max_waiting)
-    return ServiceConfig(preload=tuple(args.model), auto_load=not args.no_auto_load, max_tokens_cap=args.max_tokens_cap, limits=limits)
+    return ServiceConfig(preload=tuple(args.model), auto_load=not args.no_auto_load, max_tokens_cap=args.max_tokens_cap,
+                         threads=args.threads, limits=limits)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -51,9 +53,14 @@ async def serve(args: argparse.Namespace) -> None:
     service = ModelService(config_from_args(args))
     setup_api(app, service, args.api_key)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
-    await runner.setup()  # runs on_startup: preloads --model
+    await runner.setup()  # runs on_startup: starts loading --model
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
+    try:
+        await service.wait_ready()
+    except Exception as e:
+        await runner.cleanup()
+        raise SystemExit(f"shoal-api: cannot start: {getattr(e, 'message', e)}") from None
     print(f"shoal-api ready on http://{args.host}:{args.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -69,9 +76,6 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from shoal.engine.cli import set_threads
-
-    set_threads(args.threads)
     try:
         asyncio.run(serve(args))
     except OSError as e:

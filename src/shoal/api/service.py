@@ -21,6 +21,7 @@ from typing import Protocol
 
 import psutil
 
+from shoal.api.device import DeviceWorker, run_in_fresh_thread, use_threads
 from shoal.api.errors import ApiError, internal, not_found, overloaded
 from shoal.api.instance import Instance, InstanceLimits, LocalInstance, ModelCard
 from shoal.api.metrics import Metrics, labels
@@ -38,6 +39,7 @@ class ServiceConfig:
     preload: tuple[str, ...] = ()  # model references loaded at start (catalog ids or paths)
     auto_load: bool = True  # place a model when a request names one that has no instance yet
     max_tokens_cap: int | None = None  # the most tokens one request may generate (None: up to the context)
+    threads: int | None = None  # CPU threads for local models (None: every core)
     limits: InstanceLimits = field(default_factory=InstanceLimits)
 
 
@@ -57,9 +59,10 @@ class LocalPlacer:
     """Places a whole model in this process: catalog ids whose weights are on this machine, plus the
     references the node was started with (`--model PATH` is served under the file's stem)."""
 
-    def __init__(self, limits: InstanceLimits, metrics: Metrics, refs: tuple[str, ...] = ()):
+    def __init__(self, limits: InstanceLimits, metrics: Metrics, refs: tuple[str, ...] = (), threads: int | None = None):
         self.limits, self.metrics = limits, metrics
         self.refs: dict[str, str] = {_name_for_ref(r): r for r in refs}  # served name -> reference
+        self.device = DeviceWorker("cpu", threads)
 
     def _ref(self, name: str) -> str | None:
         return self.refs.get(name) or (name if name in CATALOG else None)
@@ -93,7 +96,8 @@ class LocalPlacer:
                 f"{avail / 2**30:.1f} GiB is free", LOAD_RETRY_AFTER_S, status=503)
         t0 = time.perf_counter()
         try:
-            lm = await asyncio.to_thread(_load_and_warm, load_model, self._ref(name))
+            ref = self._ref(name)
+            lm = await run_in_fresh_thread(lambda: _load_and_warm(load_model, ref, self.device.threads), f"shoal-load-{name}")
         except (ModelNotFound, FileNotFoundError) as e:
             raise not_found(str(e)) from None
         except (ModelFileError, ValueError) as e:
@@ -101,25 +105,37 @@ class LocalPlacer:
             raise internal(f"model {name!r} could not be loaded: {e}") from None
         seconds = time.perf_counter() - t0
         log.info("loaded %s in %.1f s", name, seconds)
-        return LocalInstance(name, lm, card, self.limits, self.metrics, seconds)
+        return LocalInstance(name, lm, card, self.limits, self.metrics, seconds, self.device)
 
 
 class ModelService:
     def __init__(self, config: ServiceConfig, placer: Placer | None = None, metrics: Metrics | None = None):
         self.config = config
         self.metrics = metrics or Metrics()
-        self.placer = placer or LocalPlacer(config.limits, self.metrics, config.preload)
+        self.placer = placer or LocalPlacer(config.limits, self.metrics, config.preload, config.threads)
         self.instances: dict[str, Instance] = {}
         self._loading: dict[str, asyncio.Task[Instance]] = {}
+        self._preloads: list[asyncio.Task[Instance]] = []
         self._register_gauges()
 
     # -- life
     async def start(self) -> None:
+        """Begin placing the preloaded models and return at once (a node gives each component a few
+        seconds to start); requests for them meanwhile wait on the same loads."""
         for ref in self.config.preload:
-            await self._load(_name_for_ref(ref))
+            name = _name_for_ref(ref)
+            if name not in self._loading and name not in self.instances:
+                task = self._loading[name] = asyncio.ensure_future(self._load(name))
+                task.add_done_callback(lambda t, name=name: _log_failure(t, name))
+                self._preloads.append(task)
+
+    async def wait_ready(self) -> None:
+        """Wait for the preloads; the first failure is raised."""
+        for task in self._preloads:
+            await task
 
     async def close(self) -> None:
-        for task in self._loading.values():
+        for task in list(self._loading.values()):
             task.cancel()
         for name in list(self.instances):
             await self.unload(name)
@@ -149,13 +165,13 @@ class ModelService:
         inst = self.instances.get(name)
         if inst is not None:
             return inst
-        if self.placer.card(name) is None:
-            raise not_found(f"The model `{name}` does not exist on this node (see GET /v1/models)")
-        if not self.config.auto_load:
-            raise not_found(f"The model `{name}` is not loaded and this node does not load models on demand "
-                            "(it was started with --no-auto-load)", code="model_not_loaded")
-        task = self._loading.get(name)
+        task = self._loading.get(name)  # a preload, or another request's placement
         if task is None:
+            if self.placer.card(name) is None:
+                raise not_found(f"The model `{name}` does not exist on this node (see GET /v1/models)")
+            if not self.config.auto_load:
+                raise not_found(f"The model `{name}` is not loaded and this node does not load models on demand "
+                                "(it was started with --no-auto-load)", code="model_not_loaded")
             task = self._loading[name] = asyncio.ensure_future(self._load(name))
         while True:
             done, _ = await asyncio.wait({task}, timeout=interval if keepalive else None)
@@ -181,6 +197,13 @@ class ModelService:
     def is_loaded(self, name: str) -> bool:
         return self.canonical(name) in self.instances
 
+    def must_wait(self, name: str) -> bool:
+        """Whether `acquire(name)` would wait for a placement (rather than answer at once)."""
+        name = self.canonical(name)
+        if name in self.instances:
+            return False
+        return name in self._loading or (self.config.auto_load and self.placer.card(name) is not None)
+
     # -- metrics
     def _register_gauges(self) -> None:
         m = self.metrics
@@ -198,15 +221,22 @@ class ModelService:
         m.add_gauge("shoal_memory_available_bytes", "Memory available on this machine.", lambda: {(): psutil.virtual_memory().available})
 
 
-def _load_and_warm(load_model, ref: str):
+def _log_failure(task: asyncio.Task, name: str) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        e = task.exception()
+        log.error("could not load %s: %s", name, e.message if isinstance(e, ApiError) else e)
+
+
+def _load_and_warm(load_model, ref: str, threads: int | None):
     """Load, then run two short sequences batched together so the first client does not pay for
     kernel compilation (numba JIT, first-touch allocations)."""
     from shoal.engine.generate import BatchGenerator
     from shoal.engine.sampler import SamplingParams
 
+    use_threads(threads)
     lm = load_model(ref)
     gen = BatchGenerator(lm.model, lm.tokenizer, lm.args.max_context)
-    for text in ("Hello", "Warm up the kernels, please."):
+    for text in ("Hello", "Warm up the kernels, please. " * 50):  # one short prompt, one several chunks long
         gen.add(lm.tokenizer.encode(text) or [0], SamplingParams(max_tokens=2, ignore_eos=True))
     while gen.has_work:
         gen.step()

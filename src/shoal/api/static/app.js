@@ -70,6 +70,7 @@ function fmtAgo(s) {
   if (s < 5400) return `${Math.round(s / 60)} min ago`;
   return `${Math.round(s / 3600)} h ago`;
 }
+const instColor = (id) => `hsl(${hashHue(String(id))} 45% 50%)`;
 function layersText(l) { return Array.isArray(l) && l.length === 2 ? `layers ${l[0]}–${l[1] - 1}` : ""; }
 
 function hashHue(text) {
@@ -77,8 +78,16 @@ function hashHue(text) {
   for (let i = 0; i < text.length; i++) { x ^= text.charCodeAt(i); x = Math.imul(x, 16777619); }
   return (x >>> 0) % 360;
 }
-// Mid-dark, saturated: white text on it reads in both colour schemes.
-const colorFor = (id) => `hsl(${hashHue(String(id))} 58% 42%)`;
+// Mid-dark, saturated colours that white text reads on in both schemes; no red (red means down).
+// Nodes take them in the order the page first sees them, so a small cluster gets distinct ones.
+const PALETTE = ["#2f6fb5", "#2e8b57", "#7b4fb8", "#1f8383", "#b0601a", "#4f5bd5", "#a0468c", "#5d7a1f"];
+const paletteIndex = new Map();
+function colorFor(id) {
+  id = String(id);
+  if (!paletteIndex.has(id)) paletteIndex.set(id, paletteIndex.size);
+  const i = paletteIndex.get(id);
+  return i < PALETTE.length ? PALETTE[i] : `hsl(${(hashHue(id) % 300) + 30} 55% 40%)`;
+}
 
 // ------------------------------------------------------------------------------------ HTTP
 
@@ -229,7 +238,7 @@ function renderNodeCard(entry) {
   const statusText = status === "up" ? "up" : status === "down" ? `down · seen ${fmtAgo(n.last_seen_s)}` : "gone";
 
   const shardItems = shardsOnNode(n.id).map(({ inst, sh }) =>
-    h("li", { class: "chip", style: { "--chip-color": colorFor(inst.id) } },
+    h("li", { class: "chip", style: { "--chip-color": instColor(inst.id) } },
       [inst.model, layersText(sh.layers) || "whole model", sh.tp_size > 1 ? `tp ${sh.tp_rank}/${sh.tp_size}` : ""].filter(Boolean).join(" · ")));
 
   return [
@@ -239,10 +248,11 @@ function renderNodeCard(entry) {
       h("span", { class: `pill ${status}`, "data-status": status }, statusText)),
     h("div", { class: "addr" }, n.address || ""),
     h("dl", {},
-      h("dt", {}, "Device"), h("dd", {}, device),
-      h("dt", {}, "CPU"), h("dd", {}, `${p.cpu_model || "unknown"}${p.cpu_cores_logical ? ` · ${p.cpu_cores_logical} cores` : ""}`),
+      h("dt", {}, "Device"), h("dd", {}, `${device}${p.cpu_cores_logical ? ` · ${p.cpu_cores_logical} cores` : ""}`),
+      h("dt", {}, "CPU"), h("dd", {}, p.cpu_model || "unknown"),
       accels.length ? [h("dt", {}, "GPU"), h("dd", {}, accels.map((a) => `${a.name} (${fmtBytes(a.memory_total_bytes)})`).join(", "))] : null,
-      h("dt", {}, "Compute"), h("dd", {}, p.gflops_fp32 ? `${p.gflops_fp32.toFixed(0)} GFLOP/s · ${p.memory_bandwidth_gbps?.toFixed(1)} GB/s mem` : "–")),
+      h("dt", { title: "measured fp32 matrix multiply throughput, and memory bandwidth" }, "Speed"),
+      h("dd", {}, p.gflops_fp32 ? `${p.gflops_fp32.toFixed(0)} GFLOP/s · ${p.memory_bandwidth_gbps?.toFixed(1)} GB/s` : "–")),
     h("div", { class: "meter" },
       h("div", {
         class: "meter-bar", role: "meter", "aria-label": `Memory used on ${n.name}`,
@@ -250,8 +260,8 @@ function renderNodeCard(entry) {
         "aria-valuetext": used !== null ? `${fmtBytes(used)} used of ${fmtBytes(total)}` : "unknown",
       }, h("span", { style: { width: used !== null && total ? `${(100 * used / total).toFixed(1)}%` : "0%" } })),
       h("div", { class: "meter-text" },
-        h("span", {}, `${fmtBytes(used)} used`),
-        h("span", {}, `${fmtBytes(avail)} free of ${fmtBytes(total)}`))),
+        h("span", {}, `${fmtBytes(used)} / ${fmtBytes(total)} used`),
+        h("span", {}, `${fmtBytes(avail)} free`))),
     shardItems.length ? h("ul", { class: "shards", "aria-label": `Shards on ${n.name}` }, shardItems) : null,
   ];
 }
@@ -423,7 +433,7 @@ async function pollLocalModels() {
       renderTopology();
     }
   } catch { /* no API on this node either: nothing to add */ }
-  localTimer = setTimeout(pollLocalModels, 3000);
+  localTimer = setTimeout(pollLocalModels, INSTANCES_POLL_MS);
 }
 
 function layerBar(inst) {
@@ -466,7 +476,7 @@ function renderInstances() {
       : null;
     if (stop) stop.addEventListener("click", () => stopInstance(inst, stop));
     const nodes = [...new Set(inst.shards.map((sh) => sh.node_id))];
-    return h("li", { class: "instance", "data-instance-id": inst.id, "data-status": inst.status, style: { "--inst-color": colorFor(inst.id) } },
+    return h("li", { class: "instance", "data-instance-id": inst.id, "data-status": inst.status, style: { "--inst-color": instColor(inst.id) } },
       h("div", { class: "instance-head" },
         h("h3", {}, inst.model),
         h("span", { class: `pill ${inst.status}` }, inst.status),
@@ -494,42 +504,59 @@ function pick(obj, ...keys) {
   return undefined;
 }
 
+const REQUEST_STRATEGIES = new Set(["auto", "pipeline", "tensor", "hybrid"]);
+
+function shardBytes(sh) {
+  const whole = pick(sh, "memory_bytes", "bytes", "memory");
+  if (whole !== undefined) return whole;
+  const parts = ["weight_bytes", "kv_bytes", "overhead_bytes"].map((k) => sh[k]).filter((x) => typeof x === "number");
+  return parts.length ? parts.reduce((a, b) => a + b, 0) : undefined;
+}
+
 /** Plans from /v1/placement, accepting the shapes a planner may reasonably answer with:
- *  {plans: [...]}, {strategies: {name: plan}}, {strategies: [...]}, or a single plan. */
+ *  {strategies: {auto: plan, pipeline: plan, tensor: {error}}} (the planner's preview: the best plan
+ *  of each strategy, auto's choice among them), {plans: [...]}, or a single plan. Each plan keeps
+ *  `key`, the strategy it was asked for (what Place sends back), and `strategy`, what it is. */
 function normPlacement(body) {
-  let plans = pick(body, "plans", "candidates", "options");
-  const strategies = body?.strategies;
-  if (!plans && strategies && !Array.isArray(strategies) && typeof strategies === "object") {
-    plans = Object.entries(strategies).map(([name, p]) => ({ strategy: name, ...p }));
+  let raw = pick(body, "plans", "candidates", "options");
+  const strategies = pick(body, "strategies", "previews", "by_strategy");
+  if (!raw && strategies && !Array.isArray(strategies) && typeof strategies === "object") {
+    raw = Object.entries(strategies).map(([key, p]) => ({ ...(typeof p === "object" && p ? p : { error: String(p) }), _key: key }));
   }
-  if (!plans && Array.isArray(strategies) && strategies.length && typeof strategies[0] === "object") plans = strategies;
-  if (!plans) plans = [pick(body, "plan", "placement") || body];
-  const chosenRaw = pick(body, "chosen", "best", "selected", "recommended");
-  const chosen = typeof chosenRaw === "object" ? chosenRaw?.strategy : chosenRaw;
-  const out = plans.map((p) => {
+  if (!raw && Array.isArray(strategies)) raw = strategies;
+  if (!raw) raw = [pick(body, "plan", "placement") || body];
+  const plans = raw.map((p) => {
     const pred = pick(p, "prediction", "predicted", "predictions", "estimate") || p;
     const ttftS = pick(pred, "ttft_s", "time_to_first_token_s");
     const ttft = pick(pred, "ttft_ms", "time_to_first_token_ms") ?? (ttftS !== undefined ? ttftS * 1000 : undefined);
-    const tps = pick(pred, "tokens_per_s", "decode_tokens_per_s", "tps", "tokens_per_second");
+    const tps = pick(pred, "decode_tokens_per_s", "tokens_per_s", "tps", "tokens_per_second");
     const shards = (pick(p, "shards", "assignments", "stages") || []).map((sh) => ({
       node_id: pick(sh, "node_id", "node") ?? "",
+      node_name: sh.node_name,
       layers: pick(sh, "layers") ?? (sh.start_layer !== undefined ? [sh.start_layer, sh.end_layer] : null),
       tp_rank: sh.tp_rank ?? 0,
       tp_size: sh.tp_size ?? 1,
-      bytes: pick(sh, "memory_bytes", "bytes", "weight_bytes", "memory"),
+      bytes: shardBytes(sh),
     }));
     const mem = new Map();
-    const memRaw = pick(p, "memory_per_node", "memory_bytes_per_node", "memory_by_node", "memory");
-    if (memRaw && typeof memRaw === "object" && !Array.isArray(memRaw)) for (const [id, b] of Object.entries(memRaw)) mem.set(id, typeof b === "object" ? pick(b, "bytes", "total_bytes", "memory_bytes") : b);
+    const memRaw = pick(p, "memory_by_node", "memory_per_node", "memory_bytes_per_node");
+    if (memRaw && typeof memRaw === "object") for (const [id, b] of Object.entries(memRaw)) mem.set(id, typeof b === "object" ? shardBytes(b) : b);
     else for (const sh of shards) if (sh.bytes !== undefined) mem.set(sh.node_id, (mem.get(sh.node_id) || 0) + sh.bytes);
     for (const sh of shards) if (!mem.has(sh.node_id)) mem.set(sh.node_id, undefined);
-    let why = pick(p, "why", "reasons", "reason", "explanation", "error");
+    let why = pick(p, "reason", "why", "reasons", "explanation");
+    const err = pick(p, "error", "refusal");
     if (Array.isArray(why)) why = why.join(" ");
-    const feasible = p.feasible !== false && p.ok !== false && (shards.length > 0 || p.feasible === true);
-    return { strategy: p.strategy || body?.strategy || "plan", ttft, tps, shards, mem, why, feasible, num_layers: pick(p, "num_layers") ?? pick(body, "num_layers") };
+    const errText = typeof err === "object" ? err.message : err;
+    const feasible = !err && p.feasible !== false && p.ok !== false && (shards.length > 0 || p.feasible === true);
+    const strategy = p.strategy || p._key || body?.strategy || "plan";
+    const key = p._key || (REQUEST_STRATEGIES.has(strategy) ? strategy : "auto");
+    return { key, strategy, ttft, tps, shards, mem, why: errText || why, feasible, num_layers: pick(p, "num_layers") ?? pick(body, "num_layers") };
   });
-  const best = chosen ?? out.filter((p) => p.feasible).sort((a, b) => (b.tps ?? 0) - (a.tps ?? 0))[0]?.strategy;
-  return { model: body?.model, plans: out, chosen: best };
+  const chosenRaw = pick(body, "chosen", "best", "selected", "recommended");
+  const chosen = (typeof chosenRaw === "object" ? chosenRaw?.strategy : chosenRaw)
+    ?? plans.find((p) => p.key === "auto" && p.feasible)?.key
+    ?? [...plans].filter((p) => p.feasible).sort((a, b) => (b.tps ?? 0) - (a.tps ?? 0))[0]?.key;
+  return { model: body?.model, plans, chosen };
 }
 
 async function preview(ev) {
@@ -580,24 +607,31 @@ function planNodeRow(nodeId, bytes) {
 }
 
 function renderPlans(model, placement, requested) {
-  const cards = placement.plans.map((p) => {
-    const isChosen = p.strategy === placement.chosen || placement.plans.length === 1;
-    const place = p.feasible ? h("button", { type: "button", class: isChosen ? "" : "secondary", "data-strategy": p.strategy }, `Place ${model} (${p.strategy})`) : null;
+  // Under "auto", the strategy auto picked is shown once, as "auto → <strategy>".
+  const auto = placement.plans.find((p) => p.key === "auto" && p.feasible);
+  const same = (p) => auto && p !== auto && p.strategy === auto.strategy && JSON.stringify(p.shards) === JSON.stringify(auto.shards);
+  const shown = placement.plans.filter((p) => !(requested === "auto" && same(p)));
+  const cards = shown.map((p) => {
+    const isChosen = p.key === requested || (requested === "auto" && p.key === placement.chosen) || placement.plans.length === 1;
+    const title = p.key === p.strategy ? p.strategy : `${p.key} → ${p.strategy}`;
+    const place = p.feasible ? h("button", { type: "button", class: isChosen ? "" : "secondary", "data-strategy": p.key }, `Place ${model} (${title})`) : null;
     if (place) place.addEventListener("click", () => placeModel(model, p, place));
-    return h("article", { class: `plan-card${isChosen ? " chosen" : ""}`, "data-strategy": p.strategy, "aria-label": `${p.strategy} plan` },
+    return h("article", { class: `plan-card${isChosen ? " chosen" : ""}`, "data-strategy": p.key, "aria-label": `${title} plan` },
       h("div", { class: "plan-head" },
-        h("h3", {}, p.strategy),
-        isChosen && requested === "auto" ? h("span", { class: "pill ready" }, "chosen") : null,
+        h("h3", {}, title),
+        isChosen && p.feasible ? h("span", { class: "pill ready" }, p.key === "auto" ? "fastest" : "chosen") : null,
         p.feasible ? null : h("span", { class: "pill infeasible" }, "does not fit")),
-      h("dl", { class: "predict" },
+      p.feasible ? h("dl", { class: "predict" },
         h("div", {}, h("dt", {}, "time to first token"), h("dd", { class: "ttft" }, fmtMs(p.ttft))),
         h("div", {}, h("dt", {}, "tokens/s"), h("dd", { class: "tps" }, fmtTps(p.tps))),
-        h("div", {}, h("dt", {}, "nodes"), h("dd", {}, String(p.mem.size)))),
+        h("div", {}, h("dt", {}, "nodes"), h("dd", {}, String(p.mem.size)))) : null,
       layerBar({ model, shards: p.shards, num_layers: p.num_layers }),
       p.mem.size ? h("ul", { class: "plan-nodes", "aria-label": "Memory per node" }, [...p.mem].map(([id, b]) => planNodeRow(id, b))) : null,
       p.why ? h("p", { class: "why" }, String(p.why)) : null,
       place);
   });
+  // The chosen plan first: it is the one "Place" is about.
+  cards.sort((a, b) => b.classList.contains("chosen") - a.classList.contains("chosen"));
   $("plan").replaceChildren(...(cards.length ? cards : [h("p", { class: "muted" }, "The planner returned no plan.")]));
 }
 
@@ -606,7 +640,9 @@ async function placeModel(model, plan, button) {
   const label = button.textContent;
   button.textContent = "Placing…";
   const nodes = [...new Set(plan.shards.map((sh) => sh.node_id))].filter(Boolean);
-  const body = { model, strategy: plan.strategy, ...(nodes.length ? { nodes } : {}) };
+  // The strategy it was asked for ("auto" may have picked "single", which is not a request) and its
+  // nodes in stage order, so the planner reproduces the plan that was shown.
+  const body = { model, strategy: plan.key, ...(nodes.length ? { nodes } : {}) };
   try {
     const inst = await api("/v1/instances", { method: "POST", body, timeout: 30000 });
     const note = h("p", { class: "muted", role: "status" }, `Placed ${model}${inst?.id ? ` as ${inst.id}` : ""}: see Instances for its progress.`);
@@ -622,6 +658,11 @@ async function placeModel(model, plan, button) {
       : `Placing ${model} failed: ${e.message}`;
     $("plan").append(h("p", { class: "error-text", role: "alert" }, msg));
   }
+}
+
+function refreshInstancesNow() {
+  if (state.instancesSource === "api") pollInstancesSoon();
+  else pollLocalModels();
 }
 
 let soonTimer = null;
@@ -687,13 +728,16 @@ function saveConversation() {
   } catch { /* full or disabled storage: the page still holds it */ }
 }
 
+const FINISH_TEXT = { stop: "", length: "max tokens reached", stopped: "stopped" };
+
 function statsText(st) {
   if (!st) return "";
   const parts = [];
   if (st.ttft_ms !== undefined) parts.push(`TTFT ${fmtMs(st.ttft_ms)}`);
   if (st.tps !== undefined) parts.push(`${fmtTps(st.tps)} tok/s`);
   if (st.tokens !== undefined) parts.push(`${st.tokens} tokens`);
-  if (st.finish) parts.push(st.finish);
+  const finish = st.finish in FINISH_TEXT ? FINISH_TEXT[st.finish] : st.finish;
+  if (finish) parts.push(finish);
   if (st.model) parts.push(st.model);
   return parts.join(" · ");
 }
@@ -808,7 +852,12 @@ async function sendChat(ev) {
       const piece = choice?.delta?.content;
       if (piece) {
         const now = performance.now();
-        if (tFirst === null) { tFirst = now; st.ttft_ms = now - t0; status.textContent = "Streaming…"; }
+        if (tFirst === null) {
+          tFirst = now;
+          st.ttft_ms = now - t0;
+          status.textContent = "Streaming…";
+          refreshInstancesNow(); // the request may have just loaded the model
+        }
         tokens++;
         reply.content += piece;
         textEl.textContent = reply.content;
