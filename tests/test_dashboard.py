@@ -202,7 +202,7 @@ def test_topology_shows_both_nodes(page: Any, cluster: Cluster) -> None:
         card = node_card(page, name)
         expect(card).to_have_attribute("data-status", "up")
         expect(card.locator(".meter-bar")).to_be_visible()
-        expect(card).to_contain_text("free of")
+        expect(card.locator(".meter-text")).to_contain_text("free")
     expect(page.locator("li.node")).to_have_count(2)
     expect(node_card(page, "node-a")).to_contain_text("this node")
     # The link between them, measured and drawn with its RTT and bandwidth.
@@ -301,6 +301,19 @@ def test_chat_streams_a_reply(page: Any) -> None:
     shot(page, "04-chat-laptop")
     shot(page, "04-chat-narrow", NARROW)
 
+    # A second turn, stopped mid-stream with the Stop button: the partial reply stays, marked.
+    page.fill("#chat-max-tokens", "400")
+    page.fill("#chat-input", "Now count from 1 to 200, one number per line.")
+    page.click("#chat-send")
+    second = page.locator("#chat-log li.msg.assistant").nth(1)
+    wait_for(lambda: len(second.locator(".text").text_content() or "") > 10, LOAD_TIMEOUT_S, what="second reply streaming")
+    page.click("#chat-stop")
+    expect(second).to_have_attribute("data-done", "true", timeout=3000)
+    expect(second.locator(".foot")).to_contain_text("stopped")
+    expect(page.locator("#chat-send")).to_be_enabled()
+    expect(page.locator("#chat-stop")).to_be_disabled()
+    assert page.locator("#chat-log li.msg").count() == 4
+
     # The conversation stays with the page across a reload.
     texts = page.locator("#chat-log li.msg .text").all_text_contents()
     page.reload()
@@ -317,33 +330,31 @@ def test_placement_ui_with_documented_shapes(browser: Any, cluster: Cluster) -> 
 
     a, b = cluster.a.node_id, cluster.b.node_id
     mib = 2**20
-    plans = {
-        "model": MODEL,
-        "chosen": "pipeline",
-        "plans": [
-            {
-                "strategy": "pipeline",
-                "feasible": True,
-                "shards": [
-                    {"node_id": a, "layers": [0, 16], "tp_rank": 0, "tp_size": 1, "memory_bytes": 52 * mib},
-                    {"node_id": b, "layers": [16, 30], "tp_rank": 0, "tp_size": 1, "memory_bytes": 46 * mib},
-                ],
-                "prediction": {"ttft_ms": 123.4, "tokens_per_s": 48.2},
-                "why": "both nodes are needed for memory headroom; one hop per token over a 0.3 ms link",
-            },
-            {
-                "strategy": "tensor",
-                "feasible": True,
-                "shards": [
-                    {"node_id": a, "layers": [0, 30], "tp_rank": 0, "tp_size": 2, "memory_bytes": 49 * mib},
-                    {"node_id": b, "layers": [0, 30], "tp_rank": 1, "tp_size": 2, "memory_bytes": 49 * mib},
-                ],
-                "prediction": {"ttft_ms": 310.0, "tokens_per_s": 21.5},
-            },
-        ],
+
+    def shard(node: str, layers: list[int], tp_rank: int = 0, tp_size: int = 1, mb: int = 40) -> dict[str, Any]:
+        return {"node_id": node, "node_name": "node-a" if node == a else "node-b", "layers": layers,
+                "tp_rank": tp_rank, "tp_size": tp_size, "weight_bytes": mb * mib, "kv_bytes": 8 * mib,
+                "overhead_bytes": 4 * mib}
+
+    pipeline = {
+        "model": MODEL, "strategy": "pipeline", "context": 2048, "backend": "gloo",
+        "shards": [shard(a, [0, 16], mb=40), shard(b, [16, 30], mb=34)],
+        "prediction": {"decode_tokens_per_s": 48.2, "ttft_s": 0.1234, "prompt_tokens": 128, "step_s": 0.02, "comm_s": 0.001},
+        "reason": "pipeline (node-a, node-b): layers split by speed and memory; predicted 48.2 tok/s",
     }
+    tensor = {
+        **pipeline, "strategy": "tensor",
+        "shards": [shard(a, [0, 30], 0, 2, 37), shard(b, [0, 30], 1, 2, 37)],
+        "prediction": {**pipeline["prediction"], "decode_tokens_per_s": 21.5, "ttft_s": 0.31},
+        "reason": "tensor (node-a, node-b): one tensor group",
+    }
+    # The planner's preview: the best plan of each strategy, auto's pick among them, or why not.
+    plans = {"model": MODEL, "strategies": {
+        "auto": pipeline, "pipeline": pipeline, "tensor": tensor,
+        "hybrid": {"error": "hybrid needs at least 4 nodes (2 are up)", "missing_bytes": 0},
+    }}
     instance = {"id": "inst-stub-1", "model": MODEL, "strategy": "pipeline", "status": "loading",
-                "shards": [{k: v for k, v in sh.items() if k != "memory_bytes"} for sh in plans["plans"][0]["shards"]]}
+                "shards": [{k: sh[k] for k in ("node_id", "layers", "tp_rank", "tp_size")} for sh in pipeline["shards"]]}
     calls: list[str] = []
     live: list[dict[str, Any]] = []
 
@@ -352,7 +363,7 @@ def test_placement_ui_with_documented_shapes(browser: Any, cluster: Cluster) -> 
         calls.append(f"{req.method} {req.url.split('/v1/', 1)[1]}")
         if req.method == "POST":
             body = json.loads(req.post_data or "{}")
-            assert body["model"] == MODEL and body["strategy"] == "pipeline" and set(body["nodes"]) == {a, b}
+            assert body == {"model": MODEL, "strategy": "auto", "nodes": [a, b]}, body
             live.append(dict(instance))
             return route.fulfill(status=201, json=live[-1])
         if req.method == "DELETE":
@@ -371,12 +382,15 @@ def test_placement_ui_with_documented_shapes(browser: Any, cluster: Cluster) -> 
     pg.select_option("#place-model", MODEL)
     pg.click("#preview-btn")
     chosen = pg.locator("#plan .plan-card.chosen")
-    expect(chosen).to_have_attribute("data-strategy", "pipeline")
+    expect(chosen).to_have_attribute("data-strategy", "auto")
+    expect(chosen.locator("h3")).to_have_text("auto → pipeline")
     expect(chosen.locator(".ttft")).to_have_text("123 ms")
     expect(chosen.locator(".tps")).to_have_text("48.2")
     expect(chosen.locator(".plan-nodes li")).to_have_count(2)
-    expect(chosen.locator(".plan-nodes")).to_contain_text("+52.0 MiB for this model")
-    expect(pg.locator("#plan .plan-card")).to_have_count(2)
+    expect(chosen.locator(".plan-nodes")).to_contain_text("+52.0 MiB for this model")  # weights + KV + overhead
+    expect(pg.locator("#plan .plan-card")).to_have_count(3)  # auto's pick is not repeated as "pipeline"
+    expect(pg.locator('#plan .plan-card[data-strategy="hybrid"]')).to_contain_text("needs at least 4 nodes")
+    expect(pg.locator('#plan .plan-card[data-strategy="hybrid"] button')).to_have_count(0)
     shot(pg, "x-stubbed-placement-preview")
     chosen.locator("button").click()
     inst = pg.locator("#instance-list li.instance")

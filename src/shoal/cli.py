@@ -19,6 +19,12 @@ def _cluster_cli():
     return cluster_cli
 
 
+def _runner_cli():
+    from shoal.runner import cli as runner_cli
+
+    return runner_cli
+
+
 # name -> (help, module getter); each module has add_<name>_arguments(parser) and run_<name>(args) -> int
 SUBCOMMANDS = {
     "generate": ("generate text from a prompt (chat template applied unless --raw)", _engine_cli),
@@ -26,6 +32,7 @@ SUBCOMMANDS = {
     "download": ("download a catalog model from the hub (resumable)", _engine_cli),
     "node": ("run a shoal node daemon", _cluster_cli),
     "status": ("show a cluster's nodes and links", _cluster_cli),
+    "place": ("place a model on the cluster (split over nodes as the planner decides) and show the plan", _runner_cli),
 }
 
 

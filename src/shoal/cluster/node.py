@@ -25,9 +25,9 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -89,6 +89,8 @@ class Node:
         if config.discovery:
             self.add_component(Discovery(config, self.membership.add_seed, self.membership.remove_seed))
         self.add_routes(status.routes(self.cluster_view))
+        # Filled by the instances component (shoal/components.py): the instances for /v1/cluster.
+        self.instances_view: Callable[[], list[dict[str, Any]]] = list
 
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -118,7 +120,11 @@ class Node:
             for lk in sorted(self.links.records(), key=lambda lk: (lk.a, lk.b))
         ]
         return ClusterView(
-            self_id=self.config.node_id, cluster=self.cluster_id, nodes=self.membership.views(), links=links
+            self_id=self.config.node_id,
+            cluster=self.cluster_id,
+            nodes=self.membership.views(),
+            links=links,
+            instances=self.instances_view(),
         )
 
     def request_stop(self) -> None:
@@ -233,8 +239,12 @@ class Node:
 
 def run(config: NodeConfig) -> int:
     """Run a node until it is told to stop; the exit status."""
+    from shoal import components
+
     try:
-        asyncio.run(Node(config).serve())
+        node = Node(config)
+        components.mount(node)
+        asyncio.run(node.serve())
     except HomeLockedError as e:
         log.error("%s", e)
         return 1

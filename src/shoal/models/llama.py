@@ -9,6 +9,14 @@ final norm and head. The forward works on a *flat* batch: the new tokens of ever
 batch are concatenated along one axis, so every linear layer reads its weights once per step
 however many sequences are decoding; attention alone loops over sequences (each has its own KV
 cache, so sequences can join and leave between steps — what continuous batching needs).
+
+Tensor parallelism: a `TensorSlice` names this rank's KV heads (with their query heads), MLP
+columns and vocabulary rows; `slice_weight` cuts a checkpoint tensor to it as it is read (q/k/v and
+gate/up by rows, o and down by columns, embedding and head by rows), so a rank never holds more
+than its share. `LlamaShard.shard(group)` then names the process group, and the collectives are in
+plain sight: one all-reduce after attention and one after the MLP (in their `forward`), one after
+a vocabulary-split embedding lookup. Splits may be uneven (3 KV heads over 2 ranks). With no group
+the model is exactly the single-process one.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from torch import nn
 
 from shoal.engine.cache import KVCache
 from shoal.quant.formats import QuantizedWeight
-from shoal.quant.kernels import gather_rows
+from shoal.quant.kernels import dequantize, gather_rows
 from shoal.quant.linear import QuantLinear, dense_or_quant_linear, fuse_rows
 
 Weight = torch.Tensor | np.ndarray | QuantizedWeight
@@ -89,11 +97,17 @@ class ModelArgs:
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """Which part of the model a process holds: layers [start, end), plus embedding and head."""
+    """Which part of the model a process holds: layers [start, end), plus embedding and head.
+
+    By default the first stage holds the embedding and the last the final norm and head; a
+    distributed placement may put the head on the entry stage instead (`head=True` there,
+    `head=False` on the last), so that only hidden states, not logits, travel back to it."""
 
     start: int
     end: int
     num_layers: int
+    embed: bool | None = None  # None: iff start == 0
+    head: bool | None = None  # None: iff end == num_layers
 
     @property
     def is_first(self) -> bool:
@@ -103,9 +117,37 @@ class ShardSpec:
     def is_last(self) -> bool:
         return self.end == self.num_layers
 
+    @property
+    def has_embedding(self) -> bool:
+        return self.is_first if self.embed is None else self.embed
+
+    @property
+    def has_head(self) -> bool:
+        return self.is_last if self.head is None else self.head
+
     @classmethod
     def whole(cls, num_layers: int) -> "ShardSpec":
         return cls(0, num_layers, num_layers)
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """One rank's part of every layer of its stage in a tensor-parallel group of `size` ranks.
+
+    KV heads [kv_heads) bring their query heads with them (GQA groups are never cut); `ffn` is a
+    range of MLP intermediate columns; `vocab` the rows of the embedding and head held here (None:
+    all). Ranges may be uneven; for a quantized checkpoint the column cuts of o_proj and down_proj
+    should fall on quantization-group boundaries (otherwise that slice is dequantized)."""
+
+    rank: int
+    size: int
+    kv_heads: tuple[int, int]
+    ffn: tuple[int, int]
+    vocab: tuple[int, int] | None = None
+
+    @classmethod
+    def whole(cls, args: ModelArgs) -> "TensorSlice":
+        return cls(0, 1, (0, args.num_key_value_heads), (0, args.intermediate_size), None)
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -192,11 +234,22 @@ class BatchLayout:
         return int(self.positions.shape[0])
 
 
+def all_reduce(x: torch.Tensor, group: Any | None) -> torch.Tensor:
+    """Sum x in place over a tensor-parallel group (a torch.distributed backend); no-op without one."""
+    if group is not None:
+        group.allreduce([x]).wait()
+    return x
+
+
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, w: dict[str, Weight], prefix: str):
+    def __init__(self, args: ModelArgs, w: dict[str, Weight], prefix: str, tp: TensorSlice):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        kv0, kv1 = tp.kv_heads
+        group = args.num_attention_heads // args.num_key_value_heads
+        # This rank's heads: KV heads [kv0, kv1) and their query heads.
+        self.n_heads, self.n_kv_heads, self.head_dim = (kv1 - kv0) * group, kv1 - kv0, args.head_dim
         self.q_size, self.kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.group = None  # tensor-parallel process group, set by LlamaShard.shard
         # q, k and v in one matmul: one pass over the input, one kernel call.
         names = [f"{prefix}.{p}_proj" for p in "qkv"]
         bias = None
@@ -237,28 +290,31 @@ class Attention(nn.Module):
             o = torch.bmm(torch.softmax(scores, dim=-1), values)  # (Hkv, group*n, D)
             out[start : start + n] = o.view(self.n_kv_heads, group, n, self.head_dim).permute(2, 0, 1, 3).reshape(n, self.n_heads, self.head_dim)
             start += n
-        return self.o_proj(out.view(T, self.q_size))
+        # With tensor parallelism each rank's o_proj holds the columns of its heads: a partial sum.
+        return all_reduce(self.o_proj(out.view(T, self.q_size)), self.group)
 
 
 class MLP(nn.Module):
     def __init__(self, w: dict[str, Weight], prefix: str):
         super().__init__()
         gate, up = w[f"{prefix}.gate_proj.weight"], w[f"{prefix}.up_proj.weight"]
-        self.hidden = gate.shape[0]
+        self.hidden = gate.shape[0]  # this rank's intermediate columns
         self.gate_up_proj = dense_or_quant_linear(fuse_rows([gate, up]))
         self.down_proj = dense_or_quant_linear(w[f"{prefix}.down_proj.weight"])
+        self.group = None  # tensor-parallel process group, set by LlamaShard.shard
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        return self.down_proj(F.silu(gate_up[:, : self.hidden]) * gate_up[:, self.hidden :])
+        # down_proj holds this rank's input columns: a partial sum, completed over the group.
+        return all_reduce(self.down_proj(F.silu(gate_up[:, : self.hidden]) * gate_up[:, self.hidden :]), self.group)
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, w: dict[str, Weight], i: int):
+    def __init__(self, args: ModelArgs, w: dict[str, Weight], i: int, tp: TensorSlice):
         super().__init__()
         p = f"model.layers.{i}"
         self.input_layernorm = RMSNorm(_as_tensor(w[f"{p}.input_layernorm.weight"]), args.rms_norm_eps)
-        self.self_attn = Attention(args, w, f"{p}.self_attn")
+        self.self_attn = Attention(args, w, f"{p}.self_attn", tp)
         self.post_attention_layernorm = RMSNorm(_as_tensor(w[f"{p}.post_attention_layernorm.weight"]), args.rms_norm_eps)
         self.mlp = MLP(w, f"{p}.mlp")
 
@@ -271,68 +327,155 @@ class Block(nn.Module):
 
 
 class Embedding(nn.Module):
-    def __init__(self, weight: Weight):
+    """Token embedding; with a vocabulary slice [v0, v1) it returns zeros for tokens outside it,
+    and the group's all-reduce assembles the full rows."""
+
+    def __init__(self, weight: Weight, vocab: tuple[int, int] | None = None):
         super().__init__()
         self.quantized = weight if isinstance(weight, QuantizedWeight) else None
         self.weight = None if self.quantized is not None else _as_tensor(weight)
+        self.vocab = vocab
+        self.group = None  # set by LlamaShard.shard
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.vocab is None:
+            return self._lookup(ids)
+        v0, v1 = self.vocab
+        mine = (ids >= v0) & (ids < v1)
+        h = self._lookup(torch.where(mine, ids - v0, 0))
+        h[~mine] = 0.0
+        return all_reduce(h, self.group)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
             return torch.from_numpy(gather_rows(self.quantized, ids.numpy()))
         return F.embedding(ids, self.weight)
 
 
 class LlamaShard(nn.Module):
-    """Layers [spec.start, spec.end) of a Llama-family model; embedding if first, norm+head if last."""
+    """Layers [spec.start, spec.end) of a Llama-family model; embedding if first, norm+head if last.
 
-    def __init__(self, args: ModelArgs, spec: ShardSpec, weights: dict[str, Weight]):
+    `tp` says which slice of each layer the (already sliced, see `slice_weight`) weights are."""
+
+    def __init__(self, args: ModelArgs, spec: ShardSpec, weights: dict[str, Weight], tp: TensorSlice | None = None):
         super().__init__()
         self.args, self.spec = args, spec
+        self.tp = tp or TensorSlice.whole(args)
         self.rope = RotaryEmbedding(args)
-        self.embed_tokens = Embedding(weights["model.embed_tokens.weight"]) if spec.is_first else None
-        self.layers = nn.ModuleList(Block(args, weights, i) for i in range(spec.start, spec.end))
+        self.embed_tokens = None
+        if spec.has_embedding:
+            self.embed_tokens = Embedding(weights["model.embed_tokens.weight"], self.tp.vocab)
+        self.layers = nn.ModuleList(Block(args, weights, i, self.tp) for i in range(spec.start, spec.end))
         self.norm = self.lm_head = None
-        if spec.is_last:
+        if spec.has_head:
             self.norm = RMSNorm(_as_tensor(weights["model.norm.weight"]), args.rms_norm_eps)
             head = weights.get("lm_head.weight")
             if head is None or args.tie_word_embeddings:
                 head = weights["model.embed_tokens.weight"]
             self.lm_head = dense_or_quant_linear(head)
 
+    def shard(self, group: Any | None) -> "LlamaShard":
+        """Join a tensor-parallel group (a torch.distributed backend over this stage's ranks, in
+        TensorSlice.rank order): the all-reduce points of the embedding, attention and MLP use it."""
+        if self.tp.size == 1:
+            return self
+        if self.embed_tokens is not None:
+            self.embed_tokens.group = group
+        for layer in self.layers:
+            layer.self_attn.group = group
+            layer.mlp.group = group
+        return self
+
     def make_cache(self) -> list[KVCache]:
-        """One cache per layer of this shard, for one sequence."""
-        a = self.args
-        return [KVCache(a.num_key_value_heads, a.head_dim) for _ in self.layers]
+        """One cache per layer of this shard, for one sequence (this rank's KV heads only)."""
+        kv0, kv1 = self.tp.kv_heads
+        return [KVCache(kv1 - kv0, self.args.head_dim) for _ in self.layers]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (T,) -> hidden states (T, hidden)."""
+        return self.embed_tokens(ids)
+
+    def run_layers(self, h: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+        """Hidden states (T, hidden) through this shard's layers."""
+        cos, sin = self.rope(layout.positions)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, layout, i)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and head of some rows (R, hidden) -> logits (R, vocab rows held here)."""
+        return self.lm_head(self.norm(h))
 
     def forward(self, x: torch.Tensor, layout: BatchLayout, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         """x: token ids (T,) on the first shard, hidden states (T, hidden) otherwise.
 
         Returns hidden states (T, hidden) on a middle shard; on the last shard, logits (R, vocab)
         for the rows `logit_rows` of the flat batch (default: each sequence's last token)."""
-        h = self.embed_tokens(x) if self.embed_tokens is not None else x
-        cos, sin = self.rope(layout.positions)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, layout, i)
+        h = self.embed(x) if self.embed_tokens is not None else x
+        h = self.run_layers(h, layout)
         if self.lm_head is None:
             return h
         if logit_rows is None:
             logit_rows = torch.tensor(np.cumsum(layout.lengths) - 1)
-        return self.lm_head(self.norm(h[logit_rows]))
+        return self.logits(h[logit_rows])
 
 
 def required_weights(args: ModelArgs, spec: ShardSpec, available: list[str]) -> list[str]:
     """The checkpoint tensors a shard needs, so a loader reads only those."""
     layer_prefixes = tuple(f"model.layers.{i}." for i in range(spec.start, spec.end))
     need = [n for n in available if n.startswith(layer_prefixes)]
-    if spec.is_first:
+    if spec.has_embedding:
         need.append("model.embed_tokens.weight")
-    if spec.is_last:
+    if spec.has_head:
         need.append("model.norm.weight")
         if "lm_head.weight" in available and not args.tie_word_embeddings:
             need.append("lm_head.weight")
         elif "model.embed_tokens.weight" not in need:
             need.append("model.embed_tokens.weight")
     return [n for n in dict.fromkeys(need) if n in available]
+
+
+def slice_weight(args: ModelArgs, tp: TensorSlice, name: str, w: Weight) -> Weight:
+    """A checkpoint tensor cut to a tensor-parallel rank's share (a copy, so the whole can be freed).
+
+    Column-parallel (output rows cut): q/k/v (weights and biases), gate/up. Row-parallel (input
+    columns cut): o_proj, down_proj. Vocabulary rows: embedding and head. Norms stay whole."""
+    if tp.size == 1 and tp.vocab is None:
+        return w
+    d = args.head_dim
+    group = args.num_attention_heads // args.num_key_value_heads
+    (kv0, kv1), (f0, f1) = tp.kv_heads, tp.ffn
+    if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+        return _rows(w, kv0 * group * d, kv1 * group * d)
+    if name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias")):
+        return _rows(w, kv0 * d, kv1 * d)
+    if name.endswith("self_attn.o_proj.weight"):
+        return _cols(w, kv0 * group * d, kv1 * group * d)
+    if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
+        return _rows(w, f0, f1)
+    if name.endswith("mlp.down_proj.weight"):
+        return _cols(w, f0, f1)
+    if name in ("model.embed_tokens.weight", "lm_head.weight") and tp.vocab is not None:
+        return _rows(w, *tp.vocab)
+    return w
+
+
+def _rows(w: Weight, a: int, b: int) -> Weight:
+    if isinstance(w, QuantizedWeight):
+        biases = None if w.biases is None else w.biases[a:b].copy()
+        return QuantizedWeight(w.kind, w.codes[a:b].copy(), w.scales[a:b].copy(), biases, w.group_size)
+    return w[a:b].clone() if isinstance(w, torch.Tensor) else np.array(w[a:b], dtype=np.float32)
+
+
+def _cols(w: Weight, a: int, b: int) -> Weight:
+    if isinstance(w, QuantizedWeight):
+        G = w.group_size
+        if a % G or b % G:  # the cut splits a quantization group: keep this slice dense
+            return np.ascontiguousarray(dequantize(w)[:, a:b])
+        per_byte = 2 if w.kind == "q4_affine" else 1  # q4: a group's G codes are G/2 whole bytes
+        biases = None if w.biases is None else w.biases[:, a // G : b // G].copy()
+        return QuantizedWeight(w.kind, w.codes[:, a // per_byte : b // per_byte].copy(), w.scales[:, a // G : b // G].copy(), biases, G)
+    return w[:, a:b].contiguous().clone() if isinstance(w, torch.Tensor) else np.array(w[:, a:b], dtype=np.float32)
 
 
 def _as_tensor(w: Weight) -> torch.Tensor:
@@ -343,4 +486,4 @@ def _as_tensor(w: Weight) -> torch.Tensor:
     return w.float()
 
 
-__all__ = ["ModelArgs", "ShardSpec", "LlamaShard", "BatchLayout", "required_weights", "QuantLinear"]
+__all__ = ["ModelArgs", "ShardSpec", "TensorSlice", "LlamaShard", "BatchLayout", "required_weights", "slice_weight", "QuantLinear"]

@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""Decode speed of one model split over loopback nodes, against the same model on one node, with
+the planner's prediction next to each measurement — all in one run.
+
+    .venv/bin/python scripts/bench_distributed.py [--model smollm2-135m] [--tokens 128] [--repeats 3]
+
+Starts three `shoal node` processes on 127.0.0.1 (temporary homes, one device profile measured
+once and shared), places four instances — one node, pipeline over 2 and over 3, tensor over 2 —
+and runs greedy requests on them in turns (so that load from elsewhere on the machine hits them
+alike). Decode tokens/s is what the entry runner's generator measured; communication per token
+is the entry's step time less the compute time of each stage's slowest rank (runner counters).
+Every process it starts is stopped by its own pid at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+KEY = "bench-cluster-key-0123456789abcdef"
+CONFIGS = [  # label, strategy, nodes
+    ("single", "auto", 1),
+    ("pipeline-2", "pipeline", 2),
+    ("pipeline-3", "pipeline", 3),
+    ("tensor-2", "tensor", 2),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(url: str, method: str = "GET", body: Any = None, timeout: float = 120) -> Any:
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def generate(url: str, iid: str, prompt: list[int], tokens: int) -> dict[str, Any]:
+    body = {"prompt_ids": prompt, "params": {"max_tokens": tokens, "ignore_eos": True}}
+    req = urllib.request.Request(f"{url}/v1/instances/{iid}/generate", data=json.dumps(body).encode(), method="POST")
+    stats = {}
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            ev = json.loads(line)
+            if "error" in ev:
+                raise RuntimeError(ev["error"])
+            stats = ev.get("stats") or stats
+    return stats
+
+
+def shard_stats(url: str, iid: str) -> list[dict[str, Any]]:
+    call(f"{url}/v1/instances")  # asks the runners for fresh counters...
+    time.sleep(0.5)
+    inst = next(i for i in call(f"{url}/v1/instances")["instances"] if i["id"] == iid)  # ...and reads them
+    return inst["shards"]
+
+
+def comm_per_token(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> tuple[float, float]:
+    """(communication s per step, compute s per step on the critical path) from counter deltas."""
+    d = [{k: a["stats"].get(k, 0) - b["stats"].get(k, 0) for k in ("steps", "step_s", "compute_s")}
+         for b, a in zip(before, after)]
+    steps = d[0]["steps"]
+    if not steps:
+        return 0.0, 0.0
+    compute = 0.0
+    for stage in sorted({s["stage"] for s in after}):
+        compute += max(x["compute_s"] for x, s in zip(d, after) if s["stage"] == stage)
+    return max(0.0, d[0]["step_s"] - compute) / steps, compute / steps
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per request")
+    ap.add_argument("--repeats", type=int, default=3, help="requests per configuration (the median is reported)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        subprocess.run([sys.executable, "-c", "import sys, pathlib; from shoal.cluster.profile import load_or_measure; "
+                        "load_or_measure(pathlib.Path(sys.argv[1]))", str(root / "profile.json")], check=True)
+        urls = []
+        for i in range(3):
+            home = root / f"n{i}"
+            home.mkdir()
+            shutil.copy(root / "profile.json", home / "profile.json")
+            port = free_port()
+            cmd = [sys.executable, "-m", "shoal.cli", "node", "--host", "127.0.0.1", "--port", str(port), "--home", str(home),
+                   "--name", f"n{i}", "--cluster-key", KEY, "--no-discovery"]
+            if urls:
+                cmd += ["--peer", urls[0].removeprefix("http://")]
+            log = open(root / f"n{i}.log", "wb")  # noqa: SIM115 - the child holds it
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+            urls.append(f"http://127.0.0.1:{port}")
+        url = urls[0]
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                view = call(f"{url}/v1/cluster", timeout=2)
+                if sum(n["status"] == "up" for n in view["nodes"]) == 3 and len(view["links"]) == 3:
+                    break
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the nodes did not form a cluster")
+            time.sleep(0.2)
+
+        placed = {}
+        for label, strategy, n in CONFIGS:
+            placed[label] = call(f"{url}/v1/instances", "POST", {"model": args.model, "strategy": strategy, "nodes": n,
+                                                                 "context": 512})["instance"]
+        for label, inst in placed.items():
+            while True:
+                cur = next(i for i in call(f"{url}/v1/instances")["instances"] if i["id"] == inst["id"])
+                if cur["status"] == "ready":
+                    placed[label] = cur
+                    break
+                if cur["status"] == "failed":
+                    raise RuntimeError(f"{label}: {cur['error']}")
+                time.sleep(0.3)
+        prompt = [(7 * i + 11) % 1000 + 100 for i in range(args.prompt)]
+        for label, inst in placed.items():  # warm up: kernels, first touch of caches
+            generate(url, inst["id"], prompt, 16)
+        before = {label: shard_stats(url, inst["id"]) for label, inst in placed.items()}
+        runs: dict[str, list[float]] = {label: [] for label in placed}
+        for _ in range(args.repeats):
+            for label, inst in placed.items():
+                runs[label].append(generate(url, inst["id"], prompt, args.tokens)["decode_tps"])
+        after = {label: shard_stats(url, inst["id"]) for label, inst in placed.items()}
+
+        rows = []
+        single = statistics.median(runs["single"])
+        single_pred = placed["single"]["prediction"]["decode_tokens_per_s"]
+        for label, inst in placed.items():
+            tps = statistics.median(runs[label])
+            pred = inst["prediction"]
+            comm, compute = comm_per_token(before[label], after[label])
+            rows.append({
+                "config": label, "strategy": inst["strategy"], "ranks": len(inst["shards"]),
+                "decode_tps": tps, "runs": runs[label], "vs_single": tps / single,
+                "predicted_tps": pred["decode_tokens_per_s"], "predicted_vs_single": pred["decode_tokens_per_s"] / single_pred,
+                "prediction_error": pred["decode_tokens_per_s"] / tps - 1,
+                "comm_ms_per_token": comm * 1e3, "compute_ms_per_token": compute * 1e3,
+                "predicted_comm_ms_per_token": pred["comm_s"] * 1e3,
+                "layers": [s["layers"] for s in inst["shards"]],
+            })
+        if args.json:
+            print(json.dumps({"model": args.model, "tokens": args.tokens, "rows": rows}, indent=2))
+            return 0
+        print(f"model {args.model}, {args.prompt}-token prompt, {args.tokens} tokens greedy, median of {args.repeats}, "
+              f"3 nodes on 127.0.0.1 ({os.cpu_count()} cores)")
+        print(f"{'config':<11} {'tok/s':>7} {'x single':>9} {'predicted':>10} {'pred x':>7} {'pred err':>9} "
+              f"{'comm ms/tok':>12} {'pred comm':>10} {'compute ms':>11}  layers")
+        for r in rows:
+            print(f"{r['config']:<11} {r['decode_tps']:7.1f} {r['vs_single']:9.2f} {r['predicted_tps']:10.1f} "
+                  f"{r['predicted_vs_single']:7.2f} {100 * r['prediction_error']:8.0f}% {r['comm_ms_per_token']:12.2f} "
+                  f"{r['predicted_comm_ms_per_token']:10.2f} {r['compute_ms_per_token']:11.2f}  {r['layers']}")
+        return 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                os.kill(p.pid, signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,556 @@
+"""The placement planner: `plan(spec, view, request) -> Placement`, a pure function.
+
+It enumerates candidate placements — which nodes, grouped how into stages — splits the model over
+each and prices it with the cost model, then keeps the fastest predicted decode that fits:
+
+* single: one node holds everything.
+* pipeline: each node is a stage owning a layer range. A stage's share of the layers is
+  proportional to its speed and capped by its free memory, so a fast node with room takes more.
+* tensor: one group; each rank holds some KV heads (with their query heads), some MLP columns and
+  some vocabulary rows. Splits are uneven where they must be (3 KV heads over 2 ranks) and are then
+  evened out with the MLP columns, so every rank reads about its speed's share of the bytes.
+* hybrid: tensor groups as pipeline stages; enumerating the partitions lets the cost model put the
+  all-reduces on the fast links and the stage hops on the slow ones.
+
+Ranks are numbered stage by stage; rank 0 is the entry: it drives the steps and, with the rest of
+its stage's group, holds the embedding and the head (tied weights are one copy), so only hidden
+states, never logits, cross the network. A cluster that cannot hold the model is refused with a
+`PlacementError` that says how many bytes are missing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shoal.cluster.topology import ClusterView
+from shoal.placement.cost import (
+    CALIBRATION,
+    Calibration,
+    Link,
+    NodeRes,
+    RankWork,
+    allreduce_time,
+    group_compute_time,
+    link_between,
+    message_time,
+    node_resources,
+)
+from shoal.placement.spec import ModelSpec
+
+Strategy = Literal["auto", "single", "pipeline", "tensor", "hybrid"]
+DEFAULT_CONTEXT = 2048
+MAX_ENUMERATED_NODES = 10  # beyond this, candidate node sets come from a heuristic
+MAX_PARTITIONED_NODES = 6  # hybrid: all set partitions up to this many nodes
+
+
+class PlacementRequest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    strategy: Literal["auto", "pipeline", "tensor", "hybrid"] = "auto"
+    nodes: list[str] | None = None  # node ids, id prefixes or names, in stage order (the first is the entry)
+    node_count: int | None = Field(default=None, ge=1)
+    context: int | None = Field(default=None, ge=1)  # tokens of KV cache to provide for (default 2048)
+    tp_size: int | None = Field(default=None, ge=1)  # hybrid/tensor: ranks per tensor group
+    prompt_tokens: int = Field(default=128, ge=1)  # prompt length the TTFT prediction is for
+
+
+class ShardPlan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    node_id: str
+    node_name: str
+    address: str
+    rank: int
+    stage: int
+    layers: tuple[int, int]  # [start, end)
+    tp_rank: int
+    tp_size: int
+    kv_heads: tuple[int, int]
+    ffn: tuple[int, int]
+    vocab: tuple[int, int] | None  # rows of embedding/head held here; None: none (not the entry stage)
+    weight_bytes: int
+    kv_bytes: int  # KV cache for the whole context, this rank's heads and layers
+    overhead_bytes: int
+    threads: int
+    device: str = "cpu"
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.overhead_bytes
+
+    @property
+    def holds_entry(self) -> bool:
+        return self.vocab is not None
+
+
+class Prediction(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    decode_tokens_per_s: float
+    ttft_s: float
+    prompt_tokens: int
+    step_s: float  # one decode step of one sequence
+    comm_s: float  # of which messages and collectives
+
+
+class Placement(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    strategy: Strategy
+    context: int
+    backend: Literal["gloo", "nccl"]
+    shards: list[ShardPlan]
+    prediction: Prediction
+    reason: str
+
+    @property
+    def stages(self) -> list[list[ShardPlan]]:
+        out: list[list[ShardPlan]] = []
+        for s in self.shards:
+            if s.stage == len(out):
+                out.append([])
+            out[s.stage].append(s)
+        return out
+
+    def memory_by_node(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.shards:
+            out[s.node_id] = out.get(s.node_id, 0) + s.memory_bytes
+        return out
+
+
+class PlacementError(Exception):
+    """The model cannot be placed as asked; `missing_bytes` > 0 when memory is what is lacking."""
+
+    def __init__(self, message: str, missing_bytes: int = 0):
+        super().__init__(message)
+        self.missing_bytes = missing_bytes
+
+
+# ----------------------------------------------------------------------------------------------- plan
+def plan(
+    spec: ModelSpec,
+    view: ClusterView,
+    request: PlacementRequest | None = None,
+    reserved: dict[str, int] | None = None,
+    cal: Calibration = CALIBRATION,
+) -> Placement:
+    """The best placement of `spec` on the cluster `view` for `request`; `reserved` is memory
+    already promised to other instances, by node id."""
+    request = request or PlacementRequest()
+    context = min(request.context or DEFAULT_CONTEXT, spec.max_context)
+    nodes = node_resources(view, reserved, cal)
+    if request.nodes:
+        nodes = _pick(nodes, request.nodes, view)
+    if not nodes:
+        raise PlacementError("no usable nodes: none is up with a device profile yet")
+    kinds = ["single", "pipeline", "tensor", "hybrid"] if request.strategy == "auto" else [request.strategy]
+    best: Placement | None = None
+    best_key: tuple | None = None
+    shortfall: _Shortfall | None = None
+    for subset in _subsets(nodes, request):
+        for kind in kinds:
+            for stages in _layouts(subset, kind, spec, request, view, cal, fixed_order=bool(request.nodes)):
+                got = _build(spec, view, stages, kind, context, request.prompt_tokens, cal)
+                if isinstance(got, _Shortfall):
+                    if shortfall is None or got.missing < shortfall.missing:
+                        shortfall = got
+                    continue
+                # Fastest first; then fewer nodes; then the roomiest (least memory per node).
+                key = (-round(got.prediction.decode_tokens_per_s, 6), len(got.shards), max(got.memory_by_node().values()))
+                if best_key is None or key < best_key:
+                    best, best_key = got, key
+    if best is None:
+        raise _refusal(spec, nodes, request, context, shortfall, cal)
+    return best.model_copy(update={"reason": _reason(best, nodes, request)})
+
+
+def plan_each_strategy(
+    spec: ModelSpec, view: ClusterView, request: PlacementRequest | None = None,
+    reserved: dict[str, int] | None = None, cal: Calibration = CALIBRATION,
+) -> dict[str, Placement | PlacementError]:
+    """The preview: the best plan of every strategy (or why there is none), and auto's choice."""
+    request = request or PlacementRequest()
+    out: dict[str, Placement | PlacementError] = {}
+    for kind in ("auto", "pipeline", "tensor", "hybrid"):
+        try:
+            out[kind] = plan(spec, view, request.model_copy(update={"strategy": kind}), reserved, cal)
+        except PlacementError as e:
+            out[kind] = e
+    return out
+
+
+# --------------------------------------------------------------------------------------- candidates
+def _pick(nodes: list[NodeRes], wanted: list[str], view: ClusterView) -> list[NodeRes]:
+    out = []
+    for w in wanted:
+        hits = [n for n in nodes if n.id == w or n.name == w or n.id.startswith(w)]
+        if len(hits) != 1:
+            known = view.node(w) or next((n for n in view.nodes if n.name == w or n.id.startswith(w)), None)
+            if known is not None and known.status != "up":
+                raise PlacementError(f"node {w!r} is {known.status}")
+            if known is not None:
+                raise PlacementError(f"node {w!r} has no device profile yet")
+            raise PlacementError(f"unknown node {w!r}" if not hits else f"node {w!r} is ambiguous")
+        if hits[0] in out:
+            raise PlacementError(f"node {w!r} is named twice")
+        out.append(hits[0])
+    return out
+
+
+def _subsets(nodes: list[NodeRes], request: PlacementRequest) -> Iterator[list[NodeRes]]:
+    if request.nodes:
+        yield nodes
+        return
+    sizes = [request.node_count] if request.node_count else range(1, len(nodes) + 1)
+    for k in sizes:
+        if k > len(nodes):
+            continue
+        if len(nodes) <= MAX_ENUMERATED_NODES:
+            yield from (list(c) for c in itertools.combinations(nodes, k))
+        else:  # the k fastest, and the k roomiest
+            yield sorted(nodes, key=lambda n: -n.read_Bps)[:k]
+            yield sorted(nodes, key=lambda n: -n.free_bytes)[:k]
+
+
+def _layouts(
+    subset: list[NodeRes], kind: str, spec: ModelSpec, request: PlacementRequest, view: ClusterView,
+    cal: Calibration, fixed_order: bool,
+) -> Iterator[list[list[NodeRes]]]:
+    """Ordered stages (each a tensor group, entry rank first) of one strategy over `subset`."""
+    n = len(subset)
+    tp = request.tp_size
+    if kind == "single":
+        if n == 1:
+            yield [subset]
+    elif kind == "pipeline":
+        if n >= 2 and (tp in (None, 1)):
+            yield [[x] for x in (subset if fixed_order else _chain(subset, view, cal))]
+    elif kind == "tensor":
+        if 2 <= n <= spec.num_kv_heads and tp in (None, n):
+            yield [subset if fixed_order else _entry_first(subset)]
+    elif kind == "hybrid":
+        if n < 3:
+            return
+        for groups in _partitions(subset, view, cal):
+            if len(groups) < 2 or max(len(g) for g in groups) < 2 or max(len(g) for g in groups) > spec.num_kv_heads:
+                continue
+            if tp is not None and any(len(g) != tp for g in groups):
+                continue
+            if fixed_order:  # stages in the order the nodes were named
+                groups = sorted(groups, key=lambda g: subset.index(g[0]))
+                yield groups
+            else:
+                yield _chain_groups([_entry_first(g) for g in groups], view, cal)
+
+
+def _entry_first(nodes: list[NodeRes]) -> list[NodeRes]:
+    """This node first when it takes part (its API then talks to its own runner), else the fastest."""
+    return sorted(nodes, key=lambda x: (not x.is_self, -x.read_Bps, x.name))
+
+
+def _chain(nodes: list[NodeRes], view: ClusterView, cal: Calibration) -> list[NodeRes]:
+    """Entry first, then each next stage the nearest (lowest RTT) to the last."""
+    return [g[0] for g in _chain_groups([[n] for n in nodes], view, cal)]
+
+
+def _chain_groups(groups: list[list[NodeRes]], view: ClusterView, cal: Calibration) -> list[list[NodeRes]]:
+    rest = sorted(groups, key=lambda g: (not any(x.is_self for x in g), -sum(x.read_Bps for x in g), g[0].name))
+    out = [rest.pop(0)]
+    while rest:
+        last = out[-1][0]
+        nxt = min(rest, key=lambda g: (link_between(view, last, g[0], cal).rtt_s, g[0].name))
+        rest.remove(nxt)
+        out.append(nxt)
+    return out
+
+
+def _partitions(nodes: list[NodeRes], view: ClusterView, cal: Calibration) -> Iterator[list[list[NodeRes]]]:
+    """All set partitions of a small node set; for a large one, the groups of fast links."""
+    if len(nodes) <= MAX_PARTITIONED_NODES:
+        yield from _set_partitions(nodes)
+        return
+    groups: list[list[NodeRes]] = []
+    for n in sorted(nodes, key=lambda x: x.name):
+        for g in groups:
+            if all(link_between(view, n, m, cal).rtt_s <= 2 * cal.loopback_rtt_s + 5e-4 for m in g):
+                g.append(n)
+                break
+        else:
+            groups.append([n])
+    yield groups
+
+
+def _set_partitions(items: list) -> Iterator[list[list]]:
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _set_partitions(rest):
+        for i in range(len(part)):
+            yield [*part[:i], [first, *part[i]], *part[i + 1 :]]
+        yield [[first], *part]
+
+
+# ------------------------------------------------------------------------------------------ building
+class _Shortfall:
+    def __init__(self, missing: int, why: str):
+        self.missing, self.why = missing, why
+
+
+def apportion(total: int, weights: list[float], unit: int = 1, minimum: int = 1) -> list[int]:
+    """Split `total` into len(weights) integer parts proportional to weights, each a multiple of
+    `unit` (the last part takes any remainder of total % unit) and at least `minimum` units."""
+    units, rem = divmod(total, unit)
+    k = len(weights)
+    if units < k * minimum:
+        raise ValueError(f"cannot split {total} into {k} parts of at least {minimum * unit}")
+    wsum = sum(weights)
+    ideal = [max(minimum, units * w / wsum) for w in weights]
+    parts = [max(minimum, math.floor(x)) for x in ideal]
+    while sum(parts) > units:  # the minimums overshot: take from the most over its ideal
+        i = max((j for j in range(k) if parts[j] > minimum), key=lambda j: parts[j] - ideal[j])
+        parts[i] -= 1
+    order = sorted(range(k), key=lambda j: parts[j] - ideal[j])  # largest remainder first
+    for j in itertools.islice(itertools.cycle(order), units - sum(parts)):
+        parts[j] += 1
+    out = [p * unit for p in parts]
+    out[-1] += rem
+    return out
+
+
+def _ranges(sizes: list[int]) -> list[tuple[int, int]]:
+    starts = list(itertools.accumulate([0, *sizes]))
+    return [(starts[i], starts[i + 1]) for i in range(len(sizes))]
+
+
+class _Group:
+    """One stage's tensor group: how each rank's share of a layer (and of the head) is cut."""
+
+    def __init__(self, spec: ModelSpec, nodes: list[NodeRes], entry: bool, context: int):
+        self.nodes = nodes
+        g = len(nodes)
+        speed = [n.read_Bps for n in nodes]
+        self.kv = _ranges(apportion(spec.num_kv_heads, speed)) if g > 1 else [(0, spec.num_kv_heads)]
+        # Even out the bytes per rank with the MLP columns: a rank with an extra head gets fewer.
+        if g > 1:
+            target = [spec.layer_bytes * s / sum(speed) for s in speed]
+            per_col = spec.mlp_bytes / spec.intermediate_size
+            want = [max(1.0, (t - spec.attn_bytes * (b - a) / spec.num_kv_heads) / per_col) for t, (a, b) in zip(target, self.kv)]
+            unit = spec.quant_group if spec.intermediate_size >= g * spec.quant_group else 1
+            self.ffn = _ranges(apportion(spec.intermediate_size, want, unit=unit))
+        else:
+            self.ffn = [(0, spec.intermediate_size)]
+        self.vocab: list[tuple[int, int] | None] = [None] * g
+        if entry:
+            self.vocab = _ranges(apportion(spec.vocab_size, speed)) if g > 1 else [(0, spec.vocab_size)]
+        self.layer_bytes = [
+            spec.norm_bytes
+            + spec.attn_bytes * (b - a) / spec.num_kv_heads
+            + spec.mlp_bytes * (f1 - f0) / spec.intermediate_size
+            for (a, b), (f0, f1) in zip(self.kv, self.ffn)
+        ]
+        self.layer_flops = [
+            2 * (spec.attn_params * (b - a) / spec.num_kv_heads + spec.mlp_params * (f1 - f0) / spec.intermediate_size)
+            for (a, b), (f0, f1) in zip(self.kv, self.ffn)
+        ]
+        self.layer_kv = [2 * (b - a) * spec.head_dim * 4 * context for a, b in self.kv]
+        # Entry extras: the embedding rows (and an untied head's), and the head's read per token.
+        self.fixed_bytes = [0] * g
+        self.head_bytes = [0.0] * g
+        for i, v in enumerate(self.vocab):
+            if v is not None:
+                frac = (v[1] - v[0]) / spec.vocab_size
+                self.fixed_bytes[i] = int(frac * (spec.embed_bytes + (0 if spec.tied else spec.head_bytes)))
+                self.head_bytes[i] = frac * spec.head_bytes
+
+    def layer_cap(self, overhead: int) -> tuple[int, int]:
+        """(layers that fit on every rank, bytes missing for a single layer on the tightest rank)."""
+        caps, missing = [], 0
+        for i, n in enumerate(self.nodes):
+            room = n.free_bytes - overhead - self.fixed_bytes[i]
+            per = self.layer_bytes[i] + self.layer_kv[i]
+            caps.append(max(0, int(room // per)))
+            missing = max(missing, int(per - room), 0)
+        return min(caps), missing
+
+
+def _build(
+    spec: ModelSpec, view: ClusterView, stages: list[list[NodeRes]], kind: str, context: int, prompt: int,
+    cal: Calibration,
+) -> Placement | _Shortfall:
+    overhead = cal.runner_base_bytes + cal.activation_bytes
+    groups = [_Group(spec, nodes, i == 0, context) for i, nodes in enumerate(stages)]
+    links = [[link_between(view, a, b, cal) for a, b in itertools.combinations(g.nodes, 2)] for g in groups]
+    H = spec.hidden_size * 4
+
+    def per_layer_time(i: int) -> float:
+        g = groups[i]
+        work = [RankWork(n, g.layer_bytes[r], g.layer_flops[r], 1) for r, n in enumerate(g.nodes)]
+        return group_compute_time(work, 1, False, cal) + 2 * allreduce_time(links[i], len(g.nodes), H, cal)
+
+    # Layers: proportional to each stage's speed, capped by its memory, at least one each.
+    caps, too_small = zip(*(g.layer_cap(overhead) for g in groups))
+    if any(c < 1 for c in caps):
+        i = min(range(len(caps)), key=lambda j: caps[j])
+        names = ", ".join(n.name for n in groups[i].nodes)
+        return _Shortfall(too_small[i], f"{names} cannot hold even one layer ({_gib(too_small[i])} short)")
+    L = spec.num_layers
+    if sum(caps) < L:
+        per_layer = sum(sum(g.layer_bytes) + sum(g.layer_kv) for g in groups) / len(groups)
+        missing = int((L - sum(caps)) * per_layer)
+        return _Shortfall(missing, f"the stages hold {sum(caps)} of {L} layers")
+    if len(groups) > L:
+        return _Shortfall(0, f"{len(groups)} stages for {L} layers")
+    counts = _water_fill(L, [1 / per_layer_time(i) for i in range(len(groups))], list(caps))
+    layer_ranges = _ranges(counts)
+
+    # Machines hosting several ranks must hold all of them.
+    by_host: dict[str, int] = {}
+    host_free: dict[str, int] = {}
+    shards: list[ShardPlan] = []
+    for s, (g, (l0, l1)) in enumerate(zip(groups, layer_ranges)):
+        for r, n in enumerate(g.nodes):
+            same_host = sum(1 for m in g.nodes if m.host == n.host)
+            weight = int(g.fixed_bytes[r] + (l1 - l0) * g.layer_bytes[r])
+            kv = (l1 - l0) * g.layer_kv[r]
+            shards.append(
+                ShardPlan(
+                    node_id=n.id, node_name=n.name, address=n.address, rank=len(shards), stage=s, layers=(l0, l1),
+                    tp_rank=r, tp_size=len(g.nodes), kv_heads=g.kv[r], ffn=g.ffn[r], vocab=g.vocab[r],
+                    weight_bytes=weight, kv_bytes=kv, overhead_bytes=overhead,
+                    threads=max(1, n.cores // same_host), device=n.device,
+                )
+            )
+            by_host[n.host] = by_host.get(n.host, 0) + shards[-1].memory_bytes
+            host_free[n.host] = n.host_free_bytes
+    for host, need in by_host.items():
+        if need > host_free[host]:
+            return _Shortfall(need - host_free[host], f"a machine hosting several of its nodes lacks {_gib(need - host_free[host])}")
+
+    prediction = _predict(spec, view, groups, links, counts, prompt, cal)
+    backend = "nccl" if all(s.device == "cuda" for s in shards) else "gloo"
+    return Placement(model=spec.name, strategy=kind, context=context, backend=backend, shards=shards,
+                     prediction=prediction, reason="")
+
+
+def _water_fill(total: int, speed: list[float], caps: list[int]) -> list[int]:
+    """Integer parts proportional to speed, each within [1, cap], summing to total (which the
+    caller made possible: sum(caps) >= total >= len(caps))."""
+    k = len(speed)
+    share = [0.0] * k
+    free, left = set(range(k)), float(total)
+    while free:
+        wsum = sum(speed[i] for i in free)
+        over = [i for i in free if left * speed[i] / wsum > caps[i]]
+        if not over:
+            for i in free:
+                share[i] = left * speed[i] / wsum
+            break
+        for i in over:
+            share[i] = caps[i]
+            free.discard(i)
+            left -= caps[i]
+    parts = [min(caps[i], max(1, math.floor(share[i]))) for i in range(k)]
+    while sum(parts) < total:
+        parts[max((j for j in range(k) if parts[j] < caps[j]), key=lambda j: share[j] - parts[j])] += 1
+    while sum(parts) > total:
+        parts[max((j for j in range(k) if parts[j] > 1), key=lambda j: parts[j] - share[j])] -= 1
+    return parts
+
+
+def _predict(
+    spec: ModelSpec, view: ClusterView, groups: list[_Group], links: list[list[Link]], counts: list[int],
+    prompt: int, cal: Calibration,
+) -> Prediction:
+    H = spec.hidden_size * 4
+    world = sum(len(g.nodes) for g in groups)
+    entry = groups[0].nodes[0]
+
+    def step(tokens: int, prefill: bool) -> tuple[float, float]:
+        compute = comm = 0.0
+        if world > 1:  # the entry broadcasts the step's layout
+            far = max(link_between(view, entry, n, cal).rtt_s for g in groups for n in g.nodes)
+            comm += cal.message_overhead_s * (world - 1) + far / 2
+        for i, (g, n_layers) in enumerate(zip(groups, counts)):
+            work = [RankWork(n, g.layer_bytes[r] * n_layers, g.layer_flops[r] * n_layers, n_layers) for r, n in enumerate(g.nodes)]
+            compute += group_compute_time(work, tokens, prefill, cal)
+            comm += 2 * n_layers * allreduce_time(links[i], len(g.nodes), H * tokens, cal)
+            if i + 1 < len(groups):  # hidden states to every rank of the next stage
+                leader = g.nodes[0]
+                comm += sum(message_time(link_between(view, leader, m, cal), H * tokens, cal) for m in groups[i + 1].nodes)
+        g0 = groups[0]
+        if len(groups) > 1:  # the last rows come back to the entry group for the head
+            last = groups[-1].nodes[0]
+            comm += sum(message_time(link_between(view, last, m, cal), H, cal) for m in g0.nodes)
+        # The head, one row per sequence, on the entry group; the slices' logits gathered at rank 0.
+        head = [RankWork(n, g0.head_bytes[r], 2 * spec.hidden_size * spec.vocab_size * g0.head_bytes[r] / max(spec.head_bytes, 1), 0)
+                for r, n in enumerate(g0.nodes)]
+        compute += group_compute_time(head, 1, False, cal)
+        if len(g0.nodes) > 1:
+            comm += allreduce_time(links[0], len(g0.nodes), H * tokens, cal)  # the embedding's all-reduce
+            comm += sum(message_time(link_between(view, entry, m, cal), 4 * (v[1] - v[0]), cal)
+                        for m, v in zip(g0.nodes[1:], g0.vocab[1:]) if v is not None)
+        return compute + comm + cal.step_overhead_s, comm
+
+    decode, comm = step(1, False)
+    ttft, _ = step(prompt, True)
+    return Prediction(decode_tokens_per_s=1 / decode, ttft_s=ttft, prompt_tokens=prompt, step_s=decode, comm_s=comm)
+
+
+# ---------------------------------------------------------------------------------------- explaining
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**28 else f"{n / 2**20:.0f} MiB"
+
+
+def _reason(p: Placement, nodes: list[NodeRes], request: PlacementRequest) -> str:
+    pred = p.prediction
+    speed = f"predicted {pred.decode_tokens_per_s:.1f} tok/s decode, TTFT {pred.ttft_s * 1000:.0f} ms for {pred.prompt_tokens} tokens"
+    names = [s.node_name for s in p.shards]
+    if p.strategy == "single":
+        why = f"fits on {names[0]} alone, no network hops"
+    elif p.strategy == "pipeline":
+        split = ", ".join(f"{s.node_name} {s.layers[1] - s.layers[0]}" for s in p.shards)
+        why = f"layers split by speed and memory ({split})"
+    elif p.strategy == "tensor":
+        heads = ", ".join(f"{s.node_name} {s.kv_heads[1] - s.kv_heads[0]} kv heads/{s.ffn[1] - s.ffn[0]} mlp cols" for s in p.shards)
+        why = f"one tensor group ({heads})"
+    else:
+        groups = " | ".join("+".join(s.node_name for s in st) + f" layers {st[0].layers[0]}-{st[0].layers[1]}" for st in p.stages)
+        why = f"tensor groups on fast links, pipeline between ({groups})"
+    chosen = "asked for" if request.strategy != "auto" else f"best of the strategies that fit {len(nodes)} usable nodes"
+    return f"{p.strategy} ({chosen}): {why}; {speed}"
+
+
+def _refusal(
+    spec: ModelSpec, nodes: list[NodeRes], request: PlacementRequest, context: int, shortfall: _Shortfall | None,
+    cal: Calibration,
+) -> PlacementError:
+    weights = spec.weight_bytes
+    kv = spec.num_layers * spec.kv_bytes_per_token_layer * context
+    overhead = cal.runner_base_bytes + cal.activation_bytes
+    offered = sum(n.free_bytes for n in nodes)
+    need_all = weights + kv + overhead * len(nodes)
+    if shortfall is None:
+        what = request.strategy if request.strategy != "auto" else "any strategy"
+        hint = ""
+        if request.strategy == "tensor":
+            hint = f" (a tensor group needs 2 to {spec.num_kv_heads} nodes: one KV head each at least)"
+        elif request.strategy == "hybrid":
+            hint = " (hybrid needs at least 3 nodes: a tensor group of 2 and another stage)"
+        elif request.strategy == "pipeline":
+            hint = " (pipeline needs at least 2 nodes)"
+        return PlacementError(f"no {what} placement of {spec.name} on {len(nodes)} usable node(s){hint}")
+    missing = max(shortfall.missing, need_all - offered)
+    return PlacementError(
+        f"cannot place {spec.name}: it needs {_gib(weights)} of weights + {_gib(kv)} of KV cache for {context} tokens "
+        f"+ {_gib(overhead)} per runner, and the {len(nodes)} usable node(s) offer {_gib(offered)}; "
+        f"{_gib(missing)} missing ({shortfall.why})",
+        missing_bytes=max(missing, 1),
+    )

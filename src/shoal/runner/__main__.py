@@ -1,0 +1,111 @@
+"""`python -m shoal.runner`: one rank of one instance, started and supervised by its node's daemon.
+
+The daemon writes a `RunnerConfig` as the first line of stdin (never on the command line: it holds
+the instance's secret), then, to the entry rank, commands. The runner answers with JSON lines on
+stdout: `port` (rank 0: the rendezvous port it bound), `loaded`, `ready`, then per request
+`accepted` / `ev` / `error`, and `fatal` before dying of an error. Logs go to stderr.
+
+Life: bind (rank 0) -> load this rank's weights -> rendezvous and form the groups -> ready -> steps
+(rank 0 serves requests; the others follow its step messages) -> stop when the entry says so, or when
+stdin closes (the daemon is gone).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+
+from shoal.config import parse_hostport
+from shoal.runner.messages import RunnerConfig
+
+
+def _host(address: str) -> str:
+    host, _ = parse_hostport(address)
+    if host in ("0.0.0.0", "::", ""):
+        import socket
+
+        host = socket.gethostbyname(socket.gethostname())
+    return host
+
+
+def _follower_commands(out, worker) -> None:
+    """Followers read only `stats` requests; the end of input means the daemon is gone."""
+    import json
+
+    for line in sys.stdin:
+        try:
+            if json.loads(line).get("op") == "stats":
+                out({"t": "stats", **worker.stats()})
+        except (ValueError, AttributeError):
+            pass
+    os._exit(0)
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("shoal.runner")
+    from shoal.runner.entry import DistributedModel, Output, serve_entry, start_reader
+
+    out = Output(sys.stdout)
+    sys.stdout = sys.stderr  # stray prints must not corrupt the event stream
+    cfg = RunnerConfig.model_validate_json(sys.stdin.readline())
+    try:
+        import psutil
+        import torch.distributed as dist
+
+        from shoal.engine import threads
+        from shoal.runner.protocol import bind_listener
+        from shoal.runner.stage import StageWorker, join_groups, load_stage
+
+        threads.configure(cfg.threads)
+        me = cfg.shards[cfg.rank]
+        host = _host(me.address)
+        t0 = time.perf_counter()
+        if cfg.rank == 0:
+            sock = bind_listener(host)
+            port = sock.getsockname()[1]
+            store = dist.TCPStore(host, port, len(cfg.shards), True, _td(cfg.rendezvous_timeout_s),
+                                  wait_for_workers=False, master_listen_fd=sock.detach(), use_libuv=True)
+            out({"t": "port", "port": port})
+        stage = load_stage(cfg.model, me, cfg.num_layers, with_tokenizer=cfg.rank == 0)
+        rss = psutil.Process().memory_info().rss
+        out({"t": "loaded", "seconds": round(time.perf_counter() - t0, 3), "rss": rss})
+        log.info("rank %d loaded layers %s (tp %d/%d) in %.1f s, rss %.0f MiB", cfg.rank, me.layers, me.tp_rank,
+                 me.tp_size, time.perf_counter() - t0, rss / 2**20)
+        if cfg.rank != 0:
+            assert cfg.master_port is not None
+            store = dist.TCPStore(_host(cfg.shards[0].address), cfg.master_port, len(cfg.shards), False,
+                                  _td(cfg.rendezvous_timeout_s), use_libuv=True)
+        comm, tp = join_groups(store, cfg.token, cfg.instance_id, cfg.rank, cfg.shards, host, cfg.timeout_s,
+                               stage.args.hidden_size)
+        worker = StageWorker(stage.model, comm, tp, cfg.shards)
+        out({"t": "ready", "rss": psutil.Process().memory_info().rss})
+        if cfg.rank == 0:
+            inbox: queue.SimpleQueue = queue.SimpleQueue()
+            start_reader(inbox)
+            context = min(cfg.context, stage.args.max_context)
+            serve_entry(DistributedModel(worker), stage.tokenizer, context, inbox, out)
+        else:
+            threading.Thread(target=_follower_commands, args=(out, worker), daemon=True).start()
+            worker.follow()
+        return 0
+    except Exception as e:  # noqa: BLE001 - one line for the daemon, the traceback for the log
+        log.exception("runner rank %d failed", cfg.rank)
+        out({"t": "fatal", "message": f"{type(e).__name__}: {e}"[:500]})
+        return 1
+
+
+def _td(seconds: float):
+    import datetime
+
+    return datetime.timedelta(seconds=seconds)
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stderr.flush()
+    os._exit(code)  # gloo's threads must not keep a finished runner alive

@@ -1,0 +1,265 @@
+"""One rank of an instance: loading its shard (only its layers, only its tensor slice), joining the
+instance's process groups, and running its part of every step (see protocol.py for the message)."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from shoal.engine import threads
+from shoal.engine.cache import KVCache
+from shoal.models.llama import BatchLayout, LlamaShard, ModelArgs, ShardSpec, TensorSlice, required_weights, slice_weight
+from shoal.placement.planner import ShardPlan
+from shoal.runner.protocol import (
+    OP_PING,
+    OP_STOP,
+    TAG_FINAL,
+    TAG_LOGITS,
+    TAG_REDUCE,
+    Comm,
+    StepMessage,
+    gloo_group,
+    hello_proof,
+    store_prefix,
+)
+
+log = logging.getLogger("shoal.runner")
+
+
+@dataclass
+class LoadedStage:
+    model: LlamaShard
+    args: ModelArgs
+    tokenizer: object | None
+
+
+def load_stage(ref: str, shard: ShardPlan, num_layers: int | None = None, with_tokenizer: bool = False) -> LoadedStage:
+    """Read this rank's tensors, one at a time, each cut to its tensor slice as it arrives: the
+    process never holds more than its share plus one whole tensor."""
+    from shoal.engine.loader import load_tokenizer, open_checkpoint, resolve_model
+
+    ckpt = open_checkpoint(resolve_model(ref))
+    try:
+        args = ModelArgs.from_dict(ckpt.config)
+        n = args.num_hidden_layers
+        if num_layers is not None and num_layers != n:
+            raise ValueError(f"the placement was made for {num_layers} layers, the checkpoint has {n}")
+        entry = shard.vocab is not None
+        spec = ShardSpec(shard.layers[0], shard.layers[1], n, embed=entry, head=entry)
+        vocab = shard.vocab if shard.vocab is not None and shard.vocab != (0, args.vocab_size) else None
+        tp = TensorSlice(shard.tp_rank, shard.tp_size, tuple(shard.kv_heads), tuple(shard.ffn), vocab)
+        weights = {}
+        for name in required_weights(args, spec, ckpt.tensor_names()):
+            weights[name] = slice_weight(args, tp, name, ckpt.load([name])[name])
+        model = LlamaShard(args, spec, weights, tp)
+        del weights
+        rope_freqs = getattr(ckpt, "rope_freqs", None)
+        if rope_freqs is not None:
+            model.rope.rescale(torch.from_numpy(rope_freqs))
+        tokenizer = load_tokenizer(ckpt) if with_tokenizer else None
+    finally:
+        ckpt.close()
+    return LoadedStage(model.eval(), args, tokenizer)
+
+
+class TensorGroup:
+    """A stage's tensor-parallel group as the model sees it: `allreduce([x])` sums x over the
+    ranks, in place, identically on every rank (the partial sums are added in rank order).
+
+    Small tensors (every decode step) are exchanged directly — each rank sends its partial to the
+    others and adds theirs: one message latency, and gloo runs point-to-point messages on the
+    calling thread, where its collectives go through a worker thread (two more thread hand-offs
+    per call, which on a busy 2-core machine cost more than the transfer). Large ones (prefill)
+    use gloo's ring all-reduce, which moves less data."""
+
+    DIRECT_MAX_BYTES = 1 << 18
+
+    def __init__(self, pg: dist.ProcessGroupGloo, rank: int, size: int):
+        self.pg, self.rank, self.size = pg, rank, size
+        self.seconds = 0.0
+
+    def allreduce(self, tensors: list[torch.Tensor]) -> "TensorGroup":
+        (x,) = tensors
+        t = time.perf_counter()
+        if x.numel() * x.element_size() > self.DIRECT_MAX_BYTES:
+            self.pg.allreduce([x]).wait()
+        else:
+            others = [r for r in range(self.size) if r != self.rank]
+            sends = [self.pg.send([x], r, TAG_REDUCE) for r in others]
+            parts = {r: torch.empty_like(x) for r in others}
+            for r in others:
+                self.pg.recv([parts[r]], r, TAG_REDUCE).wait()
+            for w in sends:
+                w.wait()
+            parts[self.rank] = x.clone()
+            total = parts[0]
+            for r in range(1, self.size):  # the same order on every rank: the same sum, bit for bit
+                total += parts[r]
+            x.copy_(total)
+        self.seconds += time.perf_counter() - t
+        return self
+
+    def wait(self) -> None:
+        pass
+
+
+def join_groups(
+    store: dist.Store, token: str, instance_id: str, rank: int, shards: list[ShardPlan], host: str, timeout_s: float,
+    hidden: int,
+) -> tuple[Comm, TensorGroup | None]:
+    """Rendezvous: prove the instance's secret, then form the world group and this stage's tensor
+    group. Keys live under a prefix derived from the secret, so a process that does not know it
+    can neither read the addresses nor plant its own."""
+    store = dist.PrefixStore(store_prefix(token), store)
+    store.set(f"hello/{rank}", hello_proof(token, instance_id, rank, shards[rank].node_id))
+    if rank == 0:
+        keys = [f"hello/{r}" for r in range(len(shards))]
+        store.wait(keys, datetime.timedelta(seconds=timeout_s))
+        for r in range(len(shards)):
+            if store.get(f"hello/{r}").decode() != hello_proof(token, instance_id, r, shards[r].node_id):
+                raise PermissionError(f"rank {r} failed the rendezvous check")
+        store.set("go", "1")
+    else:
+        store.wait(["go"], datetime.timedelta(seconds=timeout_s))
+    world = gloo_group(dist.PrefixStore("world", store), rank, len(shards), host, timeout_s)
+    stages: list[list[int]] = []
+    for s in shards:
+        if s.stage == len(stages):
+            stages.append([])
+        stages[s.stage].append(s.rank)
+    me = shards[rank]
+    tp = None
+    if me.tp_size > 1:
+        pg = gloo_group(dist.PrefixStore(f"tp{me.stage}", store), me.tp_rank, me.tp_size, host, timeout_s)
+        tp = TensorGroup(pg, me.tp_rank, me.tp_size)
+    return Comm(world, rank, stages, tp.pg if tp else None, hidden), tp
+
+
+class StageWorker:
+    """Runs this rank's part of each step; rank 0 leads, the others follow.
+
+    The step message travels with the activations: rank 0 sends it to its own stage's other
+    ranks, and each stage's leader sends it to the next stage's ranks just before the hidden
+    states. So a rank wakes up once per step — when its input arrives — instead of once for a
+    broadcast and again for its input."""
+
+    def __init__(self, model: LlamaShard, comm: Comm, tp: TensorGroup | None, shards: list[ShardPlan]):
+        self.model, self.comm, self.tp = model, comm, tp
+        model.shard(tp)
+        # Rank 0 assembles the logits from the vocabulary slices of its stage's ranks.
+        self.vocab_ranges = {s.rank: tuple(s.vocab) for s in shards if s.vocab is not None}
+        self.hidden = model.args.hidden_size
+        self.caches: dict[int, list[KVCache]] = {}
+        self.steps = 0
+        self.tokens = 0
+        self.step_s = 0.0  # wall time inside steps
+        self.wait_s = 0.0  # of which waiting for messages (including for other stages to compute)
+
+    # -- rank 0
+    def lead(self, msg: StepMessage) -> torch.Tensor | None:
+        first, rest = msg.encode()
+        t = time.perf_counter()
+        c = self.comm
+        c.flush()
+        c.send_step(first, rest, None, c.stages[0][1:])
+        if msg.op in (OP_STOP, OP_PING):
+            if c.n_stages > 1:
+                c.send_step(first, rest, None, c.stages[1])
+            if msg.op == OP_STOP:
+                c.flush()
+            self._free(msg)
+            return None
+        self.wait_s += time.perf_counter() - t
+        return self.run(msg, first, rest, None, t)
+
+    # -- the others
+    def follow(self) -> None:
+        """Run steps until the entry says stop (or a peer's connection breaks: an exception)."""
+        c = self.comm
+        src = 0 if c.stage == 0 else c.leader(c.stage - 1)
+        while True:
+            msg, first, rest, h = c.recv_step(src, with_hidden=c.stage > 0)
+            t = time.perf_counter()
+            c.flush()
+            if msg.op in (OP_STOP, OP_PING):
+                if c.tp_rank == 0 and c.stage + 1 < c.n_stages:
+                    c.send_step(first, rest, None, c.stages[c.stage + 1])
+                if msg.op == OP_STOP:
+                    c.flush()
+                    return
+                self._free(msg)
+                continue
+            self.run(msg, first, rest, h, t)
+
+    def _free(self, msg: StepMessage) -> None:
+        for sid in msg.freed:
+            self.caches.pop(sid, None)
+
+    def run(self, msg: StepMessage, first: torch.Tensor, rest: torch.Tensor | None, h: torch.Tensor | None,
+            t_start: float) -> torch.Tensor | None:
+        """This rank's part of one step (`h`: the hidden states that came with the message, on
+        stages after the first); on rank 0, the logits (R, vocab)."""
+        wait = 0.0
+        self._free(msg)
+        m, c = self.model, self.comm
+        caches = [self.caches.get(sid) or self.caches.setdefault(sid, m.make_cache()) for sid in msg.seq_ids]
+        layout = BatchLayout(msg.lengths, msg.positions, caches)
+        R = msg.logit_rows.numel()
+        threads.for_step(msg.positions.numel())
+        out = None
+        with torch.inference_mode():
+            if c.stage == 0:
+                h = m.embed(msg.token_ids)
+            assert h is not None
+            h = m.run_layers(h, layout)
+            t = time.perf_counter()
+            final = None
+            if c.stage + 1 < c.n_stages:
+                if c.tp_rank == 0:
+                    c.send_step(first, rest, h, c.stages[c.stage + 1])
+            else:
+                final = h[msg.logit_rows].contiguous()
+                if c.n_stages > 1:
+                    if c.tp_rank == 0:
+                        for dst in c.stages[0]:
+                            c.send(final, dst, TAG_FINAL)
+                    final = None
+            if c.stage == 0:
+                if final is None:
+                    final = torch.empty(R, self.hidden)
+                    c.recv(final, c.leader(c.n_stages - 1), TAG_FINAL)
+                wait += time.perf_counter() - t
+                logits = m.logits(final)
+                t = time.perf_counter()
+                if c.rank == 0:
+                    parts = [logits]
+                    for src in c.stages[0][1:]:
+                        v0, v1 = self.vocab_ranges[src]
+                        part = torch.empty(R, v1 - v0)
+                        c.recv(part, src, TAG_LOGITS)
+                        parts.append(part)
+                    out = torch.cat(parts, dim=1) if len(parts) > 1 else logits
+                else:
+                    c.send(logits.contiguous(), 0, TAG_LOGITS)
+            wait += time.perf_counter() - t
+        self.steps += 1
+        self.tokens += msg.positions.numel()
+        self.wait_s += wait
+        self.step_s += time.perf_counter() - t_start
+        return out
+
+    def stats(self) -> dict[str, float]:
+        allreduce = self.tp.seconds if self.tp is not None else 0.0
+        return {
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "step_s": round(self.step_s, 6),
+            "wait_s": round(self.wait_s, 6),
+            "allreduce_s": round(allreduce, 6),
+            "compute_s": round(self.step_s - self.wait_s - allreduce, 6),
+        }

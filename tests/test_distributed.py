@@ -1,0 +1,396 @@
+"""One model split across machines, for real: `shoal node` processes on loopback, instances placed
+through POST /v1/instances, runners in their own processes, generation through the cluster.
+
+Equivalence: the greedy continuation through pipeline-3, tensor-2 (3 KV heads over 2 ranks),
+tensor-3 and hybrid 2x2 placements equals the single-process output token for token, on the bundled
+model and on tiny random Llama and Qwen3 checkpoints. Plus: a model that no node can hold alone runs
+split with each runner's resident memory close to its planned share; two placements racing for
+the same memory never over-commit; a runner crash fails its instance, not the daemon; the CLI and
+the OpenAI API reach split models.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+from conftest import NodeLauncher, NodeProc, wait_for
+
+from shoal.catalog import CATALOG, DEFAULT_MODEL, bundled_path
+
+transformers = pytest.importorskip("transformers")
+
+HAS_BUNDLED = bundled_path(CATALOG[DEFAULT_MODEL]) is not None
+needs_bundled = pytest.mark.skipif(not HAS_BUNDLED, reason="the bundled model is not installed")
+CONTEXT = 256
+TINY_PROMPT = [3, 17, 42, 5, 88, 1, 60, 23, 9]
+LAYOUTS = {  # name -> (strategy, nodes, tp_size, expected stage sizes)
+    "pipeline3": ("pipeline", 3, None, [1, 1, 1]),
+    "tensor2": ("tensor", 2, None, [2]),
+    "tensor3": ("tensor", 3, None, [3]),
+    "hybrid2x2": ("hybrid", 4, 2, [2, 2]),
+}
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def call(node: NodeProc, method: str, path: str, body: Any = None, timeout_s: float = 60.0) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(node.url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def instances(node: NodeProc) -> list[dict[str, Any]]:
+    return call(node, "GET", "/v1/instances")[1]["instances"]
+
+
+def place(node: NodeProc, model: str, strategy: str, nodes: int | list[str], tp_size: int | None = None,
+          context: int = CONTEXT) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "strategy": strategy, "nodes": nodes, "context": context}
+    if tp_size:
+        body["tp_size"] = tp_size
+    status, out = call(node, "POST", "/v1/instances", body, timeout_s=120)
+    assert status == 202, out
+    return out["instance"]
+
+
+def wait_ready(node: NodeProc, iid: str, timeout_s: float = 240.0) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+
+    def ready() -> bool:
+        inst = next(i for i in instances(node) if i["id"] == iid)
+        assert inst["status"] != "failed", inst["error"]
+        found.update(inst)
+        return inst["status"] == "ready"
+
+    wait_for(ready, timeout_s, interval_s=0.3, what=f"instance {iid} ready")
+    return found
+
+
+def generate(node: NodeProc, iid: str, prompt_ids: list[int], max_tokens: int, **params: Any) -> list[int]:
+    body = {"prompt_ids": prompt_ids, "params": {"max_tokens": max_tokens, **params}}
+    req = urllib.request.Request(node.url + f"/v1/instances/{iid}/generate", data=json.dumps(body).encode(), method="POST")
+    tokens = []
+    with urllib.request.urlopen(req, timeout=300) as r:
+        for line in r:
+            ev = json.loads(line)
+            assert "error" not in ev, ev
+            if ev.get("token") is not None:
+                tokens.append(ev["token"])
+    return tokens
+
+
+def delete(node: NodeProc, iid: str) -> None:
+    status, out = call(node, "DELETE", f"/v1/instances/{iid}", timeout_s=60)
+    assert status == 200, out
+
+
+def runner_pids(node: NodeProc) -> list[int]:
+    assert node.proc is not None
+    kids = psutil.Process(node.proc.pid).children()
+    return [p.pid for p in kids if "shoal.runner" in " ".join(p.cmdline())]
+
+
+def single_process_tokens(model: str, prompt: list[int], max_tokens: int, ignore_eos: bool) -> list[int]:
+    from shoal.engine.generate import stream_generate
+    from shoal.engine.loader import load_model
+    from shoal.engine.sampler import SamplingParams
+
+    lm = load_model(model)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
+    return [ev.token for ev, _ in stream_generate(lm.model, lm.tokenizer, prompt, params, CONTEXT) if ev.token is not None]
+
+
+def tiny_checkpoint(root: Path, kind: str) -> Path:
+    """A tiny random Llama or Qwen3 (3 KV heads: enough for a 3-way tensor split) with a word-level
+    tokenizer, as a Hugging Face directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(1)
+    common = dict(vocab_size=97, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3,
+                  max_position_embeddings=512, rms_norm_eps=1e-5, eos_token_id=2, bos_token_id=1)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**common, hidden_size=96, intermediate_size=160, tie_word_embeddings=False)
+    else:
+        cfg = transformers.Qwen3Config(**common, hidden_size=64, head_dim=16, intermediate_size=128, tie_word_embeddings=True)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    path = root / f"tiny-{kind}"
+    model.save_pretrained(path)
+    vocab = {f"t{i}": i for i in range(97)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "t2", "bos_token": "t1"}))
+    return path
+
+
+# -- fixtures --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {k: tiny_checkpoint(root, k) for k in ("llama", "qwen3")}
+
+
+@pytest.fixture(scope="module")
+def cluster4(tmp_path_factory: pytest.TempPathFactory, cached_profile: Path):
+    """Four nodes on loopback, shared by the equivalence tests (each test removes its instances)."""
+    nl = NodeLauncher(tmp_path_factory.mktemp("cluster4"), cached_profile)
+    try:
+        first = nl.start("n0")
+        others = [nl.start(f"n{i}", peers=[first], wait=False) for i in range(1, 4)]
+        for n in others:
+            n.wait_ready()
+        wait_for(lambda: all(len([x for x in n.cluster()["nodes"] if x["status"] == "up"]) == 4 for n in nl.nodes),
+                 30, what="four nodes see each other")
+        yield nl.nodes
+    finally:
+        nl.close()
+
+
+@pytest.fixture(scope="module")
+def references(tiny_models: dict[str, Path]) -> dict[str, tuple[list[int], list[int]]]:
+    """model -> (prompt ids, the single-process greedy continuation)."""
+    out = {}
+    for kind, path in tiny_models.items():
+        out[str(path)] = (TINY_PROMPT, single_process_tokens(str(path), TINY_PROMPT, 16, ignore_eos=True))
+    if HAS_BUNDLED:
+        from shoal.engine.loader import load_model
+
+        tok = load_model(DEFAULT_MODEL).tokenizer
+        prompt = tok.encode_chat([{"role": "user", "content": "Write a haiku about the sea."}])
+        out[DEFAULT_MODEL] = (prompt, single_process_tokens(DEFAULT_MODEL, prompt, 20, ignore_eos=False))
+    return out
+
+
+def check_layout(inst: dict[str, Any], layout: str) -> None:
+    strategy, n, _, stage_sizes = LAYOUTS[layout]
+    assert inst["strategy"] == strategy
+    stages: dict[int, list[dict[str, Any]]] = {}
+    for s in inst["shards"]:
+        stages.setdefault(s["stage"], []).append(s)
+    assert [len(stages[i]) for i in sorted(stages)] == stage_sizes
+    assert len({s["node_id"] for s in inst["shards"]}) == n  # one rank per node
+    for st in stages.values():
+        assert len({tuple(s["layers"]) for s in st}) == 1  # a tensor group shares its layers
+        heads = sorted(tuple(s["kv_heads"]) for s in st)
+        assert heads[0][0] == 0 and all(heads[i][1] == heads[i + 1][0] for i in range(len(heads) - 1))
+
+
+def run_equivalence(cluster: list[NodeProc], models: list[str], layout: str,
+                    references: dict[str, tuple[list[int], list[int]]]) -> None:
+    strategy, n, tp, _ = LAYOUTS[layout]
+    # Several instances at once: every model of this layout placed together, from different nodes.
+    placed = [place(cluster[i % len(cluster)], m, strategy, n, tp) for i, m in enumerate(models)]
+    try:
+        for inst in placed:
+            inst = wait_ready(cluster[0], inst["id"])
+            check_layout(inst, layout)
+            prompt, expected = references[inst["model"]]
+            ignore_eos = inst["model"] != DEFAULT_MODEL
+            # Asked at the last node: the request travels to the entry and the tokens come back.
+            got = generate(cluster[-1], inst["id"], prompt, len(expected), ignore_eos=ignore_eos)
+            assert got == expected, (inst["model"], layout, got, expected)
+            # The entry keeps each request's prompt and tokens (what a replay elsewhere would need).
+            entry = next(nd for nd in cluster if nd.node_id == inst["entry"])
+            kept = call(entry, "GET", f"/v1/instances/{inst['id']}/requests")[1]["requests"]
+            assert [(r["prompt_ids"], r["output_ids"], r["done"]) for r in kept] == [(prompt, expected, True)]
+    finally:
+        for inst in placed:
+            delete(cluster[0], inst["id"])
+    wait_for(lambda: not any(runner_pids(nd) for nd in cluster), 30, what="runners gone")
+
+
+# -- in-process: the tensor-parallel slicing itself -----------------------------------------------------
+class ThreadGroup:
+    """Ranks as threads of this process; all-reduce by a barrier. Enough to check the slicing."""
+
+    def __init__(self, size: int):
+        self.slots: list[torch.Tensor | None] = [None] * size
+        self.barrier = threading.Barrier(size)
+
+    def member(self, rank: int) -> Any:
+        group = self
+
+        class Member:
+            def allreduce(self, tensors: list[torch.Tensor]) -> Any:
+                group.slots[rank] = tensors[0].clone()
+                group.barrier.wait()
+                total = sum(group.slots)  # type: ignore[arg-type]
+                group.barrier.wait()
+                tensors[0].copy_(total)
+                return self
+
+            def wait(self) -> None:
+                pass
+
+        return Member()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_tensor_slices_sum_to_the_whole_model(tmp_path: Path, kind: str) -> None:
+    from test_models import IDS, make_checkpoint  # 4 heads over 2 KV heads; qwen2 has q/k/v biases
+
+    from shoal.engine.loader import load_model, open_checkpoint
+    from shoal.models.llama import BatchLayout, LlamaShard, ModelArgs, ShardSpec, TensorSlice, required_weights, slice_weight
+
+    path, _ = make_checkpoint(tmp_path, kind)
+    whole = load_model(str(path), with_tokenizer=False).model
+    n = len(IDS)
+    with torch.inference_mode():
+        expected = whole(torch.tensor(IDS), BatchLayout([n], torch.arange(n), [whole.make_cache()]), torch.arange(n))
+    ckpt = open_checkpoint(path)
+    args = ModelArgs.from_dict(ckpt.config)
+    spec = ShardSpec.whole(args.num_hidden_layers)
+    # Uneven on purpose: KV heads 1+1, MLP columns 64+32, vocabulary 60+37.
+    slices = [TensorSlice(0, 2, (0, 1), (0, 64), (0, 60)), TensorSlice(1, 2, (1, 2), (64, 96), (60, 97))]
+    group = ThreadGroup(2)
+    shards = []
+    for tp in slices:
+        w = {name: slice_weight(args, tp, name, ckpt.load([name])[name]) for name in required_weights(args, spec, ckpt.tensor_names())}
+        shards.append(LlamaShard(args, spec, w, tp).eval().shard(group.member(tp.rank)))
+    outs: list[torch.Tensor | None] = [None, None]
+
+    def run(r: int) -> None:
+        m = shards[r]
+        with torch.inference_mode():
+            h = m.run_layers(m.embed(torch.tensor(IDS)), BatchLayout([n], torch.arange(n), [m.make_cache()]))
+            outs[r] = m.logits(h)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.testing.assert_close(torch.cat(outs, dim=1), expected, atol=1e-4, rtol=1e-4)  # type: ignore[arg-type]
+
+
+# -- real nodes: equivalence -----------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["pipeline3", "tensor2", "tensor3", "hybrid2x2"])
+def test_tiny_models_split_equal_single_process(cluster4, tiny_models, references, layout: str) -> None:
+    run_equivalence(cluster4, [str(p) for p in tiny_models.values()], layout, references)
+
+
+@needs_bundled
+@pytest.mark.parametrize("layout", [
+    "pipeline3", "tensor2",
+    pytest.param("tensor3", marks=pytest.mark.heavy), pytest.param("hybrid2x2", marks=pytest.mark.heavy),
+])
+def test_bundled_model_split_equals_single_process(cluster4, references, layout: str) -> None:
+    run_equivalence(cluster4, [DEFAULT_MODEL], layout, references)
+
+
+@needs_bundled
+def test_cli_and_api_reach_a_split_model(cluster4) -> None:
+    url = cluster4[1].url
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "shoal.cli"]
+    out = subprocess.run([*cmd, "place", DEFAULT_MODEL, "--cluster", url, "--dry-run"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "pipeline" in out.stdout and "tok/s" in out.stdout
+    out = subprocess.run([*cmd, "place", DEFAULT_MODEL, "--cluster", url, "--strategy", "pipeline", "--nodes", "2",
+                          "--context", str(CONTEXT)], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "strategy pipeline" in out.stdout and "status ready" in out.stdout
+    iid = out.stdout.split()[1]
+    try:
+        # From another node: the CLI finds the cluster's pipeline instance instead of placing one.
+        out = subprocess.run([*cmd, "generate", "--cluster", cluster4[3].url, "--strategy", "pipeline", "--max-tokens", "8",
+                              "What is the capital of France?"], capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr
+        assert "Paris" in out.stdout and "pipeline" in out.stderr
+        live = [i["id"] for i in instances(cluster4[0]) if i["status"] not in ("stopped", "failed")]
+        assert live == [iid]  # the earlier tests' instances are listed as stopped
+        # The OpenAI API on any node serves the model through the same instance.
+        status, reply = call(cluster4[2], "POST", "/v1/chat/completions", {
+            "model": DEFAULT_MODEL, "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]}, timeout_s=300)
+        assert status == 200, reply
+        assert "Paris" in reply["choices"][0]["message"]["content"]
+        # Shape of the listings.
+        listed = next(i for i in instances(cluster4[2]) if i["id"] == iid)
+        assert {"id", "model", "strategy", "status", "shards"} <= set(listed)
+        assert {"node_id", "layers", "tp_rank", "tp_size"} <= set(listed["shards"][0])
+        assert iid in [i["id"] for i in cluster4[0].cluster()["instances"] if i["status"] == "ready"]
+    finally:
+        delete(cluster4[0], iid)
+    wait_for(lambda: next(i for i in instances(cluster4[0]) if i["id"] == iid)["status"] == "stopped", 30, what="stopped")
+
+
+# -- memory ------------------------------------------------------------------------------------------------
+@needs_bundled
+def test_model_larger_than_any_node_runs_split_and_reservations_hold(launcher: NodeLauncher) -> None:
+    # One runner with the whole bundled model needs ~520 MB (weights, KV for 256 tokens, the runner
+    # itself); each node offers 500 MB: it must be split, and then nothing else fits.
+    limit = ["--memory-limit", "500MB"]
+    a = launcher.start("a", extra=limit)
+    b = launcher.start("b", peers=[a], extra=limit)
+    wait_for(lambda: len(a.cluster()["links"]) == 1, 30, what="link measured")
+    status, preview = call(a, "GET", f"/v1/placement?model={DEFAULT_MODEL}&context={CONTEXT}")
+    assert status == 200 and preview["plans"]["auto"]["strategy"] != "single", preview
+    # Two placements race from two nodes; the nodes' reservations let exactly one through.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        body = {"model": DEFAULT_MODEL, "context": CONTEXT}
+        results = list(pool.map(lambda n: call(n, "POST", "/v1/instances", body, timeout_s=120), [a, b]))
+    codes = sorted(r[0] for r in results)
+    assert codes[0] == 202 and codes[1] in (409, 507), results
+    refused = next(r[1] for r in results if r[0] != 202)
+    assert "missing" in refused["error"]["message"] or "reserve" in refused["error"]["message"]
+    inst = next(r[1]["instance"] for r in results if r[0] == 202)
+    inst = wait_ready(a, inst["id"])
+    assert inst["strategy"] in ("pipeline", "tensor") and len(inst["shards"]) == 2
+    got = generate(b, inst["id"], [504, 3575, 282], 8)  # runs, and fills the KV and scratch buffers
+    assert len(got) >= 1
+    time.sleep(1.0)
+    inst = next(i for i in instances(a) if i["id"] == inst["id"])
+    for s in inst["shards"]:
+        planned = s["planned_bytes"]
+        assert planned <= 500e6
+        # Resident memory of the runner: close to its planned share (weights + KV + runner overhead).
+        assert 0.8 * planned <= s["rss_bytes"] <= 1.1 * planned, (s["rss_bytes"] / 2**20, planned / 2**20)
+    delete(a, inst["id"])
+
+
+# -- failures ----------------------------------------------------------------------------------------------
+def test_a_runner_crash_fails_the_instance_not_the_daemon(launcher: NodeLauncher, tiny_models) -> None:
+    a = launcher.start("a")
+    b = launcher.start("b", peers=[a])
+    wait_for(lambda: len(a.cluster()["nodes"]) == 2, 30, what="two nodes")
+    inst = place(a, str(tiny_models["llama"]), "pipeline", 2)
+    wait_ready(a, inst["id"])
+    victim = b if inst["shards"][1]["node_id"] == b.node_id else a
+    (pid,) = runner_pids(victim)
+    os.kill(pid, signal.SIGKILL)
+
+    def failed() -> bool:
+        got = next(i for i in instances(a) if i["id"] == inst["id"])
+        return got["status"] == "failed" and "rank 1" in got["error"]
+
+    wait_for(failed, 30, what="instance failed")
+    wait_for(lambda: not runner_pids(a) and not runner_pids(b), 30, what="the other runner stopped too")
+    assert a.proc.poll() is None and b.proc.poll() is None
+    assert b.cluster()["nodes"]  # the daemons still answer...
+    again = place(b, str(tiny_models["llama"]), "pipeline", 2)  # ...and place again
+    wait_ready(b, again["id"])
+    assert generate(a, again["id"], TINY_PROMPT, 4, ignore_eos=True)
+    delete(b, again["id"])

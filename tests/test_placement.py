@@ -1,0 +1,209 @@
+"""The placement planner on invented clusters: pure function in, Placement (or a clear refusal) out."""
+
+from __future__ import annotations
+
+import pytest
+
+from shoal.cluster.messages import NodeProfile
+from shoal.cluster.topology import ClusterView, LinkView, NodeView
+from shoal.placement.planner import Placement, PlacementError, PlacementRequest, apportion, plan, plan_each_strategy
+from shoal.placement.spec import ModelSpec
+
+GiB = 2**30
+
+
+def spec(layers: int = 32, layer_gib: float = 0.25, embed_gib: float = 0.5, kv_heads: int = 8, ffn: int = 14336) -> ModelSpec:
+    """An 8B-like model: `layers` layers of `layer_gib` each, an embedding (tied head)."""
+    lb = int(layer_gib * GiB)
+    return ModelSpec(
+        name="m", architecture="llama", num_layers=layers, hidden_size=4096, intermediate_size=ffn, num_heads=32,
+        num_kv_heads=kv_heads, head_dim=128, vocab_size=128256, max_context=8192, attn_bytes=lb // 5,
+        mlp_bytes=lb - lb // 5 - 32768, norm_bytes=32768, embed_bytes=int(embed_gib * GiB),
+        head_bytes=int(embed_gib * GiB), tied=True, quant_group=32,
+    )
+
+
+def node(name: str, mem_gib: float, bw: float = 20.0, gflops: float = 200.0, host: str | None = None, me: bool = False) -> NodeView:
+    prof = NodeProfile(os="Linux", hostname=host or name, cpu_model="cpu", cpu_cores_logical=8, cpu_cores_physical=8,
+                       ram_total_bytes=64 * GiB, gflops_fp32=gflops, memory_bandwidth_gbps=bw, measured_with="torch",
+                       measured_at=0.0, measure_seconds=1.0, fingerprint=host or name)
+    nid = (name.encode().hex() + "0" * 32)[:32]
+    return NodeView(id=nid, name=name, address=f"10.0.0.{len(name)}:52600", status="up", is_self=me, last_seen_s=0.0,
+                    incarnation=1, memory_available_bytes=int(mem_gib * GiB), memory_offered_bytes=int(mem_gib * GiB),
+                    profile=prof)
+
+
+def link(a: NodeView, b: NodeView, rtt_ms: float, mbps: float) -> LinkView:
+    return LinkView(a=min(a.id, b.id), b=max(a.id, b.id), rtt_ms=rtt_ms, bandwidth_mbps=mbps, measured_at=0.0, age_s=0.0)
+
+
+def cluster(nodes: list[NodeView], links: list[LinkView] | None = None, rtt_ms: float = 0.3, mbps: float = 10_000) -> ClusterView:
+    links = links or []
+    have = {frozenset((lk.a, lk.b)) for lk in links}
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1 :]:
+            if frozenset((a.id, b.id)) not in have:
+                links.append(link(a, b, rtt_ms, mbps))
+    return ClusterView(self_id=nodes[0].id, cluster="c", nodes=nodes, links=links)
+
+
+def layers_of(p: Placement) -> dict[str, int]:
+    return {s.node_name: s.layers[1] - s.layers[0] for s in p.shards}
+
+
+def check_memory(p: Placement, view: ClusterView) -> None:
+    for nid, used in p.memory_by_node().items():
+        assert used <= view.node(nid).memory_offered_bytes, (nid, used)
+
+
+def test_fits_on_one_node_over_a_slow_lan_means_single():
+    small = spec(layer_gib=0.03, embed_gib=0.1)  # ~1 GiB: 50 ms per token at 20 GB/s
+    view = cluster([node("a", 64, me=True), node("b", 64)], rtt_ms=2.0, mbps=1000)
+    p = plan(small, view)
+    assert p.strategy == "single" and len(p.shards) == 1
+    s = p.shards[0]
+    assert s.layers == (0, 32) and s.vocab == (0, 128256) and s.memory_bytes < 64 * GiB
+    assert p.prediction.decode_tokens_per_s > 0 and p.prediction.ttft_s > 0 and p.reason.startswith("single")
+    # On a fast link, two machines reading half the weights each beat one: auto takes the tensor split.
+    fast = plan(small, cluster([node("a", 64, me=True), node("b", 64)], rtt_ms=0.02, mbps=40_000))
+    assert fast.strategy == "tensor" and fast.prediction.decode_tokens_per_s > p.prediction.decode_tokens_per_s
+
+
+def test_heterogeneous_memory_caps_each_stage():
+    # 9.0 GiB of weights; a: room for ~3 GiB, b: ~6 GiB, c: plenty; equal speeds.
+    view = cluster([node("a", 3.6), node("b", 6.6), node("c", 40)])
+    p = plan(spec(), view, PlacementRequest(strategy="pipeline", node_count=3, context=1024))
+    check_memory(p, view)
+    n = layers_of(p)
+    assert sum(n.values()) == 32 and n["a"] < n["b"] <= n["c"]
+    assert [s.layers for s in p.shards] == sorted(s.layers for s in p.shards)  # contiguous, in stage order
+    assert p.shards[0].layers[0] == 0 and p.shards[-1].layers[1] == 32
+
+
+def test_a_fast_node_with_room_takes_more_layers():
+    view = cluster([node("fast", 32, bw=40), node("slow", 32, bw=10)])
+    p = plan(spec(), view, PlacementRequest(strategy="pipeline"))
+    n = layers_of(p)
+    assert n["fast"] > 2 * n["slow"]  # about 4:1 by speed (the entry's head shifts it a little)
+    # ...unless it has no room.
+    view = cluster([node("fast", 4.5, bw=40), node("slow", 32, bw=10)])
+    p = plan(spec(), view, PlacementRequest(strategy="pipeline"))
+    check_memory(p, view)
+    assert layers_of(p)["fast"] < layers_of(p)["slow"]
+
+
+def test_uneven_tensor_split_three_kv_heads_over_two():
+    m = spec(layers=30, layer_gib=0.01, embed_gib=0.03, kv_heads=3, ffn=1536)
+    view = cluster([node("a", 8, me=True), node("b", 8)])
+    p = plan(m, view, PlacementRequest(strategy="tensor"))
+    assert p.strategy == "tensor" and [s.tp_size for s in p.shards] == [2, 2]
+    heads = [s.kv_heads for s in p.shards]
+    assert heads in ([(0, 2), (2, 3)], [(0, 1), (1, 3)])
+    ffn = [s.ffn for s in p.shards]
+    assert ffn[0][0] == 0 and ffn[0][1] == ffn[1][0] and ffn[1][1] == 1536
+    assert all(a % 32 == 0 for a, _ in ffn)  # cuts of down_proj on quantization-group boundaries
+    # The rank with two KV heads gets fewer MLP columns: both read about the same bytes.
+    w = [s.weight_bytes for s in p.shards]
+    assert abs(w[0] - w[1]) / max(w) < 0.1
+    assert p.shards[0].vocab[0] == 0 and p.shards[0].vocab[1] == p.shards[1].vocab[0]
+
+
+def test_mlp_of_1536_over_three():
+    m = spec(layers=30, layer_gib=0.01, embed_gib=0.03, kv_heads=3, ffn=1536)
+    view = cluster([node(x, 8) for x in "abc"])
+    p = plan(m, view, PlacementRequest(strategy="tensor", node_count=3))
+    assert [s.kv_heads for s in p.shards] == [(0, 1), (1, 2), (2, 3)]
+    cuts = [s.ffn for s in p.shards]
+    assert cuts[0][0] == 0 and cuts[-1][1] == 1536 and all(a % 32 == 0 for a, _ in cuts)
+    assert all(cuts[i][1] == cuts[i + 1][0] for i in range(2))
+
+
+def test_more_ranks_than_kv_heads_is_refused():
+    m = spec(kv_heads=2)
+    view = cluster([node(x, 64) for x in "abc"])
+    with pytest.raises(PlacementError, match="tensor group needs 2 to 2 nodes"):
+        plan(m, view, PlacementRequest(strategy="tensor", node_count=3))
+
+
+def test_one_slow_link_hybrid_keeps_all_reduces_on_fast_links():
+    # Two racks of two: fast inside (0.05 ms, 40 Gbit/s), one slow link between (5 ms, 100 Mbit/s).
+    a, b, c, d = (node(x, 3.5) for x in "abcd")  # all four are needed
+    fast = [link(a, b, 0.05, 40_000), link(c, d, 0.05, 40_000)]
+    slow = [link(x, y, 5.0, 100) for x in (a, b) for y in (c, d)]
+    view = cluster([a, b, c, d], fast + slow)
+    p = plan(spec(), view, PlacementRequest(strategy="hybrid"))
+    groups = [{s.node_name for s in st} for st in p.stages]
+    assert sorted(map(sorted, groups)) == [["a", "b"], ["c", "d"]]
+    check_memory(p, view)
+    # auto on the same cluster: needs all four nodes (memory), and the hybrid beats tensor over the slow link.
+    best = plan(spec(), view)
+    assert best.strategy in ("hybrid", "pipeline")
+    t = plan(spec(), view, PlacementRequest(strategy="tensor", node_count=4))
+    assert t.prediction.decode_tokens_per_s < best.prediction.decode_tokens_per_s
+
+
+def test_a_node_too_small_to_be_useful_is_left_out():
+    view = cluster([node("big1", 6), node("big2", 6), node("tiny", 0.3)])
+    p = plan(spec(), view)
+    assert "tiny" not in {s.node_name for s in p.shards}
+    with pytest.raises(PlacementError, match="tiny cannot hold even one layer") as e:
+        plan(spec(), view, PlacementRequest(strategy="pipeline", nodes=["big1", "big2", "tiny"]))
+    assert e.value.missing_bytes > 0
+
+
+def test_a_cluster_too_small_is_refused_with_the_missing_bytes():
+    m = spec()  # ~8.5 GiB of weights
+    view = cluster([node("a", 3), node("b", 3)])
+    with pytest.raises(PlacementError) as e:
+        plan(m, view, PlacementRequest(context=1024))
+    need = m.weight_bytes + m.num_layers * m.kv_bytes_per_token_layer * 1024
+    assert "missing" in str(e.value) and "cannot place m" in str(e.value)
+    assert e.value.missing_bytes >= need - 6 * GiB
+    assert e.value.missing_bytes < need  # not just "everything"
+
+
+def test_reservations_are_subtracted():
+    m = spec(layer_gib=0.1, embed_gib=0.2)  # 3.4 GiB
+    view = cluster([node("a", 5, me=True), node("b", 5)], rtt_ms=2.0, mbps=1000)
+    p = plan(m, view)
+    assert p.strategy == "single" and p.shards[0].node_name == "a"
+    p = plan(m, view, reserved={node("a", 0).id: 3 * GiB})
+    assert p.strategy == "single" and p.shards[0].node_name == "b"
+    p = plan(m, view, reserved={node("a", 0).id: 2 * GiB, node("b", 0).id: 2 * GiB})
+    assert len(p.shards) == 2
+    with pytest.raises(PlacementError):
+        plan(m, view, reserved={node("a", 0).id: 4 * GiB, node("b", 0).id: 4 * GiB})
+
+
+def test_named_nodes_keep_their_order_and_unknown_ones_are_refused():
+    view = cluster([node("a", 64, me=True), node("b", 64), node("c", 64)])
+    p = plan(spec(), view, PlacementRequest(strategy="pipeline", nodes=["c", "a"]))
+    assert [s.node_name for s in p.shards] == ["c", "a"] and p.shards[0].vocab is not None
+    with pytest.raises(PlacementError, match="unknown node 'zz'"):
+        plan(spec(), view, PlacementRequest(nodes=["zz"]))
+
+
+def test_colocated_nodes_share_a_machine():
+    # Two nodes on one machine: a tensor group there gains nothing; threads are split between them.
+    view = cluster([node("a", 32, host="box", me=True), node("b", 32, host="box")])
+    t = plan(spec(), view, PlacementRequest(strategy="tensor"))
+    single = plan(spec(), view, PlacementRequest(node_count=1))
+    assert t.prediction.decode_tokens_per_s < single.prediction.decode_tokens_per_s
+    assert [s.threads for s in t.shards] == [4, 4]
+    pipe = plan(spec(), view, PlacementRequest(strategy="pipeline"))
+    assert [s.threads for s in pipe.shards] == [8, 8]  # stages take turns: each may use every core
+
+
+def test_preview_of_each_strategy():
+    view = cluster([node("a", 6, me=True), node("b", 6), node("c", 6)])
+    out = plan_each_strategy(spec(kv_heads=8), view)
+    assert set(out) == {"auto", "pipeline", "tensor", "hybrid"}
+    assert all(isinstance(v, Placement) for v in out.values())
+    assert out["auto"].prediction.decode_tokens_per_s >= max(v.prediction.decode_tokens_per_s for v in out.values()) - 1e-9
+
+
+@pytest.mark.parametrize("total,weights,unit", [(1536, [1, 1, 1], 32), (3, [2, 1], 1), (100, [5, 1, 1], 1), (96, [1, 1], 32)])
+def test_apportion(total, weights, unit):
+    parts = apportion(total, weights, unit)
+    assert sum(parts) == total and all(p >= unit for p in parts)
+    assert all(p % unit == 0 for p in parts[:-1])
