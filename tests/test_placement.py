@@ -164,7 +164,7 @@ def test_a_cluster_too_small_is_refused_with_the_missing_bytes():
 
 def test_reservations_are_subtracted():
     m = spec(layer_gib=0.1, embed_gib=0.2)  # 3.4 GiB
-    view = cluster([node("a", 5, me=True), node("b", 5)], rtt_ms=2.0, mbps=1000)
+    view = cluster([node("a", 5, me=True), node("b", 5)], rtt_ms=10.0, mbps=1000)  # slow link: no tensor split
     p = plan(m, view)
     assert p.strategy == "single" and p.shards[0].node_name == "a"
     p = plan(m, view, reserved={node("a", 0).id: 3 * GiB})

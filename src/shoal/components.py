@@ -29,3 +29,7 @@ def mount(node: Node) -> None:
     api = ApiComponent(service)
     node.add_component(api)
     node.app.middlewares.append(api.middleware)
+
+    from shoal.dashboard import Dashboard
+
+    node.add_component(Dashboard())

@@ -19,13 +19,28 @@ from shoal.cluster.topology import ClusterView, NodeView
 
 @dataclass(frozen=True)
 class Calibration:
-    read_efficiency: float = 1.0  # weight bytes read per second / the profile's copy bandwidth
-    layer_overhead_s: float = 1.2e-4  # per layer per step on one rank (dispatch, norms, RoPE, attention)
+    """Constants measured on the reference machine (2 vCPUs; a quiet profile reads ~28 GB/s copy and
+    ~390 GFLOP/s) with scripts/bench_distributed.py and the bundled model: whole-model decode
+    15.6 ms/token = 30 layers x 0.40 ms (0.15 ms of each fixed: a 4-layer toy model runs at 0.16 ms
+    per layer) + the head + 0.6 ms at the entry; pipeline stages on one machine add ~0.75 ms each
+    time a stage's process takes the cores over from another, and ~0.3 ms per hop."""
+
+    read_efficiency: float = 0.38  # weight bytes read per second / the profile's copy bandwidth
+    layer_overhead_s: float = 1.5e-4  # per layer per step on one rank (dispatch, norms, RoPE, attention)
     step_overhead_s: float = 6e-4  # per step at the entry: batch building, sampling, detokenizing
-    message_overhead_s: float = 6e-5  # per point-to-point message or collective step (gloo, wake-ups)
-    prefill_efficiency: float = 0.5  # fraction of the profile's GFLOP/s reached by prefill matmuls
-    runner_base_bytes: int = 360 << 20  # resident memory of a runner before weights (python, torch, numba)
+    message_overhead_s: float = 2.5e-4  # per point-to-point message: gloo and two thread wake-ups
+    # A stage whose process takes the cores over from another one on the same machine starts cold
+    # (caches, the OpenMP workers asleep): ~0.75 ms per hand-over on the reference machine.
+    colocated_switch_s: float = 7.5e-4
+    # An all-reduce between ranks that share a machine waits for the other rank to get a core.
+    colocated_collective_s: float = 8e-4
+    prefill_efficiency: float = 0.12  # fraction of the profile's GFLOP/s reached by prefill (dequantize + BLAS)
+    runner_base_bytes: int = 250 << 20  # resident memory of a runner before weights (python, torch)
+    kernel_bytes: int = 90 << 20  # numba's compiled quantized kernels (LLVM included), for quantized models
     activation_bytes: int = 40 << 20  # prefill scratch (dequantized weights) and activations
+
+    def runner_overhead(self, quantized: bool) -> int:
+        return self.runner_base_bytes + self.activation_bytes + (self.kernel_bytes if quantized else 0)
     default_rtt_s: float = 1e-3  # links not measured yet: a LAN guess
     default_link_Bps: float = 100e6
     loopback_rtt_s: float = 1e-4  # two nodes on one machine
@@ -33,6 +48,7 @@ class Calibration:
 
 
 CALIBRATION = Calibration()
+DIRECT_ALLREDUCE_BYTES = 1 << 18  # the runner's TensorGroup exchanges tensors up to this directly
 
 
 @dataclass(frozen=True)
@@ -117,10 +133,19 @@ def message_time(link: Link, nbytes: float, cal: Calibration = CALIBRATION) -> f
     return cal.message_overhead_s + link.rtt_s / 2 + nbytes / link.Bps
 
 
-def allreduce_time(links: list[Link], g: int, nbytes: float, cal: Calibration = CALIBRATION) -> float:
-    """A ring all-reduce among g ranks over the slowest of their links."""
+def allreduce_time(links: list[Link], g: int, nbytes: float, cal: Calibration = CALIBRATION,
+                   colocated: bool = False) -> float:
+    """An all-reduce among g ranks: small tensors are exchanged directly (one message round),
+    large ones go round a ring (2(g-1) steps carrying 2(g-1)/g of the tensor), over the slowest
+    of their links. Ranks on one machine wait for each other to be scheduled instead."""
     if g <= 1:
         return 0.0
+    if colocated:
+        return cal.colocated_collective_s + 2 * nbytes / cal.loopback_Bps
+    if nbytes <= DIRECT_ALLREDUCE_BYTES:
+        slow = min(links, key=lambda lk: lk.Bps) if links else Link(0.0, float("inf"))
+        worst_rtt = max((lk.rtt_s for lk in links), default=0.0)
+        return (g - 1) * cal.message_overhead_s + worst_rtt / 2 + (g - 1) * nbytes / slow.Bps
     slow = min(links, key=lambda lk: lk.Bps) if links else Link(0.0, float("inf"))
     worst_rtt = max((lk.rtt_s for lk in links), default=0.0)
     steps = 2 * (g - 1)

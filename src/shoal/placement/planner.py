@@ -385,7 +385,7 @@ def _build(
     spec: ModelSpec, view: ClusterView, stages: list[list[NodeRes]], kind: str, context: int, prompt: int,
     cal: Calibration,
 ) -> Placement | _Shortfall:
-    overhead = cal.runner_base_bytes + cal.activation_bytes
+    overhead = cal.runner_overhead(spec.quant_group > 1)
     groups = [_Group(spec, nodes, i == 0, context) for i, nodes in enumerate(stages)]
     links = [[link_between(view, a, b, cal) for a, b in itertools.combinations(g.nodes, 2)] for g in groups]
     H = spec.hidden_size * 4
@@ -393,7 +393,8 @@ def _build(
     def per_layer_time(i: int) -> float:
         g = groups[i]
         work = [RankWork(n, g.layer_bytes[r], g.layer_flops[r], 1) for r, n in enumerate(g.nodes)]
-        return group_compute_time(work, 1, False, cal) + 2 * allreduce_time(links[i], len(g.nodes), H, cal)
+        colocated = len({n.host for n in g.nodes}) == 1
+        return group_compute_time(work, 1, False, cal) + 2 * allreduce_time(links[i], len(g.nodes), H, cal, colocated)
 
     # Layers: proportional to each stage's speed, capped by its memory, at least one each.
     caps, too_small = zip(*(g.layer_cap(overhead) for g in groups))
@@ -470,31 +471,36 @@ def _predict(
     prompt: int, cal: Calibration,
 ) -> Prediction:
     H = spec.hidden_size * 4
-    world = sum(len(g.nodes) for g in groups)
     entry = groups[0].nodes[0]
+    one_host = [len({n.host for n in g.nodes}) == 1 for g in groups]
+
+    def shares_host(a: _Group, b: _Group) -> bool:
+        return bool({n.host for n in a.nodes} & {n.host for n in b.nodes})
 
     def step(tokens: int, prefill: bool) -> tuple[float, float]:
         compute = comm = 0.0
-        if world > 1:  # the entry broadcasts the step's layout
-            far = max(link_between(view, entry, n, cal).rtt_s for g in groups for n in g.nodes)
-            comm += cal.message_overhead_s * (world - 1) + far / 2
+        g0 = groups[0]
+        # The entry sends the step message to the other ranks of its stage.
+        comm += sum(message_time(link_between(view, entry, m, cal), 2048, cal) for m in g0.nodes[1:])
         for i, (g, n_layers) in enumerate(zip(groups, counts)):
             work = [RankWork(n, g.layer_bytes[r] * n_layers, g.layer_flops[r] * n_layers, n_layers) for r, n in enumerate(g.nodes)]
             compute += group_compute_time(work, tokens, prefill, cal)
-            comm += 2 * n_layers * allreduce_time(links[i], len(g.nodes), H * tokens, cal)
-            if i + 1 < len(groups):  # hidden states to every rank of the next stage
-                leader = g.nodes[0]
-                comm += sum(message_time(link_between(view, leader, m, cal), H * tokens, cal) for m in groups[i + 1].nodes)
-        g0 = groups[0]
-        if len(groups) > 1:  # the last rows come back to the entry group for the head
-            last = groups[-1].nodes[0]
-            comm += sum(message_time(link_between(view, last, m, cal), H, cal) for m in g0.nodes)
+            comm += 2 * n_layers * allreduce_time(links[i], len(g.nodes), H * tokens, cal, one_host[i] and len(g.nodes) > 1)
+            nxt = groups[i + 1] if i + 1 < len(groups) else (g0 if len(groups) > 1 else None)
+            if nxt is None:
+                continue
+            # Hidden states (or, from the last stage, the rows for the head) to every rank of the next
+            # stage; a stage that takes the cores over from another process on its machine starts cold.
+            rows = tokens if nxt is not g0 else 1
+            comm += sum(message_time(link_between(view, g.nodes[0], m, cal), H * rows + 2048, cal) for m in nxt.nodes)
+            if shares_host(g, nxt):
+                compute += cal.colocated_switch_s  # (it shows as slower compute, not as messages)
         # The head, one row per sequence, on the entry group; the slices' logits gathered at rank 0.
         head = [RankWork(n, g0.head_bytes[r], 2 * spec.hidden_size * spec.vocab_size * g0.head_bytes[r] / max(spec.head_bytes, 1), 0)
                 for r, n in enumerate(g0.nodes)]
         compute += group_compute_time(head, 1, False, cal)
         if len(g0.nodes) > 1:
-            comm += allreduce_time(links[0], len(g0.nodes), H * tokens, cal)  # the embedding's all-reduce
+            comm += allreduce_time(links[0], len(g0.nodes), H * tokens, cal, one_host[0])  # the embedding's all-reduce
             comm += sum(message_time(link_between(view, entry, m, cal), 4 * (v[1] - v[0]), cal)
                         for m, v in zip(g0.nodes[1:], g0.vocab[1:]) if v is not None)
         return compute + comm + cal.step_overhead_s, comm
@@ -534,7 +540,7 @@ def _refusal(
 ) -> PlacementError:
     weights = spec.weight_bytes
     kv = spec.num_layers * spec.kv_bytes_per_token_layer * context
-    overhead = cal.runner_base_bytes + cal.activation_bytes
+    overhead = cal.runner_overhead(spec.quant_group > 1)
     offered = sum(n.free_bytes for n in nodes)
     need_all = weights + kv + overhead * len(nodes)
     if shortfall is None:

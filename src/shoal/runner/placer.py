@@ -54,7 +54,7 @@ class ClusterPlacer:
         deadline = time.monotonic() + READY_TIMEOUT_S
         created: str | None = None
         while time.monotonic() < deadline:
-            lists = await self.instances._gather_lists()
+            lists = await self.instances.gather_lists()
             recs = [r for reply in lists.values() for r in reply.instances if r.model == name]
             ready = [r for r in recs if r.status == "ready"]
             if ready:
@@ -104,15 +104,12 @@ class RemoteInstance:
 
     async def _pump(self, stream: GenerationStream, msg: Submit) -> None:
         try:
-            async for ev in self.instances.stream_events(self.rec, msg):
-                if "error" in ev:
-                    stream.fail(internal(f"model {self.name!r}: {ev['error']}"))
+            async for batch in self.instances.stream_events(self.rec, msg):
+                if any("error" in ev for ev in batch):
+                    err = next(ev["error"] for ev in batch if "error" in ev)
+                    stream.fail(internal(f"model {self.name!r}: {err}"))
                     return
-                top = ev.get("top")
-                stream.push([TokenEvent(0, ev.get("token"), ev.get("text", ""), ev.get("finish"), ev.get("logprob"),
-                                        [tuple(x) for x in top] if top else None,
-                                        [(a, b, [tuple(x) for x in c]) for a, b, c in ev["prompt_logprobs"]]
-                                        if ev.get("prompt_logprobs") else None)])
+                stream.push([_token_event(ev) for ev in batch])
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - the client gets an error, not a hang
@@ -138,6 +135,14 @@ class RemoteInstance:
         """The API lets go of the instance; the instance itself stays (DELETE /v1/instances stops it)."""
         for task in list(self._open.values()):
             task.cancel()
+
+
+def _token_event(ev: dict[str, Any]) -> TokenEvent:
+    top = ev.get("top")
+    prompt = ev.get("prompt_logprobs")
+    return TokenEvent(0, ev.get("token"), ev.get("text", ""), ev.get("finish"), ev.get("logprob"),
+                      [tuple(x) for x in top] if top else None,
+                      [(a, b, [tuple(x) for x in c]) for a, b, c in prompt] if prompt else None)
 
 
 def _params_dict(params: Any) -> dict[str, Any]:

@@ -10,30 +10,27 @@
   the prompt and every token generated so far (what a replay on a new placement would need).
 
 Between nodes everything goes through the signed peer client (/peer/instances/*). Clients use the
-public routes: GET/POST /v1/instances, DELETE /v1/instances/{id}, GET /v1/placement and
-POST /v1/instances/{id}/generate (NDJSON stream), on any node.
+public routes of http.py on any node; the state lives in records.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
 from aiohttp import web
-from pydantic import ValidationError
 
 from shoal.cluster.messages import Ack, Message
 from shoal.cluster.peer import PEER_ID, PeerClient, PeerError, peer_handler, refuse, spawn
 from shoal.config import parse_hostport
-from shoal.placement.planner import Placement, PlacementError, PlacementRequest, plan, plan_each_strategy
+from shoal.placement.planner import Placement, plan
+from shoal.runner.http import PublicRoutes
 from shoal.runner.messages import (
     Cancel,
     CreateInstance,
@@ -50,10 +47,10 @@ from shoal.runner.messages import (
     ShardState,
     StartReply,
     StartShard,
-    Status,
     Submit,
 )
 from shoal.runner.process import RunnerProcess
+from shoal.runner.records import Coordinated, Hosted, InstanceError, RequestLog, Reservation, public_instance
 
 if TYPE_CHECKING:
     from shoal.cluster.node import Node
@@ -69,118 +66,6 @@ CALL_TIMEOUT_S = 5.0
 PLACE_ATTEMPTS = 3
 KEEP_FINISHED_REQUESTS = 256
 KEEP_ENDED_INSTANCES = 32
-
-
-class InstanceError(Exception):
-    def __init__(self, status: int, message: str, **extra: Any):
-        super().__init__(message)
-        self.status, self.extra = status, extra
-
-
-# -------------------------------------------------------------------------------------------- state
-@dataclass
-class Reservation:
-    instance_id: str
-    bytes: int
-    coordinator: str
-    expires_at: float | None  # None once its runner has started
-
-
-class RequestLog:
-    """One request as its entry node keeps it: prompt, tokens so far, and the events to stream."""
-
-    def __init__(self, rid: str, instance_id: str, params: dict[str, Any]):
-        self.rid, self.instance_id, self.params = rid, instance_id, params
-        self.prompt_ids: list[int] | None = None
-        self.output_ids: list[int] = []
-        self.events: list[dict[str, Any]] = []
-        self.done = False
-        self.created_at = time.time()
-        self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def add(self, ev: dict[str, Any]) -> None:
-        if self.done:
-            return
-        kind = ev.get("t")
-        if kind == "accepted":
-            self.prompt_ids = ev.get("prompt_ids")
-            return
-        if kind == "ev" and ev.get("token") is not None:
-            self.output_ids.append(int(ev["token"]))
-        self.events.append({k: v for k, v in ev.items() if k not in ("t", "rid")} if kind == "ev" else
-                           {"error": ev.get("message", "failed")})
-        if kind != "ev" or ev.get("finish") is not None:
-            self.done = True
-        self._notify()
-
-    def fail(self, message: str) -> None:
-        self.add({"t": "error", "message": message})
-
-    def _notify(self) -> None:
-        fut, self._changed = self._changed, asyncio.get_running_loop().create_future()
-        fut.set_result(None)
-
-    async def wait_after(self, n: int, timeout_s: float) -> None:
-        """Until there are more than n events, the request is done, or timeout_s passed."""
-        if len(self.events) > n or self.done:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._changed), timeout_s)
-
-
-@dataclass
-class Hosted:
-    """A shard running on this node."""
-
-    instance_id: str
-    rank: int
-    placement: Placement
-    coordinator: str
-    runner: RunnerProcess
-    status: Status = "loading"
-    error: str = ""
-    stopping: bool = False
-    requests: dict[str, RequestLog] = field(default_factory=dict)  # rank 0 only
-
-
-@dataclass
-class Coordinated:
-    """An instance this node placed."""
-
-    id: str
-    model: str
-    placement: Placement
-    token: str
-    created_at: float
-    status: Status = "loading"
-    error: str = ""
-    shard_status: dict[int, Status] = field(default_factory=dict)
-
-    def record(self, node_id: str) -> InstanceRecord:
-        entry = self.placement.shards[0]
-        return InstanceRecord(id=self.id, model=self.model, strategy=self.placement.strategy, status=self.status,
-                              coordinator=node_id, entry=entry.node_id, entry_address=entry.address,
-                              created_at=self.created_at, error=self.error[:256], placement=self.placement)
-
-
-def public_instance(rec: InstanceRecord, shards: dict[tuple[str, int], HostedShard] | None = None) -> dict[str, Any]:
-    """The shape GET /v1/instances promises, plus the plan's details."""
-    shards = shards or {}
-    out_shards = []
-    for s in rec.placement.shards:
-        live = shards.get((rec.id, s.rank))
-        out_shards.append({
-            "node_id": s.node_id, "node_name": s.node_name, "rank": s.rank, "stage": s.stage,
-            "layers": list(s.layers), "tp_rank": s.tp_rank, "tp_size": s.tp_size,
-            "kv_heads": list(s.kv_heads), "ffn": list(s.ffn), "planned_bytes": s.memory_bytes,
-            "status": live.status if live else None, "rss_bytes": live.rss_bytes if live else None,
-            "stats": live.stats if live else {},
-        })
-    return {
-        "id": rec.id, "model": rec.model, "strategy": rec.strategy, "status": rec.status, "shards": out_shards,
-        "error": rec.error or None, "entry": rec.entry, "coordinator": rec.coordinator, "created_at": rec.created_at,
-        "context": rec.placement.context, "prediction": rec.placement.prediction.model_dump(), "reason": rec.placement.reason,
-    }
 
 
 # ---------------------------------------------------------------------------------------- component
@@ -202,12 +87,7 @@ class InstancesComponent:
     # -- life
     def routes(self) -> list[web.RouteDef]:
         return [
-            web.get("/v1/instances", self._get_instances),
-            web.post("/v1/instances", self._post_instance),
-            web.delete("/v1/instances/{id}", self._delete_instance),
-            web.post("/v1/instances/{id}/generate", self._generate),
-            web.get("/v1/instances/{id}/requests", self._get_requests),
-            web.get("/v1/placement", self._get_placement),
+            *PublicRoutes(self).routes(),
             web.post("/peer/instances/reserve", peer_handler(Reserve, self._on_reserve)),
             web.post("/peer/instances/release", peer_handler(InstanceRef, self._on_release)),
             web.post("/peer/instances/start", peer_handler(StartShard, self._on_start)),
@@ -276,19 +156,19 @@ class InstancesComponent:
             raise InstanceError(503, f"node {node_id[:8]} is not known here")
         return parse_hostport(n.address)
 
-    async def _call(self, node_id: str, path: str, msg: Message, reply: type[R], timeout_s: float = CALL_TIMEOUT_S) -> R:
+    async def call(self, node_id: str, path: str, msg: Message, reply: type[R], timeout_s: float = CALL_TIMEOUT_S) -> R:
         host, port = self._address_of(node_id)
         got, replier = await self.client.call(host, port, path, msg, reply, timeout_s)
         if replier != node_id:
             raise PeerError(f"{host}:{port} answered as {replier[:8]}, not {node_id[:8]}")
         return got
 
-    async def _gather_lists(self) -> dict[str, ListReply]:
+    async def gather_lists(self) -> dict[str, ListReply]:
         view = self.node.cluster_view()
         out = {self.config.node_id: self._list_reply()}
         others = [n for n in view.up_nodes() if not n.is_self]
         results = await asyncio.gather(
-            *(self._call(n.id, "/peer/instances/list", ListInstances(), ListReply, LIST_TIMEOUT_S) for n in others),
+            *(self.call(n.id, "/peer/instances/list", ListInstances(), ListReply, LIST_TIMEOUT_S) for n in others),
             return_exceptions=True,
         )
         for n, r in zip(others, results):
@@ -304,10 +184,10 @@ class InstancesComponent:
             await asyncio.sleep(10.0)
             with contextlib.suppress(Exception):
                 if len(self.node.cluster_view().up_nodes()) > 1:
-                    await self._gather_lists()
+                    await self.gather_lists()
 
     # -- coordinator: placing ---------------------------------------------------------------------
-    async def _spec(self, model: str) -> ModelSpec:
+    async def spec_of(self, model: str) -> ModelSpec:
         spec = self._specs.get(model)
         if spec is None:
             from shoal.engine.loader import ModelNotFound
@@ -321,7 +201,7 @@ class InstancesComponent:
             self._specs[model] = spec
         return spec
 
-    def _reserved_by_node(self, lists: dict[str, ListReply]) -> dict[str, int]:
+    def reserved_by_node(self, lists: dict[str, ListReply]) -> dict[str, int]:
         """Bytes to subtract from each node's offer so the planner sees what each can still promise."""
         out = {}
         for n in self.node.cluster_view().up_nodes():
@@ -330,12 +210,12 @@ class InstancesComponent:
         return out
 
     async def create(self, body: CreateInstance) -> Coordinated:
-        spec = await self._spec(body.model)
+        spec = await self.spec_of(body.model)
         request = body.request()
         last_error = ""
         for _ in range(PLACE_ATTEMPTS):
-            lists = await self._gather_lists()
-            placement = plan(spec, self.node.cluster_view(), request, self._reserved_by_node(lists))
+            lists = await self.gather_lists()
+            placement = plan(spec, self.node.cluster_view(), request, self.reserved_by_node(lists))
             iid = secrets.token_hex(8)
             refused = await self._reserve_all(iid, placement)
             if not refused:
@@ -347,31 +227,43 @@ class InstancesComponent:
                 return inst
             last_error = refused
             log.info("placing %s: %s; planning again", body.model, refused)
+            await asyncio.sleep(0.05 + 0.2 * secrets.randbelow(100) / 100)
         raise InstanceError(409, f"could not reserve memory for {body.model}: {last_error}")
 
     async def _reserve_all(self, iid: str, placement: Placement) -> str:
-        """Reserve on every node of the placement; '' if all agreed, else why not (and none is kept)."""
+        """Reserve on every node of the placement; '' if all agreed, else why not (and none is kept).
+
+        One node at a time, in node-id order — like taking locks in a fixed order: two coordinators
+        racing for the same nodes meet at the first one they share, and the loser holds nothing
+        the winner needs (reserving everywhere at once can make both lose, again and again)."""
         need = placement.memory_by_node()
-        msgs = {nid: Reserve(instance_id=iid, model=placement.model[:256], bytes=b, coordinator=self.config.node_id)
-                for nid, b in need.items()}
-        results = await asyncio.gather(*(self._reserve_on(nid, m) for nid, m in msgs.items()), return_exceptions=True)
-        refused = [f"{nid[:8]}: {r if isinstance(r, Exception) else r.error}" for nid, r in zip(msgs, results)
-                   if isinstance(r, Exception) or not r.ok]
+        taken: list[str] = []
+        refused = ""
+        for nid in sorted(need):
+            msg = Reserve(instance_id=iid, model=placement.model[:256], bytes=need[nid], coordinator=self.config.node_id)
+            try:
+                reply = await self._reserve_on(nid, msg)
+            except (PeerError, InstanceError) as e:
+                refused = f"{nid[:8]}: {e}"
+                break
+            if not reply.ok:
+                refused = f"{nid[:8]}: {reply.error}"
+                break
+            taken.append(nid)
         if refused:
-            await asyncio.gather(*(self._release_on(nid, iid) for nid in msgs), return_exceptions=True)
-            return "; ".join(refused)
-        return ""
+            await asyncio.gather(*(self._release_on(nid, iid) for nid in taken), return_exceptions=True)
+        return refused
 
     async def _reserve_on(self, node_id: str, msg: Reserve) -> ReserveReply:
         if node_id == self.config.node_id:
             return self._reserve(msg)
-        return await self._call(node_id, "/peer/instances/reserve", msg, ReserveReply)
+        return await self.call(node_id, "/peer/instances/reserve", msg, ReserveReply)
 
     async def _release_on(self, node_id: str, iid: str) -> None:
         if node_id == self.config.node_id:
             self.reservations.pop(iid, None)
         else:
-            await self._call(node_id, "/peer/instances/release", InstanceRef(instance_id=iid), Ack)
+            await self.call(node_id, "/peer/instances/release", InstanceRef(instance_id=iid), Ack)
 
     async def _launch(self, inst: Coordinated) -> None:
         """Start the entry rank, learn its rendezvous port, start the others."""
@@ -393,7 +285,7 @@ class InstancesComponent:
         node_id = inst.placement.shards[rank].node_id
         if node_id == self.config.node_id:
             return await self._start_local(msg)
-        return await self._call(node_id, "/peer/instances/start", msg, StartReply, PORT_TIMEOUT_S + 5)
+        return await self.call(node_id, "/peer/instances/start", msg, StartReply, PORT_TIMEOUT_S + 5)
 
     async def _fail(self, inst: Coordinated, why: str) -> None:
         if inst.status in ("failed", "stopped"):
@@ -410,7 +302,7 @@ class InstancesComponent:
             if nid == self.config.node_id:
                 await self._stop_local(inst.id)
             else:
-                await self._call(nid, "/peer/instances/stop", ref, Ack, CALL_TIMEOUT_S + 5)
+                await self.call(nid, "/peer/instances/stop", ref, Ack, CALL_TIMEOUT_S + 5)
 
         results = await asyncio.gather(*(stop_on(n) for n in nodes), return_exceptions=True)
         for nid, r in zip(nodes, results):
@@ -538,7 +430,7 @@ class InstancesComponent:
 
         async def send() -> None:
             try:
-                await self._call(h.coordinator, "/peer/instances/state", msg, Ack)
+                await self.call(h.coordinator, "/peer/instances/state", msg, Ack)
             except (PeerError, InstanceError) as e:
                 log.warning("telling the coordinator of %s about rank %d: %s", h.instance_id, h.rank, e)
 
@@ -604,37 +496,39 @@ class InstancesComponent:
         for r in sorted(done, key=lambda r: r.created_at)[:-KEEP_FINISHED_REQUESTS]:
             del h.requests[r.rid]
 
-    async def stream_events(self, rec: InstanceRecord, msg: Submit) -> AsyncIterator[dict[str, Any]]:
-        """Events of one request, from the entry: this node's runner, or another node's by polling."""
+    async def stream_events(self, rec: InstanceRecord, msg: Submit) -> AsyncIterator[list[dict[str, Any]]]:
+        """Events of one request, from the entry (this node's runner, or another node's by
+        polling), in batches: whatever arrived since the last one."""
         if rec.entry == self.config.node_id:
             req = self.submit_local(msg)
             n = 0
             try:
                 while True:
                     await req.wait_after(n, 30.0)
-                    while n < len(req.events):
-                        yield req.events[n]
-                        n += 1
-                    if req.done:
+                    if n < len(req.events):
+                        batch = req.events[n:]
+                        n += len(batch)
+                        yield batch
+                    if req.done and n == len(req.events):
                         return
             finally:
                 if not req.done:
                     self.cancel_local(rec.id, msg.rid)
             return
-        await self._call(rec.entry, "/peer/instances/submit", msg, Ack)
+        await self.call(rec.entry, "/peer/instances/submit", msg, Ack)
         after, done = 0, False
         try:
             while not done:
-                reply = await self._call(rec.entry, "/peer/instances/poll",
-                                         Poll(instance_id=rec.id, rid=msg.rid, after=after, wait_s=10.0), PollReply, 20.0)
+                reply = await self.call(rec.entry, "/peer/instances/poll",
+                                        Poll(instance_id=rec.id, rid=msg.rid, after=after, wait_s=10.0), PollReply, 20.0)
                 after += len(reply.events)
                 done = reply.done
-                for ev in reply.events:
-                    yield ev
+                if reply.events:
+                    yield reply.events
         finally:
             if not done:
                 with contextlib.suppress(Exception):
-                    await self._call(rec.entry, "/peer/instances/cancel", Cancel(instance_id=rec.id, rid=msg.rid), Ack)
+                    await self.call(rec.entry, "/peer/instances/cancel", Cancel(instance_id=rec.id, rid=msg.rid), Ack)
 
     async def find(self, iid: str) -> InstanceRecord:
         inst = self.coordinated.get(iid)
@@ -643,118 +537,17 @@ class InstancesComponent:
         cached = next((r for r in self._cluster if r.id == iid), None)
         if cached is not None and cached.status == "ready":
             return cached  # a ready instance's entry does not move; a request to a dead one fails there
-        for reply in (await self._gather_lists()).values():
+        for reply in (await self.gather_lists()).values():
             for rec in reply.instances:
                 if rec.id == iid:
                     return rec
         raise InstanceError(404, f"no instance {iid}")
 
     async def instances(self) -> list[dict[str, Any]]:
-        lists = await self._gather_lists()
+        lists = await self.gather_lists()
         shards = {(s.instance_id, s.rank): s for reply in lists.values() for s in reply.shards}
         recs = sorted((r for reply in lists.values() for r in reply.instances), key=lambda r: r.created_at)
         return [public_instance(r, shards) for r in recs]
-
-    # -- public routes ----------------------------------------------------------------------------
-    async def _get_instances(self, request: web.Request) -> web.Response:
-        return _json({"instances": await self.instances()})
-
-    async def _post_instance(self, request: web.Request) -> web.Response:
-        try:
-            body = CreateInstance.model_validate_json(await request.read())
-        except ValidationError as e:
-            return _error(400, f"invalid body: {e.errors()[0]['msg']} at {'.'.join(map(str, e.errors()[0]['loc']))}")
-        try:
-            inst = await self.create(body)
-        except PlacementError as e:
-            return _error(507 if e.missing_bytes else 409, str(e), missing_bytes=e.missing_bytes)
-        except InstanceError as e:
-            return _error(e.status, str(e), **e.extra)
-        return _json({"instance": public_instance(inst.record(self.config.node_id))}, status=202)
-
-    async def _delete_instance(self, request: web.Request) -> web.Response:
-        iid = request.match_info["id"]
-        try:
-            if iid in self.coordinated:
-                inst = await self.delete(iid)
-                return _json({"id": iid, "status": inst.status})
-            rec = await self.find(iid)
-            await self._call(rec.coordinator, "/peer/instances/delete", InstanceRef(instance_id=iid), Ack, 20.0)
-        except InstanceError as e:
-            return _error(e.status, str(e))
-        except PeerError as e:
-            return _error(502, f"the instance's coordinator did not answer: {e}")
-        return _json({"id": iid, "status": "stopped"})
-
-    async def _get_requests(self, request: web.Request) -> web.Response:
-        """The requests this entry keeps (prompt and tokens so far): what a replay would resend."""
-        iid = request.match_info["id"]
-        h = self.hosted.get((iid, 0))
-        if h is None:
-            return _error(404, f"the entry of instance {iid} does not run on this node")
-        return _json({"requests": [
-            {"id": r.rid, "prompt_ids": r.prompt_ids, "output_ids": r.output_ids, "params": r.params, "done": r.done,
-             "created_at": r.created_at} for r in h.requests.values()]})
-
-    async def _get_placement(self, request: web.Request) -> web.Response:
-        q = request.query
-        model = q.get("model")
-        if not model:
-            return _error(400, "give ?model=")
-        try:
-            nodes = q.get("nodes")
-            names = [x for x in nodes.split(",") if x] if nodes and not nodes.isdigit() else None
-            req = PlacementRequest(strategy=q.get("strategy", "auto"), nodes=names,
-                                   node_count=int(nodes) if nodes and nodes.isdigit() else None,
-                                   context=int(q["context"]) if "context" in q else None,
-                                   tp_size=int(q["tp_size"]) if "tp_size" in q else None)
-            spec = await self._spec(model)
-        except (ValidationError, ValueError) as e:
-            return _error(400, f"bad query: {e}")
-        except InstanceError as e:
-            return _error(e.status, str(e))
-        lists = await self._gather_lists()
-        view, reserved = self.node.cluster_view(), self._reserved_by_node(lists)
-        if req.strategy == "auto":
-            plans = plan_each_strategy(spec, view, req, reserved)
-        else:
-            try:
-                plans = {req.strategy: plan(spec, view, req, reserved)}
-            except PlacementError as e:
-                plans = {req.strategy: e}
-        out = {}
-        for k, p in plans.items():
-            if isinstance(p, PlacementError):
-                out[k] = {"error": str(p), "missing_bytes": p.missing_bytes}
-            else:
-                out[k] = p.model_dump(mode="json")
-        return _json({"model": model, "spec": spec.model_dump(), "plans": out})
-
-    async def _generate(self, request: web.Request) -> web.StreamResponse:
-        iid = request.match_info["id"]
-        try:
-            body = json.loads(await request.read() or b"{}")
-            if not isinstance(body, dict):
-                raise ValueError("the body must be a JSON object")
-            rid = f"g{secrets.token_hex(8)}"
-            msg = Submit(instance_id=iid, rid=rid, prompt_ids=body.get("prompt_ids"), text=body.get("prompt"),
-                         messages=body.get("messages"), params=body.get("params") or {})
-            rec = await self.find(iid)
-            if rec.status != "ready":
-                raise InstanceError(409, f"instance {iid} is {rec.status}")
-        except (ValueError, ValidationError) as e:
-            return _error(400, f"invalid body: {e}")
-        except InstanceError as e:
-            return _error(e.status, str(e))
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await resp.prepare(request)
-        try:
-            async for ev in self.stream_events(rec, msg):
-                await resp.write((json.dumps(ev) + "\n").encode())
-        except (InstanceError, PeerError) as e:
-            await resp.write((json.dumps({"error": str(e)}) + "\n").encode())
-        await resp.write_eof()
-        return resp
 
     # -- peer routes ------------------------------------------------------------------------------
     async def _on_reserve(self, request: web.Request, msg: Reserve) -> Message:
@@ -813,14 +606,6 @@ class InstancesComponent:
     async def _on_cancel(self, request: web.Request, msg: Cancel) -> Message:
         self.cancel_local(msg.instance_id, msg.rid)
         return Ack()
-
-
-def _json(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, text=json.dumps(obj), content_type="application/json")
-
-
-def _error(status: int, message: str, **extra: Any) -> web.Response:
-    return _json({"error": {"message": message, **extra}}, status=status)
 
 
 def _mib(n: int) -> str:

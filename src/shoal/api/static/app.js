@@ -519,7 +519,9 @@ function shardBytes(sh) {
  *  `key`, the strategy it was asked for (what Place sends back), and `strategy`, what it is. */
 function normPlacement(body) {
   let raw = pick(body, "plans", "candidates", "options");
-  const strategies = pick(body, "strategies", "previews", "by_strategy");
+  let strategies = pick(body, "strategies", "previews", "by_strategy");
+  // The node's planner answers {plans: {auto: plan, pipeline: {error}, ...}}: keyed by strategy.
+  if (raw && !Array.isArray(raw) && typeof raw === "object") { strategies = raw; raw = undefined; }
   if (!raw && strategies && !Array.isArray(strategies) && typeof strategies === "object") {
     raw = Object.entries(strategies).map(([key, p]) => ({ ...(typeof p === "object" && p ? p : { error: String(p) }), _key: key }));
   }
