@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
-import numpy as np
 import torch
 
 from shoal.engine import threads
@@ -140,9 +139,8 @@ class BatchGenerator:
         positions: list[int] = []
         lengths: list[int] = []
         caches: list[list[KVCache]] = []
-        batch: list[Sequence] = []
-        sampled: list[Sequence] = []
-        scored: list[tuple[Sequence, int, int]] = []  # (sequence, first prompt index, count) to score
+        sampled: list[tuple[Sequence, int]] = []  # (sequence, its last row in the flat batch)
+        scored: list[tuple[Sequence, int, int, int]] = []  # (sequence, first prompt index, count, last row)
         budget = self.max_batch_tokens
         # Decoding sequences first (one token each, never starved), then prefill chunks.
         for seq in sorted(self.sequences.values(), key=lambda s: s.in_prefill):
@@ -153,33 +151,29 @@ class BatchGenerator:
                 chunk = seq.prompt[seq.prefilled : seq.prefilled + n]
                 start = seq.prefilled
                 seq.prefilled += n
-                if seq.params.prompt_logprobs is not None:
-                    scored.append((seq, start, n))
-                if not seq.in_prefill:
-                    sampled.append(seq)
             else:
                 n, chunk, start = 1, seq.output[-1:], len(seq.prompt) + len(seq.output) - 1
-                sampled.append(seq)
+            last_row = len(ids) + n - 1
+            if start < len(seq.prompt) and seq.params.prompt_logprobs is not None:
+                scored.append((seq, start, n, last_row))
+            if not seq.in_prefill:
+                sampled.append((seq, last_row))
             ids.extend(chunk)
             positions.extend(range(start, start + n))
             lengths.append(n)
             caches.append(seq.caches)
-            batch.append(seq)
             budget -= n
 
         threads.for_step(len(ids))
         layout = BatchLayout(lengths, torch.tensor(positions), caches)
-        ends = np.cumsum(lengths) - 1
-        rows = [int(ends[batch.index(s)]) for s in sampled]
-        score_rows = []
-        for seq, _, n in scored:
-            end = int(ends[batch.index(seq)])
-            score_rows.extend(range(end - n + 1, end + 1))
+        rows = [row for _, row in sampled]
+        for _, _, n, last in scored:
+            rows.extend(range(last - n + 1, last + 1))
         with torch.inference_mode():
-            logits = self.model(torch.tensor(ids), layout, torch.tensor(rows + score_rows, dtype=torch.long))
+            logits = self.model(torch.tensor(ids), layout, torch.tensor(rows, dtype=torch.long))
         now = time.perf_counter()
-        self._score_prompts(scored, logits[len(rows) :])
-        for seq, row_logits in zip(sampled, logits):
+        self._score_prompts(scored, logits[len(sampled) :])
+        for (seq, _), row_logits in zip(sampled, logits):
             if seq.params.max_tokens == 0:  # scoring only: the prompt is read, nothing is generated
                 ev = self._finish(seq, "length")
                 ev.prompt_logprobs = seq.prompt_logprobs
@@ -191,9 +185,9 @@ class BatchGenerator:
             events.extend(new)
         return events
 
-    def _score_prompts(self, scored: list[tuple[Sequence, int, int]], logits: torch.Tensor) -> None:
+    def _score_prompts(self, scored: list[tuple[Sequence, int, int, int]], logits: torch.Tensor) -> None:
         i = 0
-        for seq, start, n in scored:
+        for seq, start, n, _ in scored:
             if seq.prompt_logprobs is None:
                 seq.prompt_logprobs = []
             for j in range(n):

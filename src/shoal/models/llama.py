@@ -254,13 +254,13 @@ class Attention(nn.Module):
         names = [f"{prefix}.{p}_proj" for p in "qkv"]
         bias = None
         if args.attention_bias:
-            bias = torch.cat([_as_tensor(w[f"{n}.bias"]) for n in names])
+            bias = torch.cat([as_tensor(w[f"{n}.bias"]) for n in names])
         self.qkv_proj = dense_or_quant_linear(fuse_rows([w[f"{n}.weight"] for n in names]), bias)
         self.o_proj = dense_or_quant_linear(w[f"{prefix}.o_proj.weight"])
         self.q_norm = self.k_norm = None
         if args.qk_norm:
-            self.q_norm = RMSNorm(_as_tensor(w[f"{prefix}.q_norm.weight"]), args.rms_norm_eps)
-            self.k_norm = RMSNorm(_as_tensor(w[f"{prefix}.k_norm.weight"]), args.rms_norm_eps)
+            self.q_norm = RMSNorm(as_tensor(w[f"{prefix}.q_norm.weight"]), args.rms_norm_eps)
+            self.k_norm = RMSNorm(as_tensor(w[f"{prefix}.k_norm.weight"]), args.rms_norm_eps)
         self.scale = self.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: BatchLayout, layer: int):
@@ -313,9 +313,9 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs, w: dict[str, Weight], i: int, tp: TensorSlice):
         super().__init__()
         p = f"model.layers.{i}"
-        self.input_layernorm = RMSNorm(_as_tensor(w[f"{p}.input_layernorm.weight"]), args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(as_tensor(w[f"{p}.input_layernorm.weight"]), args.rms_norm_eps)
         self.self_attn = Attention(args, w, f"{p}.self_attn", tp)
-        self.post_attention_layernorm = RMSNorm(_as_tensor(w[f"{p}.post_attention_layernorm.weight"]), args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(as_tensor(w[f"{p}.post_attention_layernorm.weight"]), args.rms_norm_eps)
         self.mlp = MLP(w, f"{p}.mlp")
 
     def forward(self, x, cos, sin, layout: BatchLayout, layer: int):
@@ -333,7 +333,7 @@ class Embedding(nn.Module):
     def __init__(self, weight: Weight, vocab: tuple[int, int] | None = None):
         super().__init__()
         self.quantized = weight if isinstance(weight, QuantizedWeight) else None
-        self.weight = None if self.quantized is not None else _as_tensor(weight)
+        self.weight = None if self.quantized is not None else as_tensor(weight)
         self.vocab = vocab
         self.group = None  # set by LlamaShard.shard
 
@@ -368,7 +368,7 @@ class LlamaShard(nn.Module):
         self.layers = nn.ModuleList(Block(args, weights, i, self.tp) for i in range(spec.start, spec.end))
         self.norm = self.lm_head = None
         if spec.has_head:
-            self.norm = RMSNorm(_as_tensor(weights["model.norm.weight"]), args.rms_norm_eps)
+            self.norm = RMSNorm(as_tensor(weights["model.norm.weight"]), args.rms_norm_eps)
             head = weights.get("lm_head.weight")
             if head is None or args.tie_word_embeddings:
                 head = weights["model.embed_tokens.weight"]
@@ -446,28 +446,30 @@ def slice_weight(args: ModelArgs, tp: TensorSlice, name: str, w: Weight) -> Weig
     group = args.num_attention_heads // args.num_key_value_heads
     (kv0, kv1), (f0, f1) = tp.kv_heads, tp.ffn
     if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
-        return _rows(w, kv0 * group * d, kv1 * group * d)
+        return slice_rows(w, kv0 * group * d, kv1 * group * d)
     if name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias")):
-        return _rows(w, kv0 * d, kv1 * d)
+        return slice_rows(w, kv0 * d, kv1 * d)
     if name.endswith("self_attn.o_proj.weight"):
-        return _cols(w, kv0 * group * d, kv1 * group * d)
+        return slice_cols(w, kv0 * group * d, kv1 * group * d)
     if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
-        return _rows(w, f0, f1)
+        return slice_rows(w, f0, f1)
     if name.endswith("mlp.down_proj.weight"):
-        return _cols(w, f0, f1)
+        return slice_cols(w, f0, f1)
     if name in ("model.embed_tokens.weight", "lm_head.weight") and tp.vocab is not None:
-        return _rows(w, *tp.vocab)
+        return slice_rows(w, *tp.vocab)
     return w
 
 
-def _rows(w: Weight, a: int, b: int) -> Weight:
+def slice_rows(w: Weight, a: int, b: int) -> Weight:
+    """Rows [a, b) of a weight (output features), quantized or not, as a copy."""
     if isinstance(w, QuantizedWeight):
         biases = None if w.biases is None else w.biases[a:b].copy()
         return QuantizedWeight(w.kind, w.codes[a:b].copy(), w.scales[a:b].copy(), biases, w.group_size)
     return w[a:b].clone() if isinstance(w, torch.Tensor) else np.array(w[a:b], dtype=np.float32)
 
 
-def _cols(w: Weight, a: int, b: int) -> Weight:
+def slice_cols(w: Weight, a: int, b: int) -> Weight:
+    """Columns [a, b) of a weight (input features); a cut inside a quantization group keeps that slice dense."""
     if isinstance(w, QuantizedWeight):
         G = w.group_size
         if a % G or b % G:  # the cut splits a quantization group: keep this slice dense
@@ -478,7 +480,8 @@ def _cols(w: Weight, a: int, b: int) -> Weight:
     return w[:, a:b].contiguous().clone() if isinstance(w, torch.Tensor) else np.array(w[:, a:b], dtype=np.float32)
 
 
-def _as_tensor(w: Weight) -> torch.Tensor:
+def as_tensor(w: Weight) -> torch.Tensor:
+    """A float32 tensor of any weight (quantized ones dequantized: only for small ones, norms and biases)."""
     if isinstance(w, QuantizedWeight):
         return torch.from_numpy(w.dequantize())
     if isinstance(w, np.ndarray):
@@ -486,4 +489,4 @@ def _as_tensor(w: Weight) -> torch.Tensor:
     return w.float()
 
 
-__all__ = ["ModelArgs", "ShardSpec", "TensorSlice", "LlamaShard", "BatchLayout", "required_weights", "slice_weight", "QuantLinear"]
+__all__ = ["ModelArgs", "ShardSpec", "TensorSlice", "LlamaShard", "BatchLayout", "required_weights", "slice_weight", "slice_rows", "slice_cols", "as_tensor", "QuantLinear"]

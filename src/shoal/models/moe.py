@@ -16,14 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoal.models.llama import ShardSpec, Weight, all_reduce
-from shoal.quant.formats import QuantizedWeight
-from shoal.quant.kernels import dequantize
+from shoal.models.llama import ShardSpec, Weight, all_reduce, as_tensor, slice_cols, slice_rows
 from shoal.quant.linear import dense_or_quant_linear, fuse_rows
 
 # ----------------------------------------------------------------------------- expert placement
@@ -198,33 +195,6 @@ def expert_of(name: str, marker: str = ".experts.") -> int | None:
 
 
 # ----------------------------------------------------------------------------- weights
-
-
-def as_tensor(w: Weight) -> torch.Tensor:
-    """A float32 tensor of any weight (quantized ones dequantized: routers and norms are small)."""
-    if isinstance(w, QuantizedWeight):
-        return torch.from_numpy(w.dequantize())
-    if isinstance(w, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
-    return w.float()
-
-
-def slice_rows(w: Weight, a: int, b: int) -> Weight:
-    if isinstance(w, QuantizedWeight):
-        biases = None if w.biases is None else w.biases[a:b].copy()
-        return QuantizedWeight(w.kind, w.codes[a:b].copy(), w.scales[a:b].copy(), biases, w.group_size)
-    return w[a:b].clone() if isinstance(w, torch.Tensor) else np.array(w[a:b], dtype=np.float32)
-
-
-def slice_cols(w: Weight, a: int, b: int) -> Weight:
-    if isinstance(w, QuantizedWeight):
-        G = w.group_size
-        if a % G or b % G:  # the cut splits a quantization group: keep this slice dense
-            return np.ascontiguousarray(dequantize(w)[:, a:b])
-        per_byte = 2 if w.kind == "q4_affine" else 1
-        biases = None if w.biases is None else w.biases[:, a // G : b // G].copy()
-        return QuantizedWeight(w.kind, w.codes[:, a // per_byte : b // per_byte].copy(), w.scales[:, a // G : b // G].copy(), biases, G)
-    return w[:, a:b].contiguous().clone() if isinstance(w, torch.Tensor) else np.array(w[:, a:b], dtype=np.float32)
 
 
 def load_expert_shard(path: str | Path, spec: ShardSpec, experts: ExpertSlice) -> nn.Module:
