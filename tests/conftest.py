@@ -176,6 +176,17 @@ class NodeLauncher:
             node.wait_ready()
         return node
 
+    def start_cluster(self, names: Sequence[str]) -> list[NodeProc]:
+        """Nodes that all joined the first, started together, once every one sees them all up."""
+        first = self.start(names[0])
+        others = [self.start(name, peers=[first], wait=False) for name in names[1:]]
+        for n in others:
+            n.wait_ready()
+        nodes = [first, *others]
+        wait_for(lambda: all(len([x for x in n.cluster()["nodes"] if x["status"] == "up"]) == len(nodes) for n in nodes),
+                 30, what=f"{len(nodes)} nodes see each other")
+        return nodes
+
     def close(self) -> None:
         for n in self.nodes:
             if n.proc is not None and n.proc.poll() is None:

@@ -159,13 +159,7 @@ def cluster4(tmp_path_factory: pytest.TempPathFactory, cached_profile: Path):
     """Four nodes on loopback, shared by the equivalence tests (each test removes its instances)."""
     nl = NodeLauncher(tmp_path_factory.mktemp("cluster4"), cached_profile)
     try:
-        first = nl.start("n0")
-        others = [nl.start(f"n{i}", peers=[first], wait=False) for i in range(1, 4)]
-        for n in others:
-            n.wait_ready()
-        wait_for(lambda: all(len([x for x in n.cluster()["nodes"] if x["status"] == "up"]) == 4 for n in nl.nodes),
-                 30, what="four nodes see each other")
-        yield nl.nodes
+        yield nl.start_cluster([f"n{i}" for i in range(4)])
     finally:
         nl.close()
 

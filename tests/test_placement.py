@@ -207,3 +207,69 @@ def test_apportion(total, weights, unit):
     parts = apportion(total, weights, unit)
     assert sum(parts) == total and all(p >= unit for p in parts)
     assert all(p % unit == 0 for p in parts[:-1])
+
+
+# -- mixture of experts ---------------------------------------------------------------------------------
+def test_moe_census_counts_every_parameter_of_a_checkpoint(tmp_path):
+    from safetensors import safe_open
+
+    from shoal.synthetic import make_checkpoint
+
+    for kind in ("kimi-k2", "deepseek-v3", "qwen3-moe", "mixtral"):
+        path = make_checkpoint(kind, tmp_path / kind, experts=8, layers=3, fmt="fp32")
+        with safe_open(path / "model.safetensors", framework="pt") as st:
+            stored = sum(st.get_slice(n).get_shape().numel() if hasattr(st.get_slice(n).get_shape(), "numel")
+                         else int(__import__("math").prod(st.get_slice(n).get_shape())) for n in st.keys())
+        s = ModelSpec.from_checkpoint(path)
+        assert s.moe is not None and s.moe.total_params == stored, kind
+        # fp32 on disk and in memory: the planner's bytes are the file's bytes (to a router bias or so)
+        assert abs(s.weight_bytes - 4 * stored) <= 0.02 * 4 * stored, kind
+        if kind in ("kimi-k2", "deepseek-v3"):  # MLA: the latent and the rope key per token per layer
+            cfg = __import__("json").loads((path / "config.json").read_text())
+            assert s.kv_bytes_per_token_layer == 4 * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"])
+
+
+def _kimi(dense_bpp: float = 1.125):
+    from shoal.placement.spec import moe_spec
+    from shoal.synthetic import PUBLISHED
+
+    return moe_spec(PUBLISHED["kimi-k2"], "kimi-k2", dense_bpp, 0.75, 32)
+
+
+def test_moe_expert_parallel_places_experts_by_speed_and_memory():
+    kimi = _kimi()
+    assert 1.0e12 < kimi.moe.total_params < 1.1e12 and 3.0e10 < kimi.moe.active_params < 3.4e10
+    view = cluster([node(f"n{i}", 512, bw=400) for i in range(4)])
+    p = plan(kimi, view, PlacementRequest(strategy="expert", node_count=4, context=8192))
+    check_memory(p, view)
+    runs = [s.experts for s in p.shards]
+    assert runs[0][0] == 0 and runs[-1][1] == 384 and all(runs[i][1] == runs[i + 1][0] for i in range(3))
+    assert all(s.layers == (0, 61) for s in p.shards)  # one expert group: every rank runs every layer
+    assert [s.shared for s in p.shards][-1][1] == 2048  # the shared expert's columns are split too
+    # A faster node takes more experts; a node with little room takes fewer.
+    view = cluster([node("fast", 512, bw=800), node("b", 512, bw=400), node("small", 150, bw=400)])
+    p = plan(kimi, view, PlacementRequest(strategy="expert", node_count=3, context=8192))
+    check_memory(p, view)
+    n = {s.node_name: s.experts[1] - s.experts[0] for s in p.shards}
+    assert n["fast"] > n["b"] > n["small"], n
+    # Decode reads only the picked experts: far faster than the bytes held would suggest.
+    held = max(s.weight_bytes for s in p.shards)
+    assert p.prediction.decode_tokens_per_s > 3 * 0.38 * 400e9 / held
+
+
+def test_moe_strategies_and_refusals():
+    kimi = _kimi()
+    view = cluster([node(f"n{i}", 512, bw=400) for i in range(4)])
+    every = plan_each_strategy(kimi, view, PlacementRequest(context=8192))
+    assert set(every) == {"auto", "pipeline", "expert", "hybrid"}
+    assert every["auto"].strategy in ("expert", "hybrid", "pipeline")
+    hybrid = every["hybrid"]
+    assert any(len(st) > 1 for st in hybrid.stages) and len(hybrid.stages) > 1  # expert groups as stages
+    with pytest.raises(PlacementError, match="use strategy expert"):
+        plan(kimi, view, PlacementRequest(strategy="tensor", context=8192))
+    with pytest.raises(PlacementError, match="for mixture-of-experts"):
+        plan(spec(), view, PlacementRequest(strategy="expert"))
+    # Too big: the refusal says how much is missing.
+    with pytest.raises(PlacementError, match="missing") as e:
+        plan(_kimi(dense_bpp=4.0), cluster([node(f"n{i}", 128) for i in range(4)]), PlacementRequest(context=8192))
+    assert e.value.missing_bytes > 200 * GiB

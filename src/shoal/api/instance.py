@@ -192,7 +192,7 @@ class LocalInstance:
         self._gen = BatchGenerator(lm.model, lm.tokenizer, self.max_context, limits.prefill_chunk, limits.max_batch_tokens)
         caches = lm.model.make_cache()
         # Bytes of K and V per token across this shard's layers.
-        self.kv_bytes_per_token = sum(2 * c.keys.shape[0] * c.keys.shape[2] * c.keys.element_size() for c in caches)
+        self.kv_bytes_per_token = sum(c.bytes_per_token for c in caches)
         self.kv_budget = limits.kv_budget_bytes or psutil.virtual_memory().available // 2
         self._loop = asyncio.get_running_loop()
         # Device-thread state.

@@ -40,5 +40,10 @@ class KVCache:
         self.offset = max(0, self.offset - n)
 
     @property
+    def bytes_per_token(self) -> int:
+        """What one more token costs this cache (keys and values of all its heads)."""
+        return 2 * self.keys.shape[0] * self.keys.shape[2] * self.keys.element_size()
+
+    @property
     def nbytes(self) -> int:
         return self.keys.element_size() * self.keys.numel() * 2

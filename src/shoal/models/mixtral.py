@@ -107,12 +107,14 @@ class MixtralShard(nn.Module):
     """Layers [spec.start, spec.end) of a Mixtral / Qwen3-MoE model; embedding if first, norm+head if
     last; of each MoE layer only the routed experts of `experts` (default: all)."""
 
-    def __init__(self, args: ModelArgs, spec: ShardSpec, weights: dict[str, Weight], experts: ExpertSlice | None = None):
+    def __init__(self, args: ModelArgs, spec: ShardSpec, weights: dict[str, Weight], experts: ExpertSlice | None = None,
+                 vocab: tuple[int, int] | None = None):
         super().__init__()
         self.args, self.spec = args, spec
         self.experts = experts or args.whole_experts()
+        self.vocab = vocab  # rows of the embedding and head held here (an expert group's entry ranks split them)
         self.rope = RotaryEmbedding(args)
-        self.embed_tokens = Embedding(weights["model.embed_tokens.weight"]) if spec.has_embedding else None
+        self.embed_tokens = Embedding(weights["model.embed_tokens.weight"], vocab) if spec.has_embedding else None
         self.layers = nn.ModuleList(Block(args, weights, i, self.experts) for i in range(spec.start, spec.end))
         self.norm = self.lm_head = None
         if spec.has_head:
@@ -124,6 +126,8 @@ class MixtralShard(nn.Module):
 
     def shard(self, group: Any | None) -> "MixtralShard":
         """Join an expert-parallel group: each MoE layer all-reduces its partial output over it."""
+        if self.embed_tokens is not None and self.vocab is not None:
+            self.embed_tokens.group = group
         if self.experts.size > 1:
             for layer in self.layers:
                 if isinstance(layer.mlp, SparseMoE):

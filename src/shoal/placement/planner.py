@@ -11,6 +11,11 @@ each and prices it with the cost model, then keeps the fastest predicted decode 
   evened out with the MLP columns, so every rank reads about its speed's share of the bytes.
 * hybrid: tensor groups as pipeline stages; enumerating the partitions lets the cost model put the
   all-reduces on the fast links and the stage hops on the slow ones.
+* expert (mixture-of-experts models): one expert group; every rank holds the attention and the
+  dense layers whole and a run of the routed experts (by speed, capped by memory) plus a column
+  slice of the shared experts; one all-reduce per MoE layer. For these models hybrid means expert
+  groups as pipeline stages, and tensor is not offered. Decode reads only the experts a token
+  picks, so a rank's time is its expected share of them, and the group waits for the busiest.
 
 Ranks are numbered stage by stage; rank 0 is the entry: it drives the steps and, with the rest of
 its stage's group, holds the embedding and the head (tied weights are one copy), so only hidden
@@ -42,7 +47,7 @@ from shoal.placement.cost import (
 )
 from shoal.placement.spec import ModelSpec
 
-Strategy = Literal["auto", "single", "pipeline", "tensor", "hybrid"]
+Strategy = Literal["auto", "single", "pipeline", "tensor", "hybrid", "expert"]
 DEFAULT_CONTEXT = 2048
 MAX_ENUMERATED_NODES = 10  # beyond this, candidate node sets come from a heuristic
 MAX_PARTITIONED_NODES = 6  # hybrid: all set partitions up to this many nodes
@@ -51,11 +56,11 @@ MAX_PARTITIONED_NODES = 6  # hybrid: all set partitions up to this many nodes
 class PlacementRequest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    strategy: Literal["auto", "pipeline", "tensor", "hybrid"] = "auto"
+    strategy: Literal["auto", "pipeline", "tensor", "hybrid", "expert"] = "auto"
     nodes: list[str] | None = None  # node ids, id prefixes or names, in stage order (the first is the entry)
     node_count: int | None = Field(default=None, ge=1)
     context: int | None = Field(default=None, ge=1)  # tokens of KV cache to provide for (default 2048)
-    tp_size: int | None = Field(default=None, ge=1)  # hybrid/tensor: ranks per tensor group
+    tp_size: int | None = Field(default=None, ge=1)  # hybrid/tensor/expert: ranks per tensor (or expert) group
     prompt_tokens: int = Field(default=128, ge=1)  # prompt length the TTFT prediction is for
 
 
@@ -78,6 +83,8 @@ class ShardPlan(BaseModel):
     overhead_bytes: int
     threads: int
     device: str = "cpu"
+    experts: tuple[int, int] | None = None  # expert parallel: the routed experts [a, b) held here
+    shared: tuple[int, int] | None = None  # expert parallel: the shared experts' columns [a, b) held here
 
     @property
     def memory_bytes(self) -> int:
@@ -150,7 +157,8 @@ def plan(
         nodes = _pick(nodes, request.nodes, view)
     if not nodes:
         raise PlacementError("no usable nodes: none is up with a device profile yet")
-    kinds = ["single", "pipeline", "tensor", "hybrid"] if request.strategy == "auto" else [request.strategy]
+    group_kind = "expert" if spec.is_moe else "tensor"
+    kinds = ["single", "pipeline", group_kind, "hybrid"] if request.strategy == "auto" else [request.strategy]
     best: Placement | None = None
     best_key: tuple | None = None
     shortfall: _Shortfall | None = None
@@ -178,7 +186,7 @@ def plan_each_strategy(
     """The preview: the best plan of every strategy (or why there is none), and auto's choice."""
     request = request or PlacementRequest()
     out: dict[str, Placement | PlacementError] = {}
-    for kind in ("auto", "pipeline", "tensor", "hybrid"):
+    for kind in ("auto", "pipeline", "expert" if spec.is_moe else "tensor", "hybrid"):
         try:
             out[kind] = plan(spec, view, request.model_copy(update={"strategy": kind}), reserved, cal)
         except PlacementError as e:
@@ -232,14 +240,18 @@ def _layouts(
     elif kind == "pipeline":
         if n >= 2 and (tp in (None, 1)):
             yield [[x] for x in (subset if fixed_order else _chain(subset, view, cal))]
-    elif kind == "tensor":
+    elif kind == "tensor" and not spec.is_moe:
         if 2 <= n <= spec.num_kv_heads and tp in (None, n):
+            yield [subset if fixed_order else _entry_first(subset)]
+    elif kind == "expert" and spec.moe is not None:
+        if 2 <= n <= spec.moe.num_experts and tp in (None, n):
             yield [subset if fixed_order else _entry_first(subset)]
     elif kind == "hybrid":
         if n < 3:
             return
+        widest = spec.moe.num_experts if spec.moe is not None else spec.num_kv_heads
         for groups in _partitions(subset, view, cal):
-            if len(groups) < 2 or max(len(g) for g in groups) < 2 or max(len(g) for g in groups) > spec.num_kv_heads:
+            if len(groups) < 2 or max(len(g) for g in groups) < 2 or max(len(g) for g in groups) > widest:
                 continue
             if tp is not None and any(len(g) != tp for g in groups):
                 continue
@@ -331,12 +343,29 @@ def _ranges(sizes: list[int]) -> list[tuple[int, int]]:
 
 
 class _Group:
-    """One stage's tensor group: how each rank's share of a layer (and of the head) is cut."""
+    """One stage's group: how each rank's share of a layer (and of the head) is cut — KV heads and
+    MLP columns in a tensor group, routed experts and shared-expert columns in an expert group."""
 
-    def __init__(self, spec: ModelSpec, nodes: list[NodeRes], entry: bool, context: int):
+    def __init__(self, spec: ModelSpec, nodes: list[NodeRes], entry: bool, context: int, layers_hint: float):
         self.nodes = nodes
         g = len(nodes)
         speed = [n.read_Bps for n in nodes]
+        self.experts: list[tuple[int, int] | None] = [None] * g
+        self.shared: list[tuple[int, int] | None] = [None] * g
+        self.vocab: list[tuple[int, int] | None] = [None] * g
+        if entry:
+            self.vocab = _ranges(apportion(spec.vocab_size, speed)) if g > 1 else [(0, spec.vocab_size)]
+        self.fixed_bytes = [0] * g
+        self.head_bytes = [0.0] * g
+        for i, v in enumerate(self.vocab):
+            if v is not None:
+                frac = (v[1] - v[0]) / spec.vocab_size
+                self.fixed_bytes[i] = int(frac * (spec.embed_bytes + (0 if spec.tied else spec.head_bytes)))
+                self.head_bytes[i] = frac * spec.head_bytes
+        if spec.moe is not None:
+            self._split_experts(spec, context, layers_hint)
+            return
+        self.allreduces_per_layer = 2.0 if g > 1 else 0.0  # attention's and the MLP's
         self.kv = _ranges(apportion(spec.num_kv_heads, speed)) if g > 1 else [(0, spec.num_kv_heads)]
         # Even out the bytes per rank with the MLP columns: a rank with an extra head gets fewer.
         if g > 1:
@@ -347,28 +376,61 @@ class _Group:
             self.ffn = _ranges(apportion(spec.intermediate_size, want, unit=unit))
         else:
             self.ffn = [(0, spec.intermediate_size)]
-        self.vocab: list[tuple[int, int] | None] = [None] * g
-        if entry:
-            self.vocab = _ranges(apportion(spec.vocab_size, speed)) if g > 1 else [(0, spec.vocab_size)]
         self.layer_bytes = [
             spec.norm_bytes
             + spec.attn_bytes * (b - a) / spec.num_kv_heads
             + spec.mlp_bytes * (f1 - f0) / spec.intermediate_size
             for (a, b), (f0, f1) in zip(self.kv, self.ffn)
         ]
+        self.layer_read = list(self.layer_bytes)  # decode reads every weight held
         self.layer_flops = [
             2 * (spec.attn_params * (b - a) / spec.num_kv_heads + spec.mlp_params * (f1 - f0) / spec.intermediate_size)
             for (a, b), (f0, f1) in zip(self.kv, self.ffn)
         ]
         self.layer_kv = [2 * (b - a) * spec.head_dim * 4 * context for a, b in self.kv]
-        # Entry extras: the embedding rows (and an untied head's), and the head's read per token.
-        self.fixed_bytes = [0] * g
-        self.head_bytes = [0.0] * g
-        for i, v in enumerate(self.vocab):
-            if v is not None:
-                frac = (v[1] - v[0]) / spec.vocab_size
-                self.fixed_bytes[i] = int(frac * (spec.embed_bytes + (0 if spec.tied else spec.head_bytes)))
-                self.head_bytes[i] = frac * spec.head_bytes
+
+    def _split_experts(self, spec: ModelSpec, context: int, layers_hint: float) -> None:
+        """Expert group: attention, norms, dense MLPs and routers whole on every rank (and so its
+        cache); the routed experts in runs proportional to speed, capped by what fits in memory if
+        the stage gets `layers_hint` layers; the shared experts' columns likewise by speed."""
+        moe = spec.moe
+        assert moe is not None
+        g = len(self.nodes)
+        E = moe.num_experts
+        speed = [n.read_Bps for n in self.nodes]
+        whole = spec.norm_bytes + spec.attn_bytes + spec.mlp_bytes
+        kv = spec.kv_bytes_per_token_layer * context
+        self.kv = [(0, spec.num_kv_heads)] * g
+        self.ffn = [(0, spec.intermediate_size)] * g
+        self.allreduces_per_layer = moe.moe_layers / spec.num_layers if g > 1 else 0.0
+        if g > 1:
+            per_expert = max(1.0, layers_hint * moe.expert_bytes * moe.moe_layers / spec.num_layers)
+            caps = [max(1, int((n.free_bytes - self.fixed_bytes[i] - layers_hint * (whole + spec.shared_bytes + kv)) // per_expert))
+                    for i, n in enumerate(self.nodes)]
+            counts = _water_fill(E, speed, caps) if sum(caps) >= E else apportion(E, speed)
+            self.experts = list(_ranges(counts))
+            unit = spec.quant_group if moe.shared_size >= g * spec.quant_group else 1
+            self.shared = list(_ranges(apportion(moe.shared_size, speed, unit=unit, minimum=0))) if moe.shared_size else [(0, 0)] * g
+        else:
+            self.experts, self.shared = [(0, E)], [(0, moe.shared_size)]
+        moe_frac = moe.moe_layers / spec.num_layers
+        # The busiest rank of a decode step: k of E experts picked uniformly, c of them here, is
+        # hypergeometric; the group waits for the largest, ~ mean + std * sqrt(2 ln g) (capped at k).
+        k = moe.experts_per_token
+        spread = math.sqrt(2 * math.log(g)) if g > 1 else 0.0
+        self.layer_bytes, self.layer_read, self.layer_flops = [], [], []
+        routed_active = moe.moe_layers * (k * moe.expert_params + moe.shared_params)
+        dense_params = (moe.active_params - spec.vocab_size * spec.hidden_size - routed_active) / spec.num_layers
+        for (e0, e1), (s0, s1) in zip(self.experts, self.shared):  # type: ignore[misc]
+            c = e1 - e0
+            sfrac = (s1 - s0) / moe.shared_size if moe.shared_size else 0.0
+            mean = k * c / E
+            var = k * (c / E) * (1 - c / E) * (E - k) / max(E - 1, 1)
+            load = min(float(k), float(c), mean + math.sqrt(var) * spread)
+            self.layer_bytes.append(whole + spec.shared_bytes * sfrac + spec.routed_bytes * c / E)
+            self.layer_read.append(whole + spec.shared_bytes * sfrac + moe_frac * load * moe.expert_bytes)
+            self.layer_flops.append(2 * (dense_params + moe_frac * (moe.shared_params * sfrac + load * moe.expert_params)))
+        self.layer_kv = [kv] * g
 
     def layer_cap(self, overhead: int) -> tuple[int, int]:
         """(layers that fit on every rank, bytes missing for a single layer on the tightest rank)."""
@@ -386,15 +448,16 @@ def _build(
     cal: Calibration,
 ) -> Placement | _Shortfall:
     overhead = cal.runner_overhead(spec.quant_group > 1)
-    groups = [_Group(spec, nodes, i == 0, context) for i, nodes in enumerate(stages)]
+    hint = spec.num_layers / len(stages)
+    groups = [_Group(spec, nodes, i == 0, context, hint) for i, nodes in enumerate(stages)]
     links = [[link_between(view, a, b, cal) for a, b in itertools.combinations(g.nodes, 2)] for g in groups]
     H = spec.hidden_size * 4
 
     def per_layer_time(i: int) -> float:
         g = groups[i]
-        work = [RankWork(n, g.layer_bytes[r], g.layer_flops[r], 1) for r, n in enumerate(g.nodes)]
+        work = [RankWork(n, g.layer_read[r], g.layer_flops[r], 1) for r, n in enumerate(g.nodes)]
         colocated = len({n.host for n in g.nodes}) == 1
-        return group_compute_time(work, 1, False, cal) + 2 * allreduce_time(links[i], len(g.nodes), H, cal, colocated)
+        return group_compute_time(work, 1, False, cal) + g.allreduces_per_layer * allreduce_time(links[i], len(g.nodes), H, cal, colocated)
 
     # Layers: proportional to each stage's speed, capped by its memory, at least one each.
     caps, too_small = zip(*(g.layer_cap(overhead) for g in groups))
@@ -425,6 +488,7 @@ def _build(
                 ShardPlan(
                     node_id=n.id, node_name=n.name, address=n.address, rank=len(shards), stage=s, layers=(l0, l1),
                     tp_rank=r, tp_size=len(g.nodes), kv_heads=g.kv[r], ffn=g.ffn[r], vocab=g.vocab[r],
+                    experts=g.experts[r], shared=g.shared[r],
                     weight_bytes=weight, kv_bytes=kv, overhead_bytes=overhead,
                     threads=max(1, n.cores // same_host), device=n.device,
                 )
@@ -483,9 +547,9 @@ def _predict(
         # The entry sends the step message to the other ranks of its stage.
         comm += sum(message_time(link_between(view, entry, m, cal), 2048, cal) for m in g0.nodes[1:])
         for i, (g, n_layers) in enumerate(zip(groups, counts)):
-            work = [RankWork(n, g.layer_bytes[r] * n_layers, g.layer_flops[r] * n_layers, n_layers) for r, n in enumerate(g.nodes)]
+            work = [RankWork(n, g.layer_read[r] * n_layers, g.layer_flops[r] * n_layers, n_layers) for r, n in enumerate(g.nodes)]
             compute += group_compute_time(work, tokens, prefill, cal)
-            comm += 2 * n_layers * allreduce_time(links[i], len(g.nodes), H * tokens, cal, one_host[i] and len(g.nodes) > 1)
+            comm += g.allreduces_per_layer * n_layers * allreduce_time(links[i], len(g.nodes), H * tokens, cal, one_host[i] and len(g.nodes) > 1)
             nxt = groups[i + 1] if i + 1 < len(groups) else (g0 if len(groups) > 1 else None)
             if nxt is None:
                 continue
@@ -524,6 +588,11 @@ def _reason(p: Placement, nodes: list[NodeRes], request: PlacementRequest) -> st
     elif p.strategy == "pipeline":
         split = ", ".join(f"{s.node_name} {s.layers[1] - s.layers[0]}" for s in p.shards)
         why = f"layers split by speed and memory ({split})"
+    elif p.strategy == "expert" or (p.strategy == "hybrid" and p.shards[0].experts is not None):
+        groups = " | ".join(
+            "+".join(f"{s.node_name} experts {s.experts[0]}-{s.experts[1] - 1}" for s in st if s.experts)
+            + f" layers {st[0].layers[0]}-{st[0].layers[1]}" for st in p.stages)
+        why = f"routed experts split by speed and memory, attention on every rank ({groups})"
     elif p.strategy == "tensor":
         heads = ", ".join(f"{s.node_name} {s.kv_heads[1] - s.kv_heads[0]} kv heads/{s.ffn[1] - s.ffn[0]} mlp cols" for s in p.shards)
         why = f"one tensor group ({heads})"
@@ -546,7 +615,13 @@ def _refusal(
     if shortfall is None:
         what = request.strategy if request.strategy != "auto" else "any strategy"
         hint = ""
-        if request.strategy == "tensor":
+        if request.strategy == "tensor" and spec.is_moe:
+            hint = " (tensor parallel is not built for mixture-of-experts models: use strategy expert)"
+        elif request.strategy == "expert" and not spec.is_moe:
+            hint = " (expert parallel is for mixture-of-experts models)"
+        elif request.strategy == "expert":
+            hint = " (an expert group needs at least 2 nodes)"
+        elif request.strategy == "tensor":
             hint = f" (a tensor group needs 2 to {spec.num_kv_heads} nodes: one KV head each at least)"
         elif request.strategy == "hybrid":
             hint = " (hybrid needs at least 3 nodes: a tensor group of 2 and another stage)"

@@ -11,11 +11,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
 from shoal.catalog import CatalogEntry
 
 KV_BYTES_PER_VALUE = 4  # the KV cache is float32 (engine/cache.py)
+MOE_TYPES = ("deepseek_v3", "kimi_k2", "qwen3_moe", "mixtral")
+Q4_BYTES_PER_PARAM = 0.75  # 4-bit codes + float32 scale and bias per 32: how INT4/MLX-4bit experts are held
+
+
+class MoEShape(BaseModel):
+    """The mixture-of-experts part of a model, as the planner needs it: what an expert group splits
+    (the routed experts, whole, and the shared experts' columns) and what decode reads (only the
+    `experts_per_token` routed experts a token picks)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    num_experts: int  # routed experts per MoE layer
+    experts_per_token: int  # top-k
+    moe_layers: int  # layers with routed experts (the others have a dense MLP)
+    expert_bytes: int  # one routed expert of one layer, in memory
+    expert_params: int
+    shared_bytes: int  # the shared experts of one MoE layer, in memory (cut by columns in an expert group)
+    shared_params: int
+    shared_size: int  # their intermediate width
+    cache_values: int  # cache values per token per layer (MLA: the latent and the rope key)
+    active_params: int  # parameters read per token, whole model (the embedding row aside)
+    total_params: int
 
 
 class ModelSpec(BaseModel):
@@ -38,11 +62,31 @@ class ModelSpec(BaseModel):
     head_bytes: int  # the output head (read once per token); equals embed_bytes when tied
     tied: bool  # the head *is* the embedding: one copy in memory where both live
     quant_group: int = 1  # column cuts of o_proj/down_proj fall on multiples of this (1: dense)
+    # Mixture of experts: then `mlp_bytes` is what every rank of an expert group holds whole (the
+    # dense layers' MLPs and the routers, averaged over the layers) and `intermediate_size` the
+    # dense MLP's; the routed and shared experts are in `moe`.
+    moe: MoEShape | None = None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
+
+    @property
+    def routed_bytes(self) -> int:
+        """All routed experts of one layer, averaged over the layers."""
+        m = self.moe
+        return 0 if m is None else m.num_experts * m.expert_bytes * m.moe_layers // self.num_layers
+
+    @property
+    def shared_bytes(self) -> int:
+        """The shared experts of one layer, averaged over the layers."""
+        m = self.moe
+        return 0 if m is None else m.shared_bytes * m.moe_layers // self.num_layers
 
     # -- derived sizes
     @property
     def layer_bytes(self) -> int:
-        return self.attn_bytes + self.mlp_bytes + self.norm_bytes
+        return self.attn_bytes + self.mlp_bytes + self.norm_bytes + self.shared_bytes + self.routed_bytes
 
     @property
     def weight_bytes(self) -> int:
@@ -50,7 +94,9 @@ class ModelSpec(BaseModel):
 
     @property
     def kv_bytes_per_token_layer(self) -> int:
-        """K and V of one token in one layer, all KV heads."""
+        """K and V of one token in one layer, all KV heads (MLA: the compressed cache)."""
+        if self.moe is not None and self.moe.cache_values:
+            return self.moe.cache_values * KV_BYTES_PER_VALUE
         return 2 * self.num_kv_heads * self.head_dim * KV_BYTES_PER_VALUE
 
     @property
@@ -99,6 +145,11 @@ class ModelSpec(BaseModel):
         from shoal.weights.gguf import GGUFCheckpoint
 
         ckpt = open_checkpoint(path)
+        if ckpt.config.get("model_type") in MOE_TYPES:
+            try:
+                return _moe_spec_from_checkpoint(ckpt, name or path.stem)
+            finally:
+                ckpt.close()
         try:
             args = ModelArgs.from_dict(ckpt.config)
             names = ckpt.tensor_names()
@@ -151,6 +202,100 @@ class ModelSpec(BaseModel):
             tied=tied,
             quant_group=group,
         )
+
+
+# ----------------------------------------------------------------------------- mixtures of experts
+def moe_census(config: dict[str, Any]) -> dict[str, int]:
+    """Parameter counts of a DeepSeek-V3 / Kimi-K2, Qwen3-MoE or Mixtral model from its config.json."""
+    c = config
+    h, L, V = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+    if c["model_type"] in ("deepseek_v3", "kimi_k2"):
+        H = c["num_attention_heads"]
+        nope, rope, v, r, qr = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"], c.get("q_lora_rank")
+        q = (h * qr + qr + qr * H * (nope + rope)) if qr else h * H * (nope + rope)
+        attn = q + h * (r + rope) + r + r * H * (nope + v) + H * v * h
+        moe = sum(1 for i in range(L) if i >= c.get("first_k_dense_replace", 0) and i % c.get("moe_layer_freq", 1) == 0)
+        experts, mi = c["n_routed_experts"], c["moe_intermediate_size"]
+        shared_size = mi * (c.get("n_shared_experts") or 0)
+        router, cache, dense_f = experts * (h + 1), r + rope, c["intermediate_size"]
+        kv_heads, head_dim = H, nope + rope
+    else:
+        H, kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+        head_dim = c.get("head_dim") or h // H
+        attn = h * H * head_dim * 2 + h * kv_heads * head_dim * 2 + (2 * head_dim if c["model_type"] == "qwen3_moe" else 0)
+        experts = c.get("num_experts") or c.get("num_local_experts")
+        mi = c.get("moe_intermediate_size") or c["intermediate_size"]
+        if c["model_type"] == "mixtral":
+            moe = L
+        else:
+            step, only = c.get("decoder_sparse_step", 1), set(c.get("mlp_only_layers") or [])
+            moe = sum(1 for i in range(L) if i not in only and (i + 1) % step == 0)
+        shared_size, router, cache, dense_f = 0, experts * h, 0, c["intermediate_size"]
+    expert = 3 * h * mi
+    dense = L - moe
+    top_k = c["num_experts_per_tok"]
+    embed = head = V * h
+    tied = bool(c.get("tie_word_embeddings"))
+    base = L * (attn + 2 * h) + dense * 3 * h * dense_f + moe * (router + 3 * h * shared_size) + h
+    return dict(
+        layers=L, moe_layers=moe, attn=attn, dense_mlp=3 * h * dense_f, dense_f=dense_f, router=router,
+        shared=3 * h * shared_size, shared_size=shared_size, expert=expert, experts=experts, top_k=top_k,
+        embed=embed, head=head, tied=int(tied), cache_values=cache, kv_heads=kv_heads, head_dim=head_dim, heads=H,
+        total=base + moe * experts * expert + embed + (0 if tied else head),
+        active=base + moe * top_k * expert + (head if not tied else embed),
+    )
+
+
+def moe_spec(config: dict[str, Any], name: str, dense_bpp: float, expert_bpp: float, quant_group: int = 1) -> ModelSpec:
+    """A mixture-of-experts spec from a config and how many bytes per parameter the engine holds the
+    dense tensors (`dense_bpp`: 4 for float32) and the routed experts (`expert_bpp`) in."""
+    k = moe_census(config)
+    L, h = k["layers"], config["hidden_size"]
+    replicated_mlp = ((L - k["moe_layers"]) * k["dense_mlp"] + k["moe_layers"] * k["router"]) / L
+    return ModelSpec(
+        name=name,
+        architecture=config["model_type"],
+        num_layers=L,
+        hidden_size=h,
+        intermediate_size=k["dense_f"],
+        num_heads=k["heads"],
+        num_kv_heads=k["kv_heads"],
+        head_dim=k["head_dim"],
+        vocab_size=config["vocab_size"],
+        max_context=config.get("max_position_embeddings", 4096),
+        attn_bytes=int(k["attn"] * dense_bpp),
+        mlp_bytes=int(replicated_mlp * dense_bpp),
+        norm_bytes=2 * h * 4,
+        embed_bytes=int(k["embed"] * dense_bpp),
+        head_bytes=int(k["head"] * dense_bpp),
+        tied=bool(k["tied"]),
+        quant_group=quant_group,
+        moe=MoEShape(
+            num_experts=k["experts"], experts_per_token=k["top_k"], moe_layers=k["moe_layers"],
+            expert_bytes=int(k["expert"] * expert_bpp), expert_params=k["expert"],
+            shared_bytes=int(k["shared"] * dense_bpp), shared_params=k["shared"], shared_size=k["shared_size"],
+            cache_values=k["cache_values"], active_params=k["active"], total_params=k["total"],
+        ),
+    )
+
+
+def _moe_spec_from_checkpoint(ckpt, name: str) -> ModelSpec:
+    """Bytes per parameter as the loader will hold them, judged from one stored tensor of each kind:
+    4-bit experts (compressed-tensors INT4, MLX 4-bit) stay packed; everything else becomes float32."""
+    cfg = ckpt.config
+    k = moe_census(cfg)
+    names = ckpt.tensor_names()
+    expert = next((n for n in names if ".experts." in n and n.endswith(".weight")), None)
+    expert_bpp = 4.0
+    if expert is not None and ckpt.tensor_nbytes(expert) < 0.7 * k["expert"] / 3:
+        expert_bpp = Q4_BYTES_PER_PARAM
+    quant = getattr(ckpt, "quantization", None)
+    dense_bpp = 4.0
+    group = 32 if expert_bpp < 1 else 1
+    if quant:  # MLX: every linear layer quantized
+        dense_bpp = quant["bits"] / 8 + 8 / quant["group_size"]
+        group = int(quant["group_size"])
+    return moe_spec(cfg, name, dense_bpp, expert_bpp, group)
 
 
 def spec_for(ref: str) -> ModelSpec:

@@ -25,7 +25,7 @@ def _default_cluster() -> str:
 
 def add_cluster_placement_arguments(p: argparse.ArgumentParser, cluster_default: str | None) -> None:
     p.add_argument("--cluster", default=cluster_default, metavar="URL", help="any node of the cluster")
-    p.add_argument("--strategy", default="auto", choices=["auto", "pipeline", "tensor", "hybrid"],
+    p.add_argument("--strategy", default="auto", choices=["auto", "pipeline", "tensor", "hybrid", "expert"],
                    help="how to split the model (default: auto, the fastest predicted that fits)")
     p.add_argument("--nodes", default=None, metavar="N|A,B,..",
                    help="how many nodes, or which (names or ids, in stage order; the first is the entry)")
@@ -109,6 +109,8 @@ def _describe(inst: dict[str, Any]) -> str:
     lines = [f"instance {inst['id']}  model {inst['model']}  strategy {inst['strategy']}  status {inst['status']}"]
     for s in inst["shards"]:
         tp = f"  tp {s['tp_rank']}/{s['tp_size']} kv heads {s['kv_heads'][0]}-{s['kv_heads'][1]} mlp {s['ffn'][0]}-{s['ffn'][1]}" if s["tp_size"] > 1 else ""
+        if s.get("experts") and s["tp_size"] > 1:
+            tp = f"  ep {s['tp_rank']}/{s['tp_size']} experts {s['experts'][0]}-{s['experts'][1] - 1}"
         rss = f"  rss {s['rss_bytes'] / 2**20:.0f} MiB" if s.get("rss_bytes") else ""
         lines.append(f"  rank {s['rank']}  {s['node_name']:<12} layers {s['layers'][0]}-{s['layers'][1]}{tp}"
                      f"  planned {s['planned_bytes'] / 2**20:.0f} MiB{rss}")

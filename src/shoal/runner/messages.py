@@ -144,7 +144,7 @@ class CreateInstance(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    strategy: Literal["auto", "pipeline", "tensor", "hybrid"] = "auto"
+    strategy: Literal["auto", "pipeline", "tensor", "hybrid", "expert"] = "auto"
     nodes: list[str] | int | None = None  # names/ids in stage order, or how many
     context: int | None = Field(default=None, ge=1)
     tp_size: int | None = Field(default=None, ge=1)

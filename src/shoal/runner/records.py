@@ -117,6 +117,8 @@ def public_instance(rec: InstanceRecord, shards: dict[tuple[str, int], HostedSha
             "node_id": s.node_id, "node_name": s.node_name, "rank": s.rank, "stage": s.stage,
             "layers": list(s.layers), "tp_rank": s.tp_rank, "tp_size": s.tp_size,
             "kv_heads": list(s.kv_heads), "ffn": list(s.ffn), "planned_bytes": s.memory_bytes,
+            "weight_bytes": s.weight_bytes,
+            "experts": list(s.experts) if s.experts else None, "shared": list(s.shared) if s.shared else None,
             "status": live.status if live else None, "rss_bytes": live.rss_bytes if live else None,
             "stats": live.stats if live else {},
         })

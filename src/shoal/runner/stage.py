@@ -3,6 +3,7 @@ instance's process groups, and running its part of every step (see protocol.py f
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import logging
 import time
@@ -12,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from shoal.engine import threads
-from shoal.engine.cache import KVCache
-from shoal.models.llama import BatchLayout, LlamaShard, ModelArgs, ShardSpec, TensorSlice, required_weights, slice_weight
+from shoal.models.llama import BatchLayout, LlamaShard, ShardSpec, TensorSlice, required_weights, slice_rows, slice_weight
+from shoal.models.moe import ExpertSlice
 from shoal.placement.planner import ShardPlan
 from shoal.runner.protocol import (
     OP_PING,
@@ -33,30 +34,46 @@ log = logging.getLogger("shoal.runner")
 
 @dataclass
 class LoadedStage:
-    model: LlamaShard
-    args: ModelArgs
+    model: torch.nn.Module  # LlamaShard, or an MoE family's shard (same interface)
+    args: object
     tokenizer: object | None
 
 
 def load_stage(ref: str, shard: ShardPlan, num_layers: int | None = None, with_tokenizer: bool = False) -> LoadedStage:
     """Read this rank's tensors, one at a time, each cut to its tensor slice as it arrives: the
-    process never holds more than its share plus one whole tensor."""
-    from shoal.engine.loader import load_tokenizer, open_checkpoint, resolve_model
+    process never holds more than its share plus one whole tensor. An expert-parallel rank reads
+    only its routed experts (the others are never touched: safetensors are memory-mapped)."""
+    from shoal.engine.loader import ARCHITECTURES, load_tokenizer, open_checkpoint, resolve_model
 
     ckpt = open_checkpoint(resolve_model(ref))
     try:
-        args = ModelArgs.from_dict(ckpt.config)
+        arch = ARCHITECTURES.get(ckpt.config.get("model_type"))
+        if arch is None:
+            raise ValueError(f"unsupported architecture {ckpt.config.get('model_type')!r}")
+        args = arch.args.from_dict(ckpt.config)
         n = args.num_hidden_layers
         if num_layers is not None and num_layers != n:
             raise ValueError(f"the placement was made for {num_layers} layers, the checkpoint has {n}")
         entry = shard.vocab is not None
         spec = ShardSpec(shard.layers[0], shard.layers[1], n, embed=entry, head=entry)
         vocab = shard.vocab if shard.vocab is not None and shard.vocab != (0, args.vocab_size) else None
-        tp = TensorSlice(shard.tp_rank, shard.tp_size, tuple(shard.kv_heads), tuple(shard.ffn), vocab)
-        weights = {}
-        for name in required_weights(args, spec, ckpt.tensor_names()):
-            weights[name] = slice_weight(args, tp, name, ckpt.load([name])[name])
-        model = LlamaShard(args, spec, weights, tp)
+        if shard.experts is not None:
+            experts = ExpertSlice(shard.tp_rank, shard.tp_size, tuple(range(*shard.experts)), tuple(shard.shared or (0, 0)))
+            weights = {}
+            for name in arch.required_weights(args, spec, ckpt.tensor_names(), experts):
+                w = ckpt.load([name])[name]
+                if vocab is not None and name in ("model.embed_tokens.weight", "lm_head.weight"):
+                    w = slice_rows(w, *vocab)
+                weights[name] = w
+            model = arch.model(args, spec, weights, experts, vocab)
+        else:
+            if arch.model is not LlamaShard:
+                raise ValueError(f"{args.model_type} is a mixture of experts: place it with strategy expert, pipeline or hybrid")
+            tp = TensorSlice(shard.tp_rank, shard.tp_size, tuple(shard.kv_heads), tuple(shard.ffn), vocab)
+            weights = {}
+            for name in required_weights(args, spec, ckpt.tensor_names()):
+                weights[name] = slice_weight(args, tp, name, ckpt.load([name])[name])
+            model = LlamaShard(args, spec, weights, tp)
         del weights
         rope_freqs = getattr(ckpt, "rope_freqs", None)
         if rope_freqs is not None:
@@ -64,7 +81,18 @@ def load_stage(ref: str, shard: ShardPlan, num_layers: int | None = None, with_t
         tokenizer = load_tokenizer(ckpt) if with_tokenizer else None
     finally:
         ckpt.close()
+    _trim_heap()
     return LoadedStage(model.eval(), args, tokenizer)
+
+
+def _trim_heap() -> None:
+    """Give glibc's free heap pages back to the system. Reading tensors one at a time (and widening
+    bf16 to float32) leaves tens of MB of freed buffers in the heap, which would otherwise count
+    against this rank's planned share for as long as it runs."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc (macOS, musl): nothing to do
 
 
 class TensorGroup:
@@ -148,13 +176,13 @@ class StageWorker:
     states. So a rank wakes up once per step — when its input arrives — instead of once for a
     broadcast and again for its input."""
 
-    def __init__(self, model: LlamaShard, comm: Comm, tp: TensorGroup | None, shards: list[ShardPlan]):
+    def __init__(self, model: torch.nn.Module, comm: Comm, tp: TensorGroup | None, shards: list[ShardPlan]):
         self.model, self.comm, self.tp = model, comm, tp
         model.shard(tp)
         # Rank 0 assembles the logits from the vocabulary slices of its stage's ranks.
         self.vocab_ranges = {s.rank: tuple(s.vocab) for s in shards if s.vocab is not None}
         self.hidden = model.args.hidden_size
-        self.caches: dict[int, list[KVCache]] = {}
+        self.caches: dict[int, list] = {}  # sequence id -> its per-layer caches (KVCache, or MLACache)
         self.steps = 0
         self.tokens = 0
         self.step_s = 0.0  # wall time inside steps

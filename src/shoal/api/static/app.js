@@ -504,7 +504,7 @@ function pick(obj, ...keys) {
   return undefined;
 }
 
-const REQUEST_STRATEGIES = new Set(["auto", "pipeline", "tensor", "hybrid"]);
+const REQUEST_STRATEGIES = new Set(["auto", "pipeline", "tensor", "hybrid", "expert"]);
 
 function shardBytes(sh) {
   const whole = pick(sh, "memory_bytes", "bytes", "memory");
