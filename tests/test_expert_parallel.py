@@ -8,6 +8,8 @@ Each rank reads only its routed experts: its resident memory follows its planned
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +115,22 @@ def test_each_rank_holds_only_its_experts(launcher: NodeLauncher, tmp_path: Path
     status, preview = call(a, "GET", f"/v1/placement?model={path}&strategy=tensor")
     assert status == 200 and "use strategy expert" in preview["plans"]["tensor"]["error"], preview
     delete(a, inst["id"])
+
+
+def test_mla_model_served_by_the_api(moe_models, references) -> None:
+    """One process (`shoal.api.serve`) serving the Kimi-shaped model (its admission control sizes the
+    compressed MLA cache, not K and V): the OpenAI completions endpoint gives the single-process
+    greedy tokens."""
+    from api_helpers import running_server
+
+    path = moe_models["kimi-k2"]
+    with running_server("--model", str(path)) as server:
+        body = {"model": path.name, "prompt": " ".join(f"t{i}" for i in PROMPT), "max_tokens": TOKENS, "temperature": 0,
+                "ignore_eos": True}
+        req = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            out = json.loads(r.read())
+        expected = " ".join(f"t{i}" for i in references[str(path)])
+        assert out["choices"][0]["text"].split() == expected.split(), (out, expected)
+        assert out["usage"]["completion_tokens"] == TOKENS
