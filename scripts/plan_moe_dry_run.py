@@ -13,12 +13,13 @@ expert parallel over one group, and hybrid (expert groups as pipeline stages) â€
 layers, experts and memory, and the predicted decode tokens/s; or the refusal with what is missing.
 
 Holdings (bytes per parameter in memory):
-  as-shipped  what the loader does today: dense bf16/FP8 tensors become float32 (4 B/param); INT4
-              experts stay packed (4-bit codes + float32 scale and bias per 32 = 0.75 B/param).
+  as-shipped  what the loader does: bf16 tensors become float32 (4 B/param); FP8 ones 8-bit codes
+              with a float32 scale per 32 (1.125 B/param); INT4 experts stay packed (4-bit codes +
+              float32 scale and bias per 32 = 0.75 B/param).
   mlx 4-bit   the mlx-community conversions (what exo runs): every linear layer 4-bit, group 64,
               held packed (0.625 B/param).
-  8-bit       dense weights held as 8-bit codes + a scale per 32 (1.125 B/param), experts as
-              shipped (INT4) or 8-bit (FP8). The loader does not convert to it yet.
+  8-bit       Kimi's bf16 dense weights held as 8-bit codes + a scale per 32 (1.125 B/param),
+              experts INT4. The loader does not convert bf16 to it yet.
 `--bandwidth-gbs` is what a node's profile would measure (copy bandwidth); the planner's
 calibration (measured on the 2-core reference machine) turns it into the weight-read rate.
 """
@@ -30,18 +31,19 @@ import argparse
 from shoal.cluster.messages import NodeProfile
 from shoal.cluster.topology import ClusterView, LinkView, NodeView
 from shoal.placement.planner import Placement, PlacementError, PlacementRequest, plan_each_strategy
-from shoal.placement.spec import Q4_BYTES_PER_PARAM, moe_census, moe_spec
+from shoal.placement.spec import FP8_HELD_BYTES_PER_PARAM, Q4_BYTES_PER_PARAM, moe_census, moe_spec
 from shoal.synthetic import PUBLISHED
 
 GB = 1e9
 MLX4 = 0.5 + 8 / 64  # mlx-community 4-bit: codes + float32 scale and bias per 64
-HOLDINGS = {  # model -> [(name, dense bytes/param, expert bytes/param, built)]
+FP8 = FP8_HELD_BYTES_PER_PARAM
+HOLDINGS = {  # model -> [(name, dense bytes/param, expert bytes/param, built); the embedding and head of
+    # the as-shipped releases are bf16, held as float32
     "kimi-k2": [("as-shipped: INT4 experts packed, the rest float32", 4.0, Q4_BYTES_PER_PARAM, True),
                 ("mlx-community 4-bit: every linear layer 4-bit", MLX4, MLX4, True),
                 ("8-bit dense, INT4 experts", 1.125, Q4_BYTES_PER_PARAM, False)],
-    "deepseek-v3": [("as-shipped: FP8 widened to float32", 4.0, 4.0, True),
-                    ("mlx-community 4-bit: every linear layer 4-bit", MLX4, MLX4, True),
-                    ("8-bit everywhere (FP8 -> 8-bit codes)", 1.125, 1.125, False)],
+    "deepseek-v3": [("as-shipped: FP8 held as 8-bit codes, embedding and head float32", FP8, FP8, True),
+                    ("mlx-community 4-bit: every linear layer 4-bit", MLX4, MLX4, True)],
 }
 
 
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("kimi-k2", "deepseek-v3"):
         census(name)
         for holding, dense_bpp, expert_bpp, built in HOLDINGS[name]:
-            spec = moe_spec(PUBLISHED[name], name, dense_bpp, expert_bpp, 32)
+            embed_bpp = None if holding.startswith("mlx") else 4.0
+            spec = moe_spec(PUBLISHED[name], name, dense_bpp, expert_bpp, 32, embed_bpp)
             print(f"  holding {holding}{'' if built else '  [not built yet]'}: {spec.weight_bytes / GB:,.0f} GB of weights")
             for kind, p in plan_each_strategy(spec, view, PlacementRequest(context=a.context, nodes=None)).items():
                 show(kind, p)

@@ -72,6 +72,22 @@ def test_fp8_block_dequantize(shape):
     torch.testing.assert_close(torch.from_numpy(fp8_block_dequantize(q.view(torch.uint8).numpy(), s.numpy())), ours, atol=0, rtol=0)
 
 
+def test_fp8_is_held_as_8bit_codes_within_half_a_step():
+    from shoal.weights.hf_quant import fp8_to_q8
+
+    torch.manual_seed(7)
+    q, s = fp8_block_quantize(torch.randn(256, 320) * torch.rand(256, 1))
+    exact = fp8_block_dequantize(q, s)
+    held = fp8_to_q8(exact)
+    assert held.kind == "q8_sym" and held.group_size == 32
+    assert held.codes.nbytes + held.scales.nbytes == 256 * 320 * 1.125  # not float32's 4 bytes/param
+    step = np.repeat(held.scales, 32, axis=1)
+    assert np.all(np.abs(held.dequantize() - exact) <= step / 2 + 1e-7 * np.abs(exact))
+    assert np.all(np.abs(held.codes.astype(np.int32)).reshape(256, 10, 32).max(axis=-1) == 127)  # each group's max is exact
+    odd = fp8_block_dequantize(*fp8_block_quantize(torch.randn(8, 40)))
+    assert isinstance(fp8_to_q8(odd), torch.Tensor)  # a width that is not a multiple of 32 stays float32
+
+
 def test_fp8_matches_transformers():
     fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
     torch.manual_seed(1)

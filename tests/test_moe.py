@@ -268,6 +268,15 @@ def test_split_experts_is_proportional():
 # ----------------------------------------------------------------------------- quantized checkpoints
 
 
+def ref_hold_8bit(w: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """How shoal holds FP8 weights, from its definition: per 32 values of a row, scale = max|w|/127,
+    value = scale * round(w / scale)."""
+    g = w.reshape(w.shape[0], -1, group)
+    scale = g.abs().amax(dim=-1, keepdim=True) / 127
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return (torch.round(g / scale).clamp(-127, 127) * scale).reshape(w.shape)
+
+
 def dense_reference_dir(src, dst):
     """Decode a quantized synthetic checkpoint with plain reference decoders written from the
     formats' definitions (tests/test_hf_quant.py) into fp32 tensors under plain names."""
@@ -288,7 +297,7 @@ def dense_reference_dir(src, dst):
             bits = q["config_groups"]["group_0"]["weights"]["num_bits"]
             out[f"{base}.weight"] = ref_pack(v, t[f"{base}.weight_scale"], int(t[f"{base}.weight_shape"][1]), bits)
         elif n.endswith(".weight") and f"{n}_scale_inv" in t:
-            out[n] = ref_fp8(v, t[f"{n}_scale_inv"], 128)
+            out[n] = ref_hold_8bit(ref_fp8(v, t[f"{n}_scale_inv"], 128))
         elif mlx and n.endswith(".weight") and n.removesuffix("weight") + "scales" in t:
             base = n.removesuffix(".weight")
             bits = (mlx.get(base) or mlx)["bits"]

@@ -20,6 +20,7 @@ from shoal.catalog import CatalogEntry
 KV_BYTES_PER_VALUE = 4  # the KV cache is float32 (engine/cache.py)
 MOE_TYPES = ("deepseek_v3", "kimi_k2", "qwen3_moe", "mixtral")
 Q4_BYTES_PER_PARAM = 0.75  # 4-bit codes + float32 scale and bias per 32: how INT4/MLX-4bit experts are held
+FP8_HELD_BYTES_PER_PARAM = 1.125  # FP8 weights are held as 8-bit codes + a float32 scale per 32
 
 
 class MoEShape(BaseModel):
@@ -246,9 +247,12 @@ def moe_census(config: dict[str, Any]) -> dict[str, int]:
     )
 
 
-def moe_spec(config: dict[str, Any], name: str, dense_bpp: float, expert_bpp: float, quant_group: int = 1) -> ModelSpec:
+def moe_spec(config: dict[str, Any], name: str, dense_bpp: float, expert_bpp: float, quant_group: int = 1,
+             embed_bpp: float | None = None) -> ModelSpec:
     """A mixture-of-experts spec from a config and how many bytes per parameter the engine holds the
-    dense tensors (`dense_bpp`: 4 for float32) and the routed experts (`expert_bpp`) in."""
+    dense tensors (`dense_bpp`: 4 for float32), the routed experts (`expert_bpp`) and the
+    embedding and head (`embed_bpp`, default `dense_bpp`) in."""
+    embed_bpp = dense_bpp if embed_bpp is None else embed_bpp
     k = moe_census(config)
     L, h = k["layers"], config["hidden_size"]
     replicated_mlp = ((L - k["moe_layers"]) * k["dense_mlp"] + k["moe_layers"] * k["router"]) / L
@@ -266,8 +270,8 @@ def moe_spec(config: dict[str, Any], name: str, dense_bpp: float, expert_bpp: fl
         attn_bytes=int(k["attn"] * dense_bpp),
         mlp_bytes=int(replicated_mlp * dense_bpp),
         norm_bytes=2 * h * 4,
-        embed_bytes=int(k["embed"] * dense_bpp),
-        head_bytes=int(k["head"] * dense_bpp),
+        embed_bytes=int(k["embed"] * embed_bpp),
+        head_bytes=int(k["head"] * embed_bpp),
         tied=bool(k["tied"]),
         quant_group=quant_group,
         moe=MoEShape(
@@ -281,7 +285,9 @@ def moe_spec(config: dict[str, Any], name: str, dense_bpp: float, expert_bpp: fl
 
 def _moe_spec_from_checkpoint(ckpt, name: str) -> ModelSpec:
     """Bytes per parameter as the loader will hold them, judged from one stored tensor of each kind:
-    4-bit experts (compressed-tensors INT4, MLX 4-bit) stay packed; everything else becomes float32."""
+    4-bit experts (compressed-tensors INT4, MLX 4-bit) stay packed; FP8 linear layers become 8-bit
+    codes (1.125, hf_quant.fp8_to_q8) while the embedding and head stay float32; everything else
+    becomes float32."""
     cfg = ckpt.config
     k = moe_census(cfg)
     names = ckpt.tensor_names()
@@ -290,12 +296,15 @@ def _moe_spec_from_checkpoint(ckpt, name: str) -> ModelSpec:
     if expert is not None and ckpt.tensor_nbytes(expert) < 0.7 * k["expert"] / 3:
         expert_bpp = Q4_BYTES_PER_PARAM
     quant = getattr(ckpt, "quantization", None)
-    dense_bpp = 4.0
+    dense_bpp, embed_bpp = 4.0, None
     group = 32 if expert_bpp < 1 else 1
     if quant:  # MLX: every linear layer quantized
         dense_bpp = quant["bits"] / 8 + 8 / quant["group_size"]
         group = int(quant["group_size"])
-    return moe_spec(cfg, name, dense_bpp, expert_bpp, group)
+    elif (cfg.get("quantization_config") or {}).get("quant_method") == "fp8":
+        dense_bpp, embed_bpp, group = FP8_HELD_BYTES_PER_PARAM, 4.0, 32
+        expert_bpp = min(expert_bpp, FP8_HELD_BYTES_PER_PARAM)
+    return moe_spec(cfg, name, dense_bpp, expert_bpp, group, embed_bpp)
 
 
 def spec_for(ref: str) -> ModelSpec:

@@ -309,6 +309,22 @@ def from_mlx(weight_u32, scales, biases, bits: int, group_size: int) -> Quantize
 # ----------------------------------------------------------------------------------------------
 # dense -> quantized
 # ----------------------------------------------------------------------------------------------
+def quantize_sym8(w: np.ndarray, group_size: int = 32) -> QuantizedWeight:
+    """Round-to-nearest symmetric 8-bit quantization of a float (N, K) matrix per group of
+    ``group_size`` elements of a row: scale = max|w|/127, code = rint(w/scale) -> q8_sym.
+    |w - dequantized| <= scale/2 (plus float32 rounding)."""
+    G = int(group_size)
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2 or w.shape[1] % G:
+        raise ValueError(f"cannot quantize shape {w.shape} with group_size {G}")
+    N, K = w.shape
+    g = w.reshape(N, K // G, G)
+    scale = (np.abs(g).max(axis=-1) / np.float32(127)).astype(np.float32)
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(g / scale[..., None]), -127, 127).astype(np.int8)
+    return QuantizedWeight("q8_sym", q.reshape(N, K), scale, None, G)
+
+
 def quantize_affine(w: np.ndarray, bits: int = 4, group_size: int = 32) -> QuantizedWeight:
     """Round-to-nearest asymmetric quantization of a float (N, K) matrix, per group of
     ``group_size`` consecutive elements of a row: bias = group min, scale = (max - min)/(2^bits - 1),
