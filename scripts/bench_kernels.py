@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Benchmark the shoal.quant GEMV kernels (M=1) against the memory-bandwidth limit and torch.
+"""Benchmark the shoal.quant kernels: GEMV (M=1) against the memory-bandwidth limit and torch,
+and batches (M>1) against dequantize + BLAS and against M=1.
 
     python scripts/bench_kernels.py [--threads 2] [--kinds q4_affine,q8_sym,q8_affine]
-                                    [--stream-mb 256] [--threshold] [--overhead]
+                                    [--stream-mb 256] [--threshold] [--model-step] [--ms 1,8]
+                                    [--overhead] [--no-gemv]
 
 For each kind and (N, K) shape it prints the kernel's throughput in GB/s of weight bytes
 (codes + float32 scales/biases) in two regimes:
@@ -14,6 +16,8 @@ torch.nn.functional.linear on the dequantized fp32 weight (hot, same M=1 input).
 Timings are the best of several batches (the machine is shared; best-of filters interference).
 
 --threshold sweeps M to compare the numba kernel with dequantize + F.linear (QuantLinear.small_m).
+--model-step times the kernels of one decode step of the bundled model's shapes (weights cold) for
+  batch sizes M, and prints each against M=1: what batching can gain before attention and Python.
 --overhead measures QuantLinear.forward's per-call cost at M=1 on a (576, 576) weight.
 """
 from __future__ import annotations
@@ -100,11 +104,10 @@ def bench_gemv(kinds, G, stream_mb, peak):
                   f"{t_torch * 1e6:8.1f} {t_torch / t_hot:6.1f}x")
 
 
-def bench_threshold(G):
+def bench_threshold(kinds, G, Ms):
     rng = np.random.default_rng(1)
-    Ms = [1, 2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 32, 64]
     print("\nM sweep (us per call): numba kernel vs dequantize + F.linear;  '*' = faster")
-    for kind in ("q4_affine", "q8_sym", "q8_affine"):
+    for kind in kinds:
         for N, Kd in [(576, 576), (960, 576), (3072, 576), (576, 1536)]:
             qw = random_qw(kind, N, Kd, G, rng)
             mod = QuantLinear(qw)
@@ -120,6 +123,32 @@ def bench_threshold(G):
                         td = min(td, best_time(lambda: mod(x), 10, 3))
                 row.append(f"{M}:{tk * 1e6:.0f}{'*' if tk <= td else ''}/{td * 1e6:.0f}{'*' if td < tk else ''}")
             print(f"{kind:10s} {N:5d}x{Kd:<5d} " + " ".join(row))
+
+
+def bench_model_step(kind, G, layers, Ms):
+    """The kernels of one decode step of a SmolLM2-135M-shaped model (per layer: fused q/k/v 960x576,
+    o 576x576, fused gate/up 3072x576, down 576x1536; then a q8_sym 49152x576 head), weights cold
+    as in decode (each weight once per step, ~110 MB), for batch sizes M."""
+    rng = np.random.default_rng(3)
+    ws = [random_qw(kind, N, Kd, G, rng) for _ in range(layers)
+          for N, Kd in [(960, 576), (576, 576), (3072, 576), (576, 1536)]]
+    ws.append(random_qw("q8_sym", 49152, 576, 32, rng))
+    fns = [kernel_fn(w) for w in ws]
+    mb = sum(w.nbytes for w in ws) / 1e6
+    print(f"\nmodel step: {layers} layers of {kind} G={G} + q8_sym head, {mb:.0f} MB of weights per step")
+    base = None
+    for M in Ms:
+        xs = {Kd: rng.standard_normal((M, Kd)).astype(np.float32) for Kd in (576, 1536)}
+        outs = [np.empty((M, w.shape[0]), np.float32) for w in ws]
+        args = [(xs[w.shape[1]], o) for w, o in zip(ws, outs)]
+
+        def step():
+            for f, (x, o) in zip(fns, args):
+                f(x, o)
+        t = best_time(step, 1, 9)
+        base = base or t
+        print(f"  M={M:2d}: {t * 1e3:6.2f} ms  ({t / base:4.2f}x the time of M={Ms[0]}, "
+              f"{M * base / t:4.2f}x its tokens/s)")
 
 
 def bench_overhead(G):
@@ -150,9 +179,14 @@ def main():
     ap.add_argument("--stream-mb", type=float, default=256)
     ap.add_argument("--peak-gbs", type=float, default=13.0)
     ap.add_argument("--threshold", action="store_true")
+    ap.add_argument("--ms", default=None, help="batch rows M, comma-separated (defaults: --threshold "
+                    "1,2,4,...,64; --model-step 1,2,4,8,16)")
     ap.add_argument("--overhead", action="store_true")
+    ap.add_argument("--model-step", action="store_true",
+                    help="kernels of one decode step of the bundled model's shapes")
     ap.add_argument("--no-gemv", action="store_true")
     a = ap.parse_args()
+    ms = [int(m) for m in a.ms.split(",")] if a.ms else None
     numba.set_num_threads(a.threads)
     torch.set_num_threads(a.threads)
     print(f"threads={a.threads} numba threading layer: ", end="")
@@ -162,8 +196,10 @@ def main():
         bench_gemv(a.kinds.split(","), a.group_size, a.stream_mb, a.peak_gbs)
     if a.overhead:
         bench_overhead(a.group_size)
+    if a.model_step:
+        bench_model_step("q4_affine", a.group_size, 30, ms or [1, 2, 4, 8, 16])
     if a.threshold:
-        bench_threshold(a.group_size)
+        bench_threshold(a.kinds.split(","), a.group_size, ms or [1, 2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 32, 48, 64])
 
 
 if __name__ == "__main__":

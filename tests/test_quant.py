@@ -165,6 +165,62 @@ def test_matmul_kernels(kind, G):
             assert _rel_err(out, x.astype(np.float64) @ W.T) <= 1e-5, (N, Kd, M)
 
 
+# group sizes: the literal chunk counts (q4: G=32 -> 1 chunk, 64 -> 2; q8: 16 -> 1, 32 -> 2), a
+# run-time chunk count (q4 96/128, q8 64/128) and sizes only the plain loops take (24, 8)
+BATCH_CASES = [("q4_affine", 32), ("q4_affine", 64), ("q4_affine", 96), ("q4_affine", 128), ("q4_affine", 24),
+               ("q8_sym", 16), ("q8_sym", 32), ("q8_sym", 64), ("q8_sym", 128), ("q8_sym", 24),
+               ("q8_affine", 16), ("q8_affine", 32), ("q8_affine", 128), ("q8_affine", 8)]
+
+
+@pytest.mark.parametrize("kind,G", BATCH_CASES)
+def test_matmul_batches(kind, G):
+    """M = 2..17 (batch tiles of 2-8 rows of x, ceil(M/8) per weight row pair), odd and even N,
+    against the dequantized weight in float64.  The batch tiles compute exactly "dequantize, then
+    dot" in float32, so the error is bounded by float32 summation: relative to sum |W x|."""
+    r = rng(21)
+    Kd = 384
+    for N in (1, 2, 7, 38):
+        qw = _random_qw(kind, N, Kd, G, r)
+        W = qw.dequantize().astype(np.float64)
+        for M in range(2, 18):
+            x = r.standard_normal((M, Kd)).astype(np.float32)
+            out = np.full((M, N), np.nan, np.float32)
+            K.matmul(qw, x, out)
+            ref = x.astype(np.float64) @ W.T
+            scale = np.abs(x.astype(np.float64)) @ np.abs(W).T
+            assert np.all(np.abs(out - ref) <= 5e-7 * scale), (N, M)
+
+
+def test_batch_tile_decode_paths_agree():
+    """q4 codes become weights by a table lookup (vpermps) on AVX-512 and by int -> float
+    conversion elsewhere: both give the same weights, so the same bits."""
+    if not K._PERMUTE:
+        pytest.skip("no AVX-512: only the conversion path exists here")
+    from numba import njit
+
+    lookup, convert = (K._make_batch_tile("q4_affine", 5, permute=p) for p in (True, False))
+
+    @njit
+    def run_lookup(c, s, b, x, o, ng, C, N):
+        for n in range(0, N, 2):
+            lookup(c, s, b, x, o, n, 0, ng, C, N)
+
+    @njit
+    def run_convert(c, s, b, x, o, ng, C, N):
+        for n in range(0, N, 2):
+            convert(c, s, b, x, o, n, 0, ng, C, N)
+
+    r = rng(22)
+    for G in (32, 64, 128):
+        qw = _random_qw("q4_affine", 10, 256, G, r)
+        x = r.standard_normal((5, 256)).astype(np.float32)
+        a, b = np.empty((5, 10), np.float32), np.empty((5, 10), np.float32)
+        run_lookup(qw.codes, qw.scales, qw.biases, x, a, 256 // G, G // 32, 10)
+        run_convert(qw.codes, qw.scales, qw.biases, x, b, 256 // G, G // 32, 10)
+        assert np.array_equal(a, b)
+        assert _rel_err(a, x.astype(np.float64) @ qw.dequantize().astype(np.float64).T) <= 1e-6
+
+
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0])
 def test_matmul_real_formats(qtype):
     """Formats with large bias/code cancellation (Q4_0: bias = -8d)."""

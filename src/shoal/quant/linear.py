@@ -1,8 +1,8 @@
 """torch modules over quantized weights.
 
 ``QuantLinear(weight, bias=None)``: ``y = x @ W.T + bias`` for float32 CPU ``x`` of shape (..., K).
-  * M = prod(x.shape[:-1]) <= ``QuantLinear.small_m`` (decode, small batches): the numba kernel is
-    called directly on ``x.numpy()`` / ``out.numpy()`` views (no copies).
+  * M = prod(x.shape[:-1]) <= ``QuantLinear.small_m`` (decode, decode batches, short prefills):
+    the numba kernel is called directly on ``x.numpy()`` / ``out.numpy()`` views (no copies).
   * larger M (prefill): the weight is dequantized into a scratch float32 buffer shared by all
     QuantLinears of the thread (at most ``SCRATCH_FLOATS`` floats; bigger weights are done in row
     chunks) and multiplied with ``torch.nn.functional.linear`` (BLAS).
@@ -55,8 +55,10 @@ def _as_f32_tensor(a) -> torch.Tensor:
 
 class QuantLinear(torch.nn.Module):
     # M <= small_m -> numba kernel; larger -> dequantize + BLAS.  Chosen by measurement with
-    # scripts/bench_kernels.py --threshold on the 2-core reference machine (see the report there).
-    small_m = 12
+    # scripts/bench_kernels.py --threshold on the 2-core reference machine: since the batch tiles
+    # (kernels.py) the kernel is faster up to M ~ 48 and even with BLAS at 64 (3072x576: M=48
+    # 794 vs 870 us, M=64 1064 vs 1223 us; 576x576: M=48 152 vs 136 us).
+    small_m = 48
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None):
         super().__init__()
