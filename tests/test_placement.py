@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 
 from shoal.cluster.messages import NodeProfile
@@ -218,14 +221,13 @@ def test_moe_census_counts_every_parameter_of_a_checkpoint(tmp_path):
     for kind in ("kimi-k2", "deepseek-v3", "qwen3-moe", "mixtral"):
         path = make_checkpoint(kind, tmp_path / kind, experts=8, layers=3, fmt="fp32")
         with safe_open(path / "model.safetensors", framework="pt") as st:
-            stored = sum(st.get_slice(n).get_shape().numel() if hasattr(st.get_slice(n).get_shape(), "numel")
-                         else int(__import__("math").prod(st.get_slice(n).get_shape())) for n in st.keys())
+            stored = sum(math.prod(st.get_slice(n).get_shape()) for n in st.keys())
         s = ModelSpec.from_checkpoint(path)
         assert s.moe is not None and s.moe.total_params == stored, kind
         # fp32 on disk and in memory: the planner's bytes are the file's bytes (to a router bias or so)
         assert abs(s.weight_bytes - 4 * stored) <= 0.02 * 4 * stored, kind
         if kind in ("kimi-k2", "deepseek-v3"):  # MLA: the latent and the rope key per token per layer
-            cfg = __import__("json").loads((path / "config.json").read_text())
+            cfg = json.loads((path / "config.json").read_text())
             assert s.kv_bytes_per_token_layer == 4 * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"])
 
 
