@@ -20,12 +20,20 @@ class KVCache:
         """Append k, v (T, kv_heads, head_dim); return all keys and values (kv_heads, offset, head_dim)."""
         n = k.shape[0]
         end = self.offset + n
-        if end > self.keys.shape[1]:
-            self._grow(end)
+        self.reserve(n)
         self.keys[:, self.offset : end] = k.transpose(0, 1)
         self.values[:, self.offset : end] = v.transpose(0, 1)
         self.offset = end
         return self.keys[:, :end], self.values[:, :end]
+
+    def reserve(self, n: int) -> None:
+        """Make room for n more tokens (the decode-attention kernel writes into it by address)."""
+        if self.offset + n > self.keys.shape[1]:
+            self._grow(self.offset + n)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[1]
 
     def _grow(self, needed: int) -> None:
         capacity = max(needed, 2 * self.keys.shape[1])

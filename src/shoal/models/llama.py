@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shoal.engine import attention
 from shoal.engine.cache import KVCache
 from shoal.quant.formats import QuantizedWeight
 from shoal.quant.kernels import dequantize, gather_rows
@@ -233,6 +235,20 @@ class BatchLayout:
     def total(self) -> int:
         return int(self.positions.shape[0])
 
+    @cached_property
+    def decoding(self) -> list[int]:
+        """The sequences with exactly one new token (decode); the rest bring a prefill chunk."""
+        return [i for i, n in enumerate(self.lengths) if n == 1]
+
+    @cached_property
+    def decode_rows(self) -> torch.Tensor | None:
+        """Rows of the decoding sequences in the flat batch; None when they are its first rows
+        (the generator puts decoding sequences first, so a slice needs no copy)."""
+        d = self.decoding
+        if d == list(range(len(d))):
+            return None
+        return torch.tensor(np.cumsum([0] + self.lengths[:-1])[d])
+
 
 def all_reduce(x: torch.Tensor, group: Any | None) -> torch.Tensor:
     """Sum x in place over a tensor-parallel group (a torch.distributed backend); no-op without one."""
@@ -271,12 +287,28 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         out = torch.empty(T, self.n_heads, self.head_dim, dtype=x.dtype)
+        decoding, done = layout.decoding, set()
+        if decoding and attention.supports(layout.caches[decoding[0]][layer]):
+            # One kernel call for every decoding sequence (RoPE, cache append and attention).
+            caches = [layout.caches[i][layer] for i in decoding]
+            rows = layout.decode_rows
+            if rows is None:
+                d = len(decoding)
+                out[:d] = attention.decode_attention(q[:d], k[:d], v[:d], cos[:d], sin[:d], caches, self.scale)
+            else:
+                out[rows] = attention.decode_attention(q[rows], k[rows], v[rows], cos[rows], sin[rows], caches, self.scale)
+            if len(decoding) == len(layout.lengths):
+                return all_reduce(self.o_proj(out.view(T, self.q_size)), self.group)
+            done = set(decoding)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         group = self.n_heads // self.n_kv_heads
         start = 0
         for seq, n in enumerate(layout.lengths):
+            if seq in done:
+                start += n
+                continue
             cache = layout.caches[seq][layer]
             past = cache.offset
             keys, values = cache.update_and_fetch(k[start : start + n], v[start : start + n])  # (Hkv, L, D)

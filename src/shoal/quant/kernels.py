@@ -88,6 +88,7 @@ def _target_has_avx512() -> bool:
 # q4 codes -> weights by a 16-entry table lookup (vpermps) where the target has AVX-512; elsewhere
 # by integer -> float conversion (same values).
 _PERMUTE = _target_has_avx512()
+_BATCH_LANES = 16 if _PERMUTE else 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,22 +115,27 @@ def _vload(builder, ptr, idx, vty, align):
 
 def _vstore(builder, val, ptr, idx):
     p = builder.gep(ptr, [idx])
-    builder.store(val, builder.bitcast(p, _VF.as_pointer()), align=4)
+    builder.store(val, builder.bitcast(p, val.type.as_pointer()), align=4)
 
 
-def _splat(builder, s):
-    v = builder.insert_element(ir.Constant(_VF, ir.Undefined), s, ir.Constant(_i32, 0))
-    return builder.shuffle_vector(v, ir.Constant(_VF, ir.Undefined), ir.Constant(ir.VectorType(_i32, _W), [0] * _W))
+# The vector helpers take the lane count from their operands (or a ``lanes`` argument, default 16):
+# the batch tile runs with 8 lanes (one ymm register) on targets without AVX-512.
+def _splat(builder, s, lanes=_W):
+    vty = ir.VectorType(s.type, lanes)
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), s, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(_i32, lanes), [0] * lanes))
 
 
 def _fmuladd(builder, a, b, c):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF, _VF, _VF]), "llvm.fmuladd.v16f32")
+    vty = a.type
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]),
+                                        "llvm.fmuladd.v%df32" % vty.count)
     return builder.call(fn, [a, b, c])
 
 
 def _hsum(builder, v):
-    """Tree sum of the 16 lanes (fixed order: halves, quarters, ...)."""
-    n = _W
+    """Tree sum of the lanes (fixed order: halves, quarters, ...)."""
+    n = v.type.count
     while n > 1:
         h = n // 2
         lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, h), list(range(h))))
@@ -139,16 +145,17 @@ def _hsum(builder, v):
     return builder.extract_element(v, ir.Constant(_i32, 0))
 
 
-def _decode(builder, kind, ptr, idx):
-    """Load 16 code bytes at ptr[idx]; return the float vectors (q4: (lo, hi); q8: (c,))."""
-    c8 = _vload(builder, ptr, idx, _V8, 1)
+def _decode(builder, kind, ptr, idx, lanes=_W):
+    """Load ``lanes`` code bytes at ptr[idx]; return the float vectors (q4: (lo, hi); q8: (c,))."""
+    i32v, f32v = ir.VectorType(_i32, lanes), ir.VectorType(_f32, lanes)
+    c8 = _vload(builder, ptr, idx, ir.VectorType(_i8, lanes), 1)
     if kind == "q8_sym":
-        return (builder.sitofp(builder.sext(c8, _V32), _VF),)
-    c32 = builder.zext(c8, _V32)
+        return (builder.sitofp(builder.sext(c8, i32v), f32v),)
+    c32 = builder.zext(c8, i32v)
     if kind == "q8_affine":
-        return (builder.sitofp(c32, _VF),)
-    lo = builder.sitofp(builder.and_(c32, ir.Constant(_V32, [15] * _W)), _VF)
-    hi = builder.sitofp(builder.lshr(c32, ir.Constant(_V32, [4] * _W)), _VF)
+        return (builder.sitofp(c32, f32v),)
+    lo = builder.sitofp(builder.and_(c32, ir.Constant(i32v, [15] * lanes)), f32v)
+    hi = builder.sitofp(builder.lshr(c32, ir.Constant(i32v, [4] * lanes)), f32v)
     return lo, hi
 
 
@@ -306,27 +313,28 @@ def _shuffle(builder, a, b, lanes):
 
 
 def _lane_sums(builder, vecs):
-    """The lane sums of T <= 16 vectors (fixed order): pairs of vectors are folded into one vector
-    holding half-sums of both (interleaved blocks), then the blocks are halved in place.  About a
-    third of the shuffles and adds of T separate ``_hsum`` trees."""
+    """The lane sums of T vectors of W lanes, T <= W (fixed order): pairs of vectors are folded
+    into one vector holding half-sums of both (interleaved blocks), then the blocks are halved in
+    place.  About a third of the shuffles and adds of T separate ``_hsum`` trees."""
     T = len(vecs)
+    W = vecs[0].type.count
     P = 1
     while P < T:
         P *= 2
-    zero = ir.Constant(_VF, [0.0] * _W)
+    zero = ir.Constant(vecs[0].type, [0.0] * W)
     cur = list(vecs) + [zero] * (P - T)
-    owner = [[t] * _W for t in range(P)]            # owner[i][l]: which input lane l of cur[i] sums
-    n = _W
+    owner = [[t] * W for t in range(P)]             # owner[i][l]: which input lane l of cur[i] sums
+    n = W
     while len(cur) > 1:                              # fold pairs: [a.lo | b.lo] + [a.hi | b.hi] per n-block
         h = n // 2
-        lo = [blk * n + j if j < h else _W + blk * n + j - h for blk in range(_W // n) for j in range(n)]
-        hi = [blk * n + h + j if j < h else _W + blk * n + j for blk in range(_W // n) for j in range(n)]
+        lo = [blk * n + j if j < h else W + blk * n + j - h for blk in range(W // n) for j in range(n)]
+        hi = [blk * n + h + j if j < h else W + blk * n + j for blk in range(W // n) for j in range(n)]
         cur = [builder.fadd(_shuffle(builder, cur[i], cur[i + 1], lo), _shuffle(builder, cur[i], cur[i + 1], hi))
                for i in range(0, len(cur), 2)]
         owner = [[(owner[i] + owner[i + 1])[k] for k in lo] for i in range(0, len(owner), 2)]
         n = h
     v, own = cur[0], owner[0]
-    w = _W // P                                      # each input now owns one block of w lanes
+    w = W // P                                       # each input now owns one block of w lanes
     while w > 1:                                     # halve every block of w lanes
         h = w // 2
         L = len(own)
@@ -338,29 +346,33 @@ def _lane_sums(builder, vecs):
     return [builder.extract_element(v, ir.Constant(_i32, own.index(t))) for t in range(T)]
 
 
-def _make_batch_tile(kind, T, permute=_PERMUTE):
+def _make_batch_tile(kind, T, permute=_PERMUTE, lanes=_BATCH_LANES, A=1):
     """Rows n, n+1 of W against rows m..m+T-1 of x; ``permute``: q4 decode by table lookup."""
     has_bias = kind != "q8_sym"
     q4 = kind == "q4_affine"
     lookup = q4 and permute
-    R = 2
+    assert lanes in (8, 16) and not (lookup and lanes != 16)
+    passes = [(0, 1)] if lanes == 16 else [(0,), (1,)]
+    S = 16 // lanes                                  # vectors per 16-code chunk
+    VF = ir.VectorType(_f32, lanes)
 
-    def emit(builder, cp, sp, bp, xp, op, n, m, ng, C, N):
+    def emit_pass(builder, rows, cp, sp, bp, xp, op, n, m, ng, C, N):
+        R = len(rows)
         G = builder.mul(C, _i64c(32 if q4 else 16))
         K = builder.mul(ng, G)
         Kc = builder.udiv(K, _i64c(2)) if q4 else K
         H = builder.udiv(G, _i64c(2))
-        c_base = [builder.mul(builder.add(n, _i64c(r)), Kc) for r in range(R)]
-        s_base = [builder.mul(builder.add(n, _i64c(r)), ng) for r in range(R)]
+        c_base = [builder.mul(builder.add(n, _i64c(r)), Kc) for r in rows]
+        s_base = [builder.mul(builder.add(n, _i64c(r)), ng) for r in rows]
         x_base = [builder.mul(builder.add(m, _i64c(t)), K) for t in range(T)]
-        zero = ir.Constant(_VF, [0.0] * _W)
+        zero = ir.Constant(VF, [0.0] * lanes)
         iota = ir.Constant(_VF, [float(i) for i in range(_W)])
         nib = ir.Constant(_V32, [4] * _W)
 
         def group(g, vals):
-            sv = [_splat(builder, builder.load(builder.gep(sp, [builder.add(s_base[r], g)]))) for r in range(R)]
-            bv = [_splat(builder, builder.load(builder.gep(bp, [builder.add(s_base[r], g)]))) if has_bias else None
-                  for r in range(R)]
+            sv = [_splat(builder, builder.load(builder.gep(sp, [builder.add(s_base[r], g)])), lanes) for r in range(R)]
+            bv = [_splat(builder, builder.load(builder.gep(bp, [builder.add(s_base[r], g)])), lanes) if has_bias
+                  else None for r in range(R)]
             if lookup:
                 # the group's 16 possible weights, scale*code + bias for code = 0..15 (fmul, fadd)
                 table = [builder.fadd(builder.fmul(sv[r], iota), bv[r]) for r in range(R)]
@@ -368,37 +380,52 @@ def _make_batch_tile(kind, T, permute=_PERMUTE):
             x_g = builder.mul(g, G)                   # x offset of the group
 
             def chunk(k, acc):
-                k16 = builder.mul(k, _i64c(_W))
-                cidx = builder.add(c_g, k16)
-                xi = builder.add(x_g, k16)
-                w = []                                # w[r]: the chunk's weights of row n+r (q4: lo, hi)
-                for r in range(R):
-                    if lookup:
-                        c32 = builder.zext(_vload(builder, cp, builder.add(c_base[r], cidx), _V8, 1), _V32)
-                        w.append([_permps(builder, table[r], c32), _permps(builder, table[r], builder.lshr(c32, nib))])
-                        continue
-                    wr = []
-                    for d in _decode(builder, kind, cp, builder.add(c_base[r], cidx)):
-                        v = builder.fmul(sv[r], d)
-                        wr.append(builder.fadd(v, bv[r]) if has_bias else v)
-                    w.append(wr)
+                k16 = builder.mul(k, _i64c(16))
                 out = list(acc)
-                for t in range(T):
-                    xv = [_vload(builder, xp, builder.add(x_base[t], xi), _VF, 4)]
-                    if q4:
-                        xv.append(_vload(builder, xp, builder.add(builder.add(x_base[t], xi), H), _VF, 4))
+                j = 0                                 # products so far of each (row, x row) this chunk
+                for s in range(S):
+                    cidx = builder.add(c_g, builder.add(k16, _i64c(s * lanes)))
+                    xi = builder.add(x_g, builder.add(k16, _i64c(s * lanes)))
+                    w = []                            # w[r]: the weights of row n+r (q4: lo, hi)
                     for r in range(R):
-                        for h in range(len(xv)):
-                            out[r * T + t] = _fmuladd(builder, w[r][h], xv[h], out[r * T + t])
+                        if lookup:
+                            c32 = builder.zext(_vload(builder, cp, builder.add(c_base[r], cidx), _V8, 1), _V32)
+                            w.append([_permps(builder, table[r], c32),
+                                      _permps(builder, table[r], builder.lshr(c32, nib))])
+                            continue
+                        wr = []
+                        for d in _decode(builder, kind, cp, builder.add(c_base[r], cidx), lanes):
+                            v = builder.fmul(sv[r], d)
+                            wr.append(builder.fadd(v, bv[r]) if has_bias else v)
+                        w.append(wr)
+                    for t in range(T):
+                        xv = [_vload(builder, xp, builder.add(x_base[t], xi), VF, 4)]
+                        if q4:
+                            xv.append(_vload(builder, xp, builder.add(builder.add(x_base[t], xi), H), VF, 4))
+                        for r in range(R):
+                            for h in range(len(xv)):
+                                i = ((r * T + t) * A) + (j + h) % A
+                                out[i] = _fmuladd(builder, w[r][h], xv[h], out[i])
+                    j += len(w[0])
                 return out
 
             return _loop(builder, C, vals, chunk, "bt.c")
 
-        acc = _loop(builder, ng, [zero] * (R * T), group, "bt.g")
+        acc = _loop(builder, ng, [zero] * (R * T * A), group, "bt.g")
         for r in range(R):
-            for t, tot in enumerate(_lane_sums(builder, acc[r * T:(r + 1) * T])):
-                o = builder.add(builder.mul(builder.add(m, _i64c(t)), N), builder.add(n, _i64c(r)))
-                builder.store(tot, builder.gep(op, [o]))
+            tot = []
+            for t in range(T):
+                a = acc[(r * T + t) * A:(r * T + t + 1) * A]
+                while len(a) > 1:
+                    a = [builder.fadd(a[i], a[i + 1]) for i in range(0, len(a), 2)]
+                tot.append(a[0])
+            for t, v in enumerate(_lane_sums(builder, tot)):
+                o = builder.add(builder.mul(builder.add(m, _i64c(t)), N), builder.add(n, _i64c(rows[r])))
+                builder.store(v, builder.gep(op, [o]))
+
+    def emit(builder, *args):
+        for rows in passes:
+            emit_pass(builder, rows, *args)
 
     def codegen(context, builder, sig, args):
         ptrs = [_data(context, builder, sig.args[i], args[i]) for i in range(5)]
@@ -426,7 +453,7 @@ def _make_batch_tile(kind, T, permute=_PERMUTE):
         _check_c(codes, scales, biases, x, out)
         return types.void(codes, scales, biases, x, out, n, m, ng, C, N), codegen
 
-    typer.__name__ = "_batch_tile_%s_t%d%s" % (kind, T, "_lookup" if lookup else "")
+    typer.__name__ = "_batch_tile_%s_t%d_w%d_a%d%s" % (kind, T, lanes, A, "_lookup" if lookup else "")
     return intrinsic(prefer_literal=True)(typer)
 
 

@@ -1,0 +1,62 @@
+"""The batched decode-attention kernel against torch's own attention (a reference no one here wrote):
+sequences of different lengths, GQA groups, caches that must grow, and keys written exactly as the
+prefill path's RoPE writes them."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shoal.engine.attention import decode_attention
+from shoal.engine.cache import KVCache
+from shoal.models.llama import apply_rope
+
+
+def rope_tables(positions: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (10000.0 ** (torch.arange(0, dim, 2).float() / dim))
+    freqs = torch.outer(positions.float(), inv)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
+def test_decode_attention_equals_torch_sdpa(heads, kv_heads):
+    D = 64
+    g = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    pasts = [0, 1, 17, 255, 256, 300]  # 256: the cache is full and must grow for the new token
+    caches = []
+    for past in pasts:
+        c = KVCache(kv_heads, D)
+        if past:
+            c.update_and_fetch(torch.randn(past, kv_heads, D, generator=g), torch.randn(past, kv_heads, D, generator=g))
+        caches.append(c)
+    S = len(pasts)
+    q, k, v = (torch.randn(S, h, D, generator=g) for h in (heads, kv_heads, kv_heads))
+    cos, sin = rope_tables(torch.tensor(pasts), D)
+    history = [(c.keys[:, : c.offset].clone(), c.values[:, : c.offset].clone()) for c in caches]
+
+    out = decode_attention(q, k, v, cos, sin, caches, D**-0.5)
+
+    k_roped, q_roped = apply_rope(k, cos, sin), apply_rope(q, cos, sin)
+    for s, (c, (old_k, old_v)) in enumerate(zip(caches, history)):
+        assert c.offset == pasts[s] + 1
+        assert torch.equal(c.keys[:, : pasts[s]], old_k), "the history must be untouched"
+        assert torch.equal(c.keys[:, pasts[s]], k_roped[s]), "the new key is RoPE'd exactly as in prefill"
+        assert torch.equal(c.values[:, pasts[s]], v[s])
+        keys = c.keys[:, : c.offset].repeat_interleave(heads // kv_heads, dim=0)  # (H, L, D)
+        values = c.values[:, : c.offset].repeat_interleave(heads // kv_heads, dim=0)
+        ref = F.scaled_dot_product_attention(q_roped[s][:, None, :].double(), keys.double(), values.double())[:, 0]
+        torch.testing.assert_close(out[s].double(), ref, rtol=0, atol=2e-6)
+
+
+def test_decode_attention_appends_step_after_step():
+    """Several decode steps in a row equal one causal attention over the whole sequence."""
+    D, H, Hkv, steps = 32, 4, 2, 40
+    g = torch.Generator().manual_seed(7)
+    cache = KVCache(Hkv, D, capacity=8)
+    q, k, v = torch.randn(steps, H, D, generator=g), torch.randn(steps, Hkv, D, generator=g), torch.randn(steps, Hkv, D, generator=g)
+    cos, sin = rope_tables(torch.arange(steps), D)
+    outs = [decode_attention(q[t : t + 1], k[t : t + 1], v[t : t + 1], cos[t : t + 1], sin[t : t + 1], [cache], D**-0.5)[0] for t in range(steps)]
+    qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    keys, values = kr.transpose(0, 1).repeat_interleave(2, dim=0), v.transpose(0, 1).repeat_interleave(2, dim=0)
+    ref = F.scaled_dot_product_attention(qr.transpose(0, 1).double(), keys.double(), values.double(), is_causal=True)
+    torch.testing.assert_close(torch.stack(outs).double(), ref.transpose(0, 1), rtol=0, atol=2e-6)
