@@ -102,6 +102,24 @@ def test_greedy_chat_equals_shoal_generate(client):
     assert out.stdout == r.choices[0].message.content + "\n"
 
 
+def test_shared_prompt_prefix_is_reused_and_changes_nothing(client, server):
+    """A second chat with the same system prompt reuses its K/V (reported as OpenAI's cached
+    tokens) and answers exactly what a fresh prefill gives (`shoal generate`, a fresh process)."""
+    system = {"role": "system", "content": "You are a patient teacher who explains things with everyday examples."}
+    before = metric(server.url, "shoal_prompt_tokens_cached_total", model=MODEL)
+    replies = []
+    for question in ("What is gravity?", "What is friction?"):
+        r = client.chat.completions.create(model=MODEL, messages=[system, {"role": "user", "content": question}],
+                                           max_tokens=10, temperature=0)
+        replies.append(r)
+    cached = replies[1].usage.prompt_tokens_details.cached_tokens
+    assert cached >= 16 and cached < replies[1].usage.prompt_tokens
+    assert metric(server.url, "shoal_prompt_tokens_cached_total", model=MODEL) - before >= cached
+    out = subprocess.run([sys.executable, "-m", "shoal.cli", "generate", "--max-tokens", "10", "--system", system["content"],
+                          "What is friction?"], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout == replies[1].choices[0].message.content + "\n"
+
+
 def test_completions_streaming_and_not(client):
     r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
     assert r.object == "text_completion" and r.choices[0].text and r.usage.completion_tokens <= 8

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from shoal.catalog import CATALOG, DEFAULT_MODEL, bundled_path
@@ -134,3 +136,47 @@ def test_bad_sampling_params_are_refused():
     for bad in (dict(temperature=-1), dict(top_p=0), dict(min_p=2), dict(max_tokens=-1), dict(top_k=-2)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_prefix_reuse_equals_full_prefill(lm):
+    """A prompt that starts like an earlier one (shared system prompt, then a later chat turn)
+    reuses its K/V and still gives the tokens a full prefill gives."""
+    system = {"role": "system", "content": "You are a terse assistant. Answer in one short sentence, no lists."}
+    first = lm.tokenizer.encode_chat([system, {"role": "user", "content": "Name a primary color."}])
+    other = lm.tokenizer.encode_chat([system, {"role": "user", "content": "What is the capital of France?"}])
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    gen = BatchGenerator(lm.model, lm.tokenizer, lm.args.max_context, prefix_cache_tokens=4096)
+
+    def generate(ids):
+        uid = gen.add(ids, params)
+        cached = gen.sequences[uid].stats.cached_tokens
+        out = []
+        while gen.has_work:
+            out += [ev.token for ev in gen.step() if ev.token is not None]
+        return out, cached
+
+    tokens, cached = generate(first)
+    assert cached == 0 and tokens == run(lm, first, params)[0]
+    turn2 = lm.tokenizer.encode_chat([system, {"role": "user", "content": "Name a primary color."},
+                                      {"role": "assistant", "content": lm.tokenizer.decode(tokens)},
+                                      {"role": "user", "content": "And another one?"}])
+    stored = [first]
+    for ids in (other, turn2, first):
+        shared = max(len(os.path.commonprefix([s, ids])) for s in stored)
+        tokens, cached = generate(ids)
+        assert cached == min(shared, len(ids) - 1) >= 16  # all it shares with a stored prompt; never the last token
+        assert tokens == run(lm, ids, params)[0]
+        stored.append(ids)
+    assert gen.prefixes.hits == 3
+
+
+def test_prefix_store_keeps_to_its_budget(lm):
+    prompts = [prompt_ids(lm, f"Tell me a fact about the number {i}.") for i in range(4)]
+    budget = 2 * max(len(p) for p in prompts)
+    gen = BatchGenerator(lm.model, lm.tokenizer, lm.args.max_context, prefix_cache_tokens=budget)
+    for p in prompts:
+        gen.add(p, SamplingParams(max_tokens=1))
+        while gen.has_work:
+            gen.step()
+        assert gen.prefixes.tokens <= budget
+    assert gen.prefixes.tokens == len(prompts[-1]) + len(prompts[-2])  # the oldest ones went first

@@ -169,6 +169,9 @@ class InstanceLimits:
     # running streams several short steps rather than one long stall. Measured on the bundled model
     # (2 cores): 128-token chunks prefill as fast as 256-token ones in half the step time.
     prefill_while_decoding: int = 128
+    # K/V of recent prompts kept for reuse by prompts that start the same way (a shared system
+    # prompt, the earlier turns of a chat); at most this many bytes, and a quarter of the KV budget.
+    prefix_cache_bytes: int = 256 << 20
 
 
 @dataclass
@@ -189,11 +192,13 @@ class LocalInstance:
         self.max_context: int = lm.args.max_context
         self.card = dataclasses.replace(card, context_length=self.max_context)
         self.loaded_at, self.load_seconds = time.time(), load_seconds
-        self._gen = BatchGenerator(lm.model, lm.tokenizer, self.max_context, limits.prefill_chunk, limits.max_batch_tokens)
         caches = lm.model.make_cache()
         # Bytes of K and V per token across this shard's layers.
         self.kv_bytes_per_token = sum(c.bytes_per_token for c in caches)
         self.kv_budget = limits.kv_budget_bytes or psutil.virtual_memory().available // 2
+        prefix_tokens = min(limits.prefix_cache_bytes, self.kv_budget // 4) // max(1, self.kv_bytes_per_token)
+        self._gen = BatchGenerator(lm.model, lm.tokenizer, self.max_context, limits.prefill_chunk, limits.max_batch_tokens,
+                                   prefix_tokens)
         self._loop = asyncio.get_running_loop()
         # Device-thread state.
         self._waiting: collections.deque[_Job] = collections.deque()
@@ -375,6 +380,8 @@ def record_finished(metrics: Metrics, model: str, req: GenerationRequest) -> Non
     """Count a finished (or abandoned) sequence; every kind of instance calls this once per sequence."""
     if req.stats is not None or req.output_ids:
         metrics.prompt_tokens.inc(len(req.prompt_ids), model=model)
+    if req.stats is not None and req.stats.cached_tokens:
+        metrics.cached_prompt_tokens.inc(req.stats.cached_tokens, model=model)
     metrics.generation_tokens.inc(len(req.output_ids), model=model)
     if req.t_first_token is not None:
         metrics.ttft.observe(req.t_first_token - req.t_arrival, model=model)

@@ -103,6 +103,8 @@ class Metrics:
     def __init__(self) -> None:
         self.requests = Counter("shoal_requests_total", "API requests answered, by endpoint and HTTP status.")
         self.prompt_tokens = Counter("shoal_prompt_tokens_total", "Prompt tokens read, by model.")
+        self.cached_prompt_tokens = Counter("shoal_prompt_tokens_cached_total",
+                                            "Prompt tokens whose K/V was reused from an earlier prompt instead of prefilled, by model.")
         self.generation_tokens = Counter("shoal_generation_tokens_total", "Tokens generated, by model.")
         self.cancelled = Counter("shoal_requests_cancelled_total", "Generations stopped because the client went away, by model.")
         self.rejected = Counter("shoal_requests_rejected_total", "Requests refused by admission control, by model and reason.")
@@ -119,7 +121,7 @@ class Metrics:
 
     def render(self) -> str:
         lines: list[str] = []
-        for m in (self.requests, self.prompt_tokens, self.generation_tokens, self.cancelled, self.rejected, self.steps,
+        for m in (self.requests, self.prompt_tokens, self.cached_prompt_tokens, self.generation_tokens, self.cancelled, self.rejected, self.steps,
                   self.step_sequences, self.ttft, self.duration, self.batch, *self.gauges):
             lines.append(f"# HELP {m.name} {m.help}")
             lines.append(f"# TYPE {m.name} {m.kind}")

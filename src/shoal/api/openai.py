@@ -397,7 +397,10 @@ def _usage(streams: list[GenerationStream], prompt_ids: list[list[int]] | None =
     else:
         prompt = sum(len(p) for p in {id(p): p for p in prompt_ids}.values())
     completion = sum(len(s.request.output_ids) for s in streams)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    # Prompt tokens whose K/V came from the prefix store (OpenAI reports its prompt caching so).
+    cached = sum(s.request.stats.cached_tokens for s in {id(s.request.stats): s for s in streams if s.request.stats}.values())
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _template_message(m: ChatMessage, index: int) -> dict[str, Any]:

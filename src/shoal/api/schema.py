@@ -32,10 +32,15 @@ class OllamaError(_Out):
     error: str
 
 
+class PromptTokensDetails(_Out):
+    cached_tokens: int
+
+
 class Usage(_Out):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ChatMessageOut(_Out):

@@ -37,13 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: all cores)")
     p.add_argument("--max-running", type=int, default=InstanceLimits.max_running, help="sequences batched together per model")
     p.add_argument("--max-waiting", type=int, default=InstanceLimits.max_waiting, help="sequences queued per model before 429")
+    p.add_argument("--prefix-cache-mb", type=int, default=InstanceLimits.prefix_cache_bytes >> 20,
+                   help="MiB of recent prompts' K/V kept for prompts that start the same way (0: off)")
     p.add_argument("--max-tokens-cap", type=int, default=None, help="most tokens one request may generate")
     p.add_argument("--log-level", default="INFO")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ServiceConfig:
-    limits = InstanceLimits(max_running=args.max_running, max_waiting=args.max_waiting)
+    limits = InstanceLimits(max_running=args.max_running, max_waiting=args.max_waiting,
+                            prefix_cache_bytes=args.prefix_cache_mb << 20)
     return ServiceConfig(preload=tuple(args.model), auto_load=not args.no_auto_load, max_tokens_cap=args.max_tokens_cap,
                          threads=args.threads, limits=limits)
 

@@ -18,6 +18,7 @@ import torch
 
 from shoal.engine import threads
 from shoal.engine.cache import KVCache
+from shoal.engine.prefix import PrefixStore
 from shoal.engine.sampler import SamplingParams, make_generator, sample, token_logprobs
 from shoal.engine.tokenizer import StreamingDetokenizer, Tokenizer
 from shoal.models.llama import BatchLayout
@@ -54,6 +55,7 @@ class TokenEvent:
 @dataclass
 class SequenceStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix store, not a prefill
     generation_tokens: int = 0
     t_added: float = 0.0
     t_first_token: float | None = None
@@ -103,9 +105,13 @@ class BatchGenerator:
         max_context: int,
         prefill_chunk: int = 256,
         max_batch_tokens: int = 512,
+        prefix_cache_tokens: int = 0,
     ):
+        """`prefix_cache_tokens`: how many tokens of recent prompts to keep K/V of, so that a prompt
+        starting like one of them skips that part of its prefill (0: none)."""
         self.model, self.tokenizer, self.max_context = model, tokenizer, max_context
         self.prefill_chunk, self.max_batch_tokens = prefill_chunk, max_batch_tokens
+        self.prefixes = PrefixStore(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.sequences: dict[int, Sequence] = {}
         self._uids = itertools.count()
         self._eos = tokenizer.eos_token_ids
@@ -118,6 +124,8 @@ class BatchGenerator:
         uid = next(self._uids)
         seq = Sequence(uid, list(prompt), params, self.model.make_cache(), StreamingDetokenizer(self.tokenizer), make_generator(params))
         seq.stats.prompt_tokens, seq.stats.t_added = len(prompt), time.perf_counter()
+        if self.prefixes is not None and params.prompt_logprobs is None:  # scoring needs every prompt row's logits
+            seq.prefilled = seq.stats.cached_tokens = self.prefixes.reuse(seq.prompt, seq.caches)
         self.sequences[uid] = seq
         return uid
 
@@ -141,6 +149,7 @@ class BatchGenerator:
         caches: list[list[KVCache]] = []
         sampled: list[tuple[Sequence, int]] = []  # (sequence, its last row in the flat batch)
         scored: list[tuple[Sequence, int, int, int]] = []  # (sequence, first prompt index, count, last row)
+        prefilled: list[Sequence] = []  # sequences whose prompt is complete in the cache after this step
         budget = self.max_batch_tokens
         # Decoding sequences first (one token each, never starved), then prefill chunks.
         for seq in sorted(self.sequences.values(), key=lambda s: s.in_prefill):
@@ -158,6 +167,8 @@ class BatchGenerator:
                 scored.append((seq, start, n, last_row))
             if not seq.in_prefill:
                 sampled.append((seq, last_row))
+                if start < len(seq.prompt):
+                    prefilled.append(seq)
             ids.extend(chunk)
             positions.extend(range(start, start + n))
             lengths.append(n)
@@ -172,6 +183,9 @@ class BatchGenerator:
         with torch.inference_mode():
             logits = self.model(torch.tensor(ids), layout, torch.tensor(rows, dtype=torch.long))
         now = time.perf_counter()
+        if self.prefixes is not None:
+            for seq in prefilled:
+                self.prefixes.store(seq.prompt, seq.caches)
         self._score_prompts(scored, logits[len(sampled) :])
         greedy = _argmax_rows(logits[: len(sampled)]) if any(s.params.temperature == 0 for s, _ in sampled) else []
         for i, ((seq, _), row_logits) in enumerate(zip(sampled, logits)):
