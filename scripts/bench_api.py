@@ -52,10 +52,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, threads: int | None, max_running: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, threads: int | None, max_running: int, prefix_cache_mb: int | None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "shoal.api.serve", "--port", str(port), "--model", model, "--max-running", str(max_running),
            "--log-level", "WARNING"]
+    if prefix_cache_mb is not None:
+        cmd += ["--prefix-cache-mb", str(prefix_cache_mb)]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -155,12 +157,14 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2, help="rounds per level (TTFT percentiles pool them)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-running", type=int, default=32)
+    p.add_argument("--prefix-cache-mb", type=int, default=None,
+                   help="the server's prompt-prefix store (default: the server's; 0: off, every prompt prefilled in full)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     proc = None
     url = args.url
     if url is None:
-        proc, url = start_server(args.model, args.threads, args.max_running)
+        proc, url = start_server(args.model, args.threads, args.max_running, args.prefix_cache_mb)
     try:
         results = asyncio.run(bench(args, url))
     finally:
