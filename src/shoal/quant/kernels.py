@@ -36,8 +36,11 @@ consecutive weight rows and all groups of the rows:
 Both prefetch the codes a few weight rows ahead (``_prefetch_rows``): the hardware prefetcher alone
 left the DRAM stream partly exposed (measured on 30 layers of the bundled model's q4 weights, cold:
 M = 1 3.4 -> 2.9 ms, M = 8 10.4 -> 9.2 ms).  The chunk count per group (G/32 for q4, G/16 for q8) is a literal or has
-constant-folded copies for the common cases, so the chunk loop folds away.  Without AVX-512 LLVM
-splits the vectors; the code stays correct.
+constant-folded copies for the common cases, so the chunk loop folds away.  Without AVX-512 (AVX2,
+16 ymm registers) the 16-lane batch tile's 2*T accumulators spilled (Zen 3, 2 cores: a model step
+at M = 8 took 45 ms against 11 ms at M = 1), so there the batch tile is built from 8-lane vectors,
+one weight row at a time against all T rows of x (see ``_make_batch_tile``): 24 ms at M = 8.  The
+GEMV tile keeps 16 lanes everywhere (bandwidth-bound, LLVM splits it without harm).
 
 Arithmetic (float32, fixed order, deterministic).  GEMV: the first sum keeps 16 lane accumulators
 (lane l collects the elements l, l+16, ... of every group, times the group's scale) reduced by a
@@ -299,7 +302,7 @@ def _make_tile(kind, R, T):
 # ----------------------------------------------------------------------------------------------
 # batch tile ("dequantize, then dot"): 2 weight rows (n, n+1) x T consecutive rows of x (m..m+T-1)
 #   per 16-code chunk each weight row is dequantized once to float vectors w = scale*code + bias,
-#   then every row of x takes one FMA per 16 weights: acc[r, t] += w * x[t]  (16-lane accumulators)
+#   then every row of x takes one FMA per vector of weights: acc[r, t] += w * x[t]
 # ----------------------------------------------------------------------------------------------
 def _permps(builder, table, idx):
     """table[idx & 15] per lane (AVX-512 vpermps)."""
@@ -346,92 +349,208 @@ def _lane_sums(builder, vecs):
     return [builder.extract_element(v, ir.Constant(_i32, own.index(t))) for t in range(T)]
 
 
-def _make_batch_tile(kind, T, permute=_PERMUTE, lanes=_BATCH_LANES, A=1):
-    """Rows n, n+1 of W against rows m..m+T-1 of x; ``permute``: q4 decode by table lookup."""
+# 8-lane batch tile: where a tile's x (T*K floats) is larger than _X_L1 (24 KB of the 32 KB L1),
+# it is taken in blocks of about _X_BLOCK floats (12 KB).  Measured 576x1536 q4 at M = 8 and 16,
+# one thread: unblocked 45, blocks of 3072 floats 34-35, of 6144 36-38 ns per weight and row of x.
+_X_L1 = 6144
+_X_BLOCK = 3072
+
+
+def _make_batch_tile(kind, T, permute=_PERMUTE, lanes=_BATCH_LANES, x_l1=_X_L1):
+    """Rows n, n+1 of W against rows m..m+T-1 of x (T <= 8), in vectors of ``lanes`` floats.
+
+    lanes = 16 (AVX-512, 32 vector registers): both weight rows in one pass over the groups, 2*T
+    accumulators.  ``x`` is x; ``permute``: q4 decode by table lookup.
+
+    lanes = 8 (AVX2, 16 ymm registers), where the 16-lane tile's 2*T accumulators take 4*T ymm
+    registers and spilled at T = 8 (45 ms per model step at M = 8 against 11 ms at M = 1): one
+    weight row after the other, each against all T rows of x, so T accumulators + the chunk's
+    weight vectors + the constants fit, and each x vector is an FMA memory operand.  With T <= 4
+    that is too few independent FMA chains to hide the FMA latency (4 cycles, 2 per cycle), so
+    each row of x then keeps A = 2 accumulators, the chunk's (even count of) products alternating
+    between them (measured at M = 2: 3072x576 q4 and 49152x576 q8 1.4x faster than one).
+    ``x`` is the output of ``_pack_x``: the x vectors a chunk multiplies lie together, in the order
+    used, so one pointer addresses them.  With x itself (a pointer per row of x, two for q4) a
+    run-time chunk loop ran out of general registers (55 against 31 ns per weight and row of x at
+    M = 8) and needed constant copies of the tile for C = 1, 2: three times the code to compile,
+    and still slow for larger groups.  ``x_l1``: see _X_L1 (a parameter for the tests).
+    """
     has_bias = kind != "q8_sym"
     q4 = kind == "q4_affine"
     lookup = q4 and permute
-    assert lanes in (8, 16) and not (lookup and lanes != 16)
-    passes = [(0, 1)] if lanes == 16 else [(0,), (1,)]
+    if lanes not in (8, 16) or (lookup and lanes != 16) or not 1 <= T <= 8:
+        raise ValueError("batch tile: lanes %d, T %d, permute %s" % (lanes, T, permute))
+    A = 2 if lanes == 8 and T <= 4 else 1            # accumulators per (weight row, row of x)
     S = 16 // lanes                                  # vectors per 16-code chunk
+    NH = 2 if q4 else 1                              # x vectors per code vector (q4: low, high nibbles)
     VF = ir.VectorType(_f32, lanes)
 
-    def emit_pass(builder, rows, cp, sp, bp, xp, op, n, m, ng, C, N):
-        R = len(rows)
+    def emit(builder, cp, sp, bp, xp, op, n, m, ng, C, N):
         G = builder.mul(C, _i64c(32 if q4 else 16))
         K = builder.mul(ng, G)
         Kc = builder.udiv(K, _i64c(2)) if q4 else K
         H = builder.udiv(G, _i64c(2))
-        c_base = [builder.mul(builder.add(n, _i64c(r)), Kc) for r in rows]
-        s_base = [builder.mul(builder.add(n, _i64c(r)), ng) for r in rows]
-        x_base = [builder.mul(builder.add(m, _i64c(t)), K) for t in range(T)]
         zero = ir.Constant(VF, [0.0] * lanes)
         iota = ir.Constant(_VF, [float(i) for i in range(_W)])
         nib = ir.Constant(_V32, [4] * _W)
+        x_base = [builder.mul(builder.add(m, _i64c(t)), K) for t in range(T)] if lanes == 16 else None
 
-        def group(g, vals):
-            sv = [_splat(builder, builder.load(builder.gep(sp, [builder.add(s_base[r], g)])), lanes) for r in range(R)]
-            bv = [_splat(builder, builder.load(builder.gep(bp, [builder.add(s_base[r], g)])), lanes) if has_bias
-                  else None for r in range(R)]
-            if lookup:
-                # the group's 16 possible weights, scale*code + bias for code = 0..15 (fmul, fadd)
-                table = [builder.fadd(builder.fmul(sv[r], iota), bv[r]) for r in range(R)]
-            c_g = builder.mul(g, H if q4 else G)      # code offset of the group inside a row
-            x_g = builder.mul(g, G)                   # x offset of the group
+        def x_at(xq, s, h, t):
+            """Index in x of the vector that code vector s (half h: q4 high nibbles) of the chunk
+            multiplies, for row m+t of x; xq: the chunk's x offset (in row m for x itself)."""
+            if lanes == 16:
+                i = builder.add(x_base[t], xq)
+                return builder.add(i, H) if h else i
+            return builder.add(xq, _i64c(((s * NH + h) * T + t) * lanes))
 
-            def chunk(k, acc):
-                k16 = builder.mul(k, _i64c(16))
-                out = list(acc)
-                j = 0                                 # products so far of each (row, x row) this chunk
-                for s in range(S):
-                    cidx = builder.add(c_g, builder.add(k16, _i64c(s * lanes)))
-                    xi = builder.add(x_g, builder.add(k16, _i64c(s * lanes)))
-                    w = []                            # w[r]: the weights of row n+r (q4: lo, hi)
+        def chunk(acc, c_base, sv, bv, table, cq, xq):
+            """acc after one 16-code chunk of the weight rows (codes at c_base[r] + cq; x at xq)."""
+            R = len(c_base)
+            out = list(acc)
+            j = 0                                     # products so far of each (row, x row) this chunk
+            for s in range(S):
+                cidx = builder.add(cq, _i64c(s * lanes))
+                w = []                                # w[r]: the weights of row r (q4: lo, hi)
+                for r in range(R):
+                    if lookup:
+                        c32 = builder.zext(_vload(builder, cp, builder.add(c_base[r], cidx), _V8, 1), _V32)
+                        w.append([_permps(builder, table[r], c32), _permps(builder, table[r], builder.lshr(c32, nib))])
+                        continue
+                    wr = []
+                    for d in _decode(builder, kind, cp, builder.add(c_base[r], cidx), lanes):
+                        v = builder.fmul(sv[r], d)
+                        wr.append(builder.fadd(v, bv[r]) if has_bias else v)
+                    w.append(wr)
+                for t in range(T):
+                    xv = [_vload(builder, xp, x_at(xq, s, h, t), VF, 4) for h in range(NH)]
                     for r in range(R):
-                        if lookup:
-                            c32 = builder.zext(_vload(builder, cp, builder.add(c_base[r], cidx), _V8, 1), _V32)
-                            w.append([_permps(builder, table[r], c32),
-                                      _permps(builder, table[r], builder.lshr(c32, nib))])
-                            continue
-                        wr = []
-                        for d in _decode(builder, kind, cp, builder.add(c_base[r], cidx), lanes):
-                            v = builder.fmul(sv[r], d)
-                            wr.append(builder.fadd(v, bv[r]) if has_bias else v)
-                        w.append(wr)
-                    for t in range(T):
-                        xv = [_vload(builder, xp, builder.add(x_base[t], xi), VF, 4)]
-                        if q4:
-                            xv.append(_vload(builder, xp, builder.add(builder.add(x_base[t], xi), H), VF, 4))
-                        for r in range(R):
-                            for h in range(len(xv)):
-                                i = ((r * T + t) * A) + (j + h) % A
-                                out[i] = _fmuladd(builder, w[r][h], xv[h], out[i])
-                    j += len(w[0])
-                return out
+                        for h in range(NH):
+                            i = ((r * T + t) * A) + (j + h) % A
+                            out[i] = _fmuladd(builder, w[r][h], xv[h], out[i])
+                j += NH
+            return out
 
-            return _loop(builder, C, vals, chunk, "bt.c")
+        def scale_bias(s_base, g):
+            sv = _splat(builder, builder.load(builder.gep(sp, [builder.add(s_base, g)])), lanes)
+            bv = _splat(builder, builder.load(builder.gep(bp, [builder.add(s_base, g)])), lanes) if has_bias else None
+            return sv, bv
 
-        acc = _loop(builder, ng, [zero] * (R * T * A), group, "bt.g")
-        for r in range(R):
-            tot = []
-            for t in range(T):
-                a = acc[(r * T + t) * A:(r * T + t + 1) * A]
-                while len(a) > 1:
-                    a = [builder.fadd(a[i], a[i + 1]) for i in range(0, len(a), 2)]
-                tot.append(a[0])
-            for t, v in enumerate(_lane_sums(builder, tot)):
-                o = builder.add(builder.mul(builder.add(m, _i64c(t)), N), builder.add(n, _i64c(rows[r])))
-                builder.store(v, builder.gep(op, [o]))
+        def store(rows, acc):
+            """out[m+t, row] = the lane sum of row's accumulators for row m+t of x."""
+            for r, row in enumerate(rows):
+                tot = []
+                for t in range(T):
+                    a = acc[(r * T + t) * A:(r * T + t + 1) * A]
+                    while len(a) > 1:
+                        a = [builder.fadd(a[i], a[i + 1]) for i in range(0, len(a), 2)]
+                    tot.append(a[0])
+                for t, v in enumerate(_lane_sums(builder, tot)):
+                    o = builder.add(builder.mul(builder.add(m, _i64c(t)), N), row)
+                    builder.store(v, builder.gep(op, [o]))
 
-    def emit(builder, *args):
-        for rows in passes:
-            emit_pass(builder, rows, *args)
+        if lanes == 16:
+            # both rows, a loop over the groups, in it one over the chunks (folded for constant C)
+            rows = (n, builder.add(n, _i64c(1)))
+            c_base = [builder.mul(row, Kc) for row in rows]
+            s_base = [builder.mul(row, ng) for row in rows]
+
+            def group(g, vals):
+                sv, bv = zip(*[scale_bias(sb, g) for sb in s_base])
+                table = None
+                if lookup:
+                    # the group's 16 possible weights, scale*code + bias for code = 0..15 (fmul, fadd)
+                    table = [builder.fadd(builder.fmul(sv[r], iota), bv[r]) for r in range(2)]
+                c_g = builder.mul(g, H if q4 else G)  # code offset of the group inside a row
+                x_g = builder.mul(g, G)               # x offset of the group
+
+                def chunk_k(k, acc):
+                    k16 = builder.mul(k, _i64c(16))
+                    return chunk(acc, c_base, sv, bv, table, builder.add(c_g, k16), builder.add(x_g, k16))
+
+                return _loop(builder, C, vals, chunk_k, "bt.c")
+
+            store(rows, _loop(builder, ng, [zero] * (2 * T * A), group, "bt.g"))
+            return
+
+        TA = T * A
+        x_tile = builder.mul(m, K)                   # _pack_x: the tile's T*K floats start here
+
+        def chunks(row, g0, count, acc):
+            """acc after the groups g0..g0+count-1 of weight row ``row``: one flat loop over their
+            chunks q = g*C + k, carrying g and k for the scale and bias; codes at 16*q, x at
+            x_tile + 16*NH*T*q.  Costs nothing per group at C = 1 (a nested run-time chunk loop of
+            one trip measured ~10% slower at M = 2) and serves every C."""
+            c_base = builder.mul(row, Kc)
+            s_base = builder.mul(row, ng)
+            q0 = builder.mul(g0, C)
+
+            def body(i, vals):
+                acc, g, k = vals[:-2], vals[-2], vals[-1]
+                q = builder.add(q0, i)
+                sv, bv = scale_bias(s_base, g)
+                xq = builder.add(x_tile, builder.mul(q, _i64c(16 * NH * T)))
+                acc = chunk(acc, [c_base], [sv], [bv], None, builder.mul(q, _i64c(16)), xq)
+                k1 = builder.add(k, _i64c(1))
+                wrap = builder.icmp_signed("==", k1, C)
+                return acc + [builder.add(g, builder.zext(wrap, _i64)), builder.select(wrap, _i64c(0), k1)]
+
+            return _loop(builder, builder.mul(count, C), list(acc) + [g0, _i64c(0)], body, "bt.q")[:-2]
+
+        # rows n and n+1 by a loop of two (not unrolled: half the code to compile)
+        with builder.if_else(builder.icmp_signed(">", builder.mul(K, _i64c(T)), _i64c(x_l1))) as (big, small):
+            with small:                               # the tile's x stays in L1 from row n to row n+1
+                def row(r, vals):
+                    store((builder.add(n, r),), chunks(builder.add(n, r), _i64c(0), ng, [zero] * TA))
+                    return []
+
+                _loop(builder, _i64c(2), [], row, "bt.r")
+            with big:
+                # Blocks of groups, each ~_X_BLOCK floats of the tile's x: row n, then row n+1 over
+                # each block, so row n+1 finds the block in L1.  Both rows' accumulators live across
+                # the blocks, 2*T registers with the T in use: they go through a stack buffer (an
+                # empty asm that may touch it keeps LLVM from promoting it back into registers, which
+                # spilled inside the chunk loop).  Same arithmetic in the same order: the same bits.
+                nb = builder.udiv(builder.add(builder.mul(K, _i64c(T)), _i64c(_X_BLOCK - 1)), _i64c(_X_BLOCK))
+                gb = builder.udiv(builder.add(ng, builder.sub(nb, _i64c(1))), nb)   # groups per block
+                buf = cgutils.alloca_once(builder, VF, size=2 * TA)
+                for i in range(2 * TA):
+                    builder.store(zero, builder.gep(buf, [_i64c(i)]))
+                fence = ir.FunctionType(ir.VoidType(), [buf.type])
+
+                def slots(r):
+                    base = builder.mul(r, _i64c(TA))
+                    return [builder.gep(buf, [builder.add(base, _i64c(i))]) for i in range(TA)]
+
+                def block(b, vals):
+                    g0 = builder.mul(b, gb)
+                    rest = builder.sub(ng, g0)
+                    cnt = builder.select(builder.icmp_signed("<", rest, gb), rest, gb)   # <= 0 past the end
+
+                    def row(r, vals):
+                        builder.asm(fence, "", "r,~{memory}", [buf], side_effect=True)
+                        sl = slots(r)
+                        acc = chunks(builder.add(n, r), g0, cnt, [builder.load(p) for p in sl])
+                        for a, p in zip(acc, sl):
+                            builder.store(a, p)
+                        return []
+
+                    _loop(builder, _i64c(2), [], row, "bt.r")
+                    return []
+
+                _loop(builder, nb, [], block, "bt.b")
+                builder.asm(fence, "", "r,~{memory}", [buf], side_effect=True)
+
+                def row_out(r, vals):
+                    store((builder.add(n, r),), [builder.load(p) for p in slots(r)])
+                    return []
+
+                _loop(builder, _i64c(2), [], row_out, "bt.o")
 
     def codegen(context, builder, sig, args):
         ptrs = [_data(context, builder, sig.args[i], args[i]) for i in range(5)]
         n, m, ng, C, N = args[5:10]
-        if isinstance(sig.args[8], types.IntegerLiteral):
-            emit(builder, *ptrs, n, m, ng, _i64c(int(sig.args[8].literal_value)), N)
+        if isinstance(sig.args[8], types.IntegerLiteral) or lanes == 8:    # 8 lanes: any C alike
+            emit(builder, *ptrs, n, m, ng, _const_or(sig.args[8], C), N)
             return context.get_dummy_value()
         # A run-time chunk count C gets constant copies for the common group sizes (C = 1, 2): the
         # chunk loop then folds away (measured ~20% faster at M = 8 than the loop).
@@ -453,7 +572,8 @@ def _make_batch_tile(kind, T, permute=_PERMUTE, lanes=_BATCH_LANES, A=1):
         _check_c(codes, scales, biases, x, out)
         return types.void(codes, scales, biases, x, out, n, m, ng, C, N), codegen
 
-    typer.__name__ = "_batch_tile_%s_t%d_w%d_a%d%s" % (kind, T, lanes, A, "_lookup" if lookup else "")
+    typer.__name__ = "_batch_tile_%s_t%d_w%d%s%s" % (kind, T, lanes, "_lookup" if lookup else "",
+                                                     "" if x_l1 == _X_L1 else "_l1_%d" % x_l1)
     return intrinsic(prefer_literal=True)(typer)
 
 
@@ -642,6 +762,53 @@ def _group_sums(x, ng, G):
 # ----------------------------------------------------------------------------------------------
 # matmul
 # ----------------------------------------------------------------------------------------------
+# The batch tiles' x.  For the 8-lane tile, ``_pack_x``: each tile's rows of x rearranged chunk by
+# chunk in the order the tile reads them (see _make_batch_tile), in a 32-byte aligned buffer.
+# Aligned, because each x vector is an FMA memory operand, one per FMA, and at M = 8 the two vector
+# loads per cycle are as busy as the two FMA pipes: a vector across two cache lines costs two, and
+# numpy's 16-byte aligned x measured ~30% slower (960x576 q4, M = 8: 46 against 35 ns per weight
+# and row of x).  The copy is M*K floats once per call, against the tile's M*K*N/8 FMAs.
+@njit(fastmath=False, cache=True)
+def _pack_x(x, C, q4):
+    """x (M x K) for the 8-lane batch tiles with C chunks per group: for each tile of T rows m..
+    m+T-1 (the split of ``_q4_pair_tiles``), at m*K, for each chunk q (16 codes; group g = q // C,
+    chunk k = q % C), for s = 0, 1 (8 codes each), for h (q4: low, high nibbles), for t < T: the 8
+    floats of x row m+t that those 8 codes multiply."""
+    M, K = x.shape
+    buf = np.empty(M * K + 8, np.float32)
+    off = (32 - buf.ctypes.data % 32) % 32 // 4
+    xp = buf[off:off + M * K]
+    nh = 2 if q4 else 1
+    G = 16 * nh * C
+    H = G // 2
+    nt = (M + 7) // 8
+    m = 0
+    for i in range(nt):
+        T = (M - m) // (nt - i)
+        d = m * K
+        for q in range(K // (16 * nh)):
+            g = q // C
+            c0 = g * G + 16 * (q - g * C) if q4 else 16 * q      # x column of the chunk's code 0
+            for s in range(2):
+                for h in range(nh):
+                    c = c0 + 8 * s + h * H
+                    for t in range(T):
+                        for j in range(8):
+                            xp[d + j] = x[m + t, c + j]
+                        d += 8
+        m += T
+    return xp
+
+
+@njit(fastmath=False, cache=True)
+def _x_itself(x, C, q4):
+    return x
+
+
+# chosen at import, with the tile width: the 16-lane tiles (AVX-512) read x itself, as before
+_batch_x = _pack_x if _BATCH_LANES == 8 else _x_itself
+
+
 @njit(fastmath=False, cache=True)
 def _q4_row_gemv(codes, scales, biases, x, xs, out, n, M, ng, C, N):
     for m in range(M):
@@ -805,11 +972,12 @@ def matmul_q4_affine(x, codes, scales, biases, out):
         if N % 2 == 1:
             _q4_row_gemv(codes, scales, biases, x, xs, out, N - 1, 1, ng, C, N)
         return
+    xa = _batch_x(x, C, True)
     for p in prange(N // 2):
         _prefetch_rows(codes, 2 * p + _PF, 2 * p + _PF + 2)
-        _q4_pair_tiles(codes, scales, biases, x, out, 2 * p, M, ng, C, N)
+        _q4_pair_tiles(codes, scales, biases, xa, out, 2 * p, M, ng, C, N)
     if N % 2 == 1:          # the last row with its neighbour (recomputed, same values)
-        _q4_pair_tiles(codes, scales, biases, x, out, N - 2, M, ng, C, N)
+        _q4_pair_tiles(codes, scales, biases, xa, out, N - 2, M, ng, C, N)
 
 
 @njit(parallel=True, fastmath=False, cache=True)
@@ -838,11 +1006,12 @@ def matmul_q8_sym(x, codes, scales, out):
         if N % 2 == 1:
             _s8_row_gemv(codes, scales, x, out, N - 1, 1, ng, C, N)
         return
+    xa = _batch_x(x, C, False)
     for p in prange(N // 2):
         _prefetch_rows(codes, 2 * p + _PF, 2 * p + _PF + 2)
-        _s8_pair_tiles(codes, scales, x, out, 2 * p, M, ng, C, N)
+        _s8_pair_tiles(codes, scales, xa, out, 2 * p, M, ng, C, N)
     if N % 2 == 1:
-        _s8_pair_tiles(codes, scales, x, out, N - 2, M, ng, C, N)
+        _s8_pair_tiles(codes, scales, xa, out, N - 2, M, ng, C, N)
 
 
 @njit(parallel=True, fastmath=False, cache=True)
@@ -872,11 +1041,12 @@ def matmul_q8_affine(x, codes, scales, biases, out):
         if N % 2 == 1:
             _a8_row_gemv(codes, scales, biases, x, xs, out, N - 1, 1, ng, C, N)
         return
+    xa = _batch_x(x, C, False)
     for p in prange(N // 2):
         _prefetch_rows(codes, 2 * p + _PF, 2 * p + _PF + 2)
-        _a8_pair_tiles(codes, scales, biases, x, out, 2 * p, M, ng, C, N)
+        _a8_pair_tiles(codes, scales, biases, xa, out, 2 * p, M, ng, C, N)
     if N % 2 == 1:
-        _a8_pair_tiles(codes, scales, biases, x, out, N - 2, M, ng, C, N)
+        _a8_pair_tiles(codes, scales, biases, xa, out, N - 2, M, ng, C, N)
 
 
 # ----------------------------------------------------------------------------------------------
