@@ -221,6 +221,95 @@ def test_batch_tile_decode_paths_agree():
         assert _rel_err(a, x.astype(np.float64) @ qw.dequantize().astype(np.float64).T) <= 1e-6
 
 
+def _assert_batch_close(out, x, qw):
+    """The bound of test_matmul_batches: float32 summation error relative to sum |W x|."""
+    W = qw.dequantize().astype(np.float64)
+    ref = x.astype(np.float64) @ W.T
+    scale = np.abs(x.astype(np.float64)) @ np.abs(W).T
+    assert np.all(np.abs(out - ref) <= 5e-7 * scale)
+
+
+def _tile_runner(tile):
+    from numba import njit
+
+    @njit
+    def run(c, s, b, x, o, ng, C, N):
+        for n in range(0, N, 2):
+            tile(c, s, b, x, o, n, 0, ng, C, N)
+    return run
+
+
+@pytest.mark.parametrize("kind", ["q4_affine", "q8_sym", "q8_affine"])
+def test_batch_tiles_both_widths(kind):
+    """Both batch tiles, whichever the machine takes: the 16-lane one (AVX-512's, x itself; LLVM
+    splits its vectors elsewhere) and the 8-lane one (AVX2's, x packed by _pack_x), for one weight
+    row pair at a time or both at once (T <= 3), at run-time chunk counts C = 1, 2, 4, with rows of
+    x in L1 and in blocks (K = 2048: T*K > _X_L1 for T >= 4)."""
+    r = rng(23)
+    q4 = kind == "q4_affine"
+    for T in (3, 4, 8):
+        wide, narrow = (_tile_runner(K._make_batch_tile(kind, T, permute=False, lanes=w)) for w in (16, 8))
+        for Kd, C in [(256, 1), (2048, 1), (256, 2), (2048, 4)]:
+            G = (32 if q4 else 16) * C
+            qw = _random_qw(kind, 6, Kd, G, r)
+            b = qw.scales if qw.biases is None else qw.biases
+            x = r.standard_normal((T, Kd)).astype(np.float32)
+            for run, xin in [(wide, x), (narrow, K._pack_x(x, C, q4))]:
+                out = np.full((T, 6), np.nan, np.float32)
+                run(qw.codes, qw.scales, b, xin, out, Kd // G, C, 6)
+                _assert_batch_close(out, x, qw)
+
+
+def test_batch_tile_blocks_same_bits():
+    """The 8-lane tile takes rows of x longer than _X_L1 floats in all in blocks of groups, the
+    accumulators kept across the blocks: the same arithmetic in the same order as without blocks."""
+    r = rng(24)
+    for kind, C in [("q4_affine", 1), ("q8_sym", 2), ("q8_affine", 3)]:
+        G = (32 if kind == "q4_affine" else 16) * C
+        Kd = 50 * G                                   # 50 groups: blocks of unequal size
+        qw = _random_qw(kind, 4, Kd, G, r)
+        b = qw.scales if qw.biases is None else qw.biases
+        x = r.standard_normal((8, Kd)).astype(np.float32)
+        assert 8 * Kd > K._X_L1
+        xin = K._pack_x(x, C, kind == "q4_affine")
+        outs = []
+        for x_l1 in (K._X_L1, 10 ** 9):
+            out = np.full((8, 4), np.nan, np.float32)
+            _tile_runner(K._make_batch_tile(kind, 8, permute=False, lanes=8, x_l1=x_l1))(
+                qw.codes, qw.scales, b, xin, out, 50, C, 4)
+            outs.append(out)
+        assert np.array_equal(outs[0], outs[1])
+        _assert_batch_close(outs[0], x, qw)
+
+
+@pytest.mark.parametrize("kind,G", [("q4_affine", 32), ("q4_affine", 128), ("q8_sym", 32), ("q8_affine", 64)])
+def test_matmul_batches_long_rows(kind, G):
+    """As test_matmul_batches with K = 2048: the 8-lane tiles take x in blocks for T >= 4, and
+    x is packed per tile of T rows (M = 9..17: two or three tiles)."""
+    r = rng(25)
+    Kd = 2048
+    qw = _random_qw(kind, 7, Kd, G, r)
+    for M in range(2, 18):
+        x = r.standard_normal((M, Kd)).astype(np.float32)
+        out = np.full((M, 7), np.nan, np.float32)
+        K.matmul(qw, x, out)
+        _assert_batch_close(out, x, qw)
+
+
+def test_matmul_batch_x_any_alignment():
+    """x at any 4-byte offset (numpy aligns to 16 bytes, the 8-lane tile wants 32), read-only too."""
+    r = rng(26)
+    qw = _random_qw("q4_affine", 10, 256, 32, r)
+    x0 = r.standard_normal((5, 256)).astype(np.float32)
+    ref = K.matmul(qw, x0)
+    for off in range(8):
+        buf = np.empty(5 * 256 + 8, np.float32)
+        x = buf[off:off + 5 * 256].reshape(5, 256)
+        x[:] = x0
+        x.setflags(write=False)
+        assert np.array_equal(K.matmul(qw, x), ref)
+
+
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q5_0])
 def test_matmul_real_formats(qtype):
     """Formats with large bias/code cancellation (Q4_0: bias = -8d)."""

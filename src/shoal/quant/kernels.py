@@ -16,39 +16,51 @@ plus the Python helpers ``matmul(qw, x, out=None)``, ``dequantize(qw, out=None)`
 Why intrinsics: with ``fastmath=False`` LLVM may not reassociate float reductions, numba keeps
 SLP vectorisation off, and the short per-group loops of a hand-written "lane accumulator" loop
 need runtime alias checks that cost more than the loop body (measured: 4-7 GB/s, compute bound).
-The hot tiles are therefore emitted as explicit ``<16 x float>`` LLVM IR through
-``numba.extending.intrinsic``: a group is a handful of vector instructions, accumulators stay in
-registers, and each weight byte is loaded once per call.  Two kinds of tile, both over two
-consecutive weight rows and all groups of the rows:
+The hot tiles are therefore emitted as explicit LLVM vector IR (``<16 x float>``; the AVX2 batch
+tile ``<8 x float>``) through ``numba.extending.intrinsic``: a group is a handful of vector
+instructions, accumulators stay in registers, and each weight byte is loaded once per call.  Two
+kinds of tile, both over two consecutive weight rows and all groups of the rows:
 
 * M = 1 (one decoding sequence, bound by memory bandwidth): the GEMV tile, one row of x.  It
   computes ``out[n] = sum_g scale[n,g] * (sum_j code_j * x_j) + sum_g bias[n,g] * xs[g]`` with
   ``xs[g]`` (the per-group sums of x) computed once per call: per 32 weights two multiply-adds on
-  codes and one with the scale, so the weight stream is never waiting on arithmetic.
+  codes and one with the scale, so the weight stream is never waiting on arithmetic.  16 lanes on
+  every target (without AVX-512 LLVM splits the vectors, at no cost to a bandwidth-bound loop).
 * M >= 2 (a decode batch, compute bound): the batch tile, T = 2..8 rows of x (M is split into
   ceil(M/8) tiles of near-equal size).  "Dequantize, then dot": each 16-code chunk of a weight
   row becomes float weights once (q4 with AVX-512: a ``vpermps`` lookup in the group's 16-entry
   table ``scale*code + bias``; otherwise convert, multiply, add), then every row of x takes one
-  FMA per 16 weights.  Per 32 q4 weights and 2 weight rows x 8 rows of x that is 32 FMAs and 12
-  other vector instructions, against 3 instructions per 32 weights per row of x in the GEMV form
-  (measured 3072x576, M = 8: 123 us against 257 us; M = 1: 41 us).
+  FMA per vector of weights.  Chosen at import by the target (``_BATCH_LANES``):
+  - AVX-512 (32 zmm registers): 16 lanes, both weight rows in one pass, 2*T accumulators.  Per 32
+    q4 weights and 2 weight rows x 8 rows of x that is 32 FMAs and 12 other vector instructions,
+    against 3 instructions per 32 weights per row of x in the GEMV form (measured 3072x576, M = 8:
+    123 us against 257 us; M = 1: 41 us).
+  - AVX2 (16 ymm registers, where the 16-lane tile's accumulators spilled: Zen 3, 2 cores, a
+    model step at M = 8 took 45 ms against 11 ms at M = 1): 8 lanes, for T >= 4 one weight row
+    after the other against all T rows of x (T accumulators), for T <= 3 both rows at once; x
+    packed once per call by ``_pack_x`` so that a chunk's x vectors lie together (one pointer,
+    aligned loads, any group size at full speed), and for long rows (T*K > ``_X_L1``) taken in
+    blocks that stay in L1 from one weight row to the next.  At M = 8 per 32 q4 weights and row
+    of x: 4 FMAs and 18/8 decoding instructions.  Measured on the 2-core Zen 3 against the
+    16-lane tile (best of interleaved runs, the machine shared): M = 8, 3072x576 q4 250 against
+    580 us, 49152x576 q8_sym 3.9 against 6.4 ms; the model step (``bench_kernels.py
+    --model-step``) M = 2/4/8/16: 9.3/12.5/19.8/42.5 ms against 9.4/17.4/44/98 ms (M = 1: 5.6 ms).
 
 Both prefetch the codes a few weight rows ahead (``_prefetch_rows``): the hardware prefetcher alone
 left the DRAM stream partly exposed (measured on 30 layers of the bundled model's q4 weights, cold:
-M = 1 3.4 -> 2.9 ms, M = 8 10.4 -> 9.2 ms).  The chunk count per group (G/32 for q4, G/16 for q8) is a literal or has
-constant-folded copies for the common cases, so the chunk loop folds away.  Without AVX-512 (AVX2,
-16 ymm registers) the 16-lane batch tile's 2*T accumulators spilled (Zen 3, 2 cores: a model step
-at M = 8 took 45 ms against 11 ms at M = 1), so there the batch tile is built from 8-lane vectors,
-one weight row at a time against all T rows of x (see ``_make_batch_tile``): 24 ms at M = 8.  The
-GEMV tile keeps 16 lanes everywhere (bandwidth-bound, LLVM splits it without harm).
+M = 1 3.4 -> 2.9 ms, M = 8 10.4 -> 9.2 ms).  The chunk count per group (G/32 for q4, G/16 for q8)
+is a literal or, in the 16-lane tiles, has constant-folded copies for the common cases, so the
+chunk loop folds away; the 8-lane batch tile runs one flat loop over the chunks for any count.
 
 Arithmetic (float32, fixed order, deterministic).  GEMV: the first sum keeps 16 lane accumulators
 (lane l collects the elements l, l+16, ... of every group, times the group's scale) reduced by a
 fixed tree at the end of the row; the bias term is a 16-lane dot over the groups.  Batch tile:
 ``out[m, n] = sum_k W[n, k] * x[m, k]`` with W exactly the dequantized weights, 16 lane
-accumulators per (row, x row), reduced by a fixed shuffle tree (``_lane_sums``).  Multiply-adds are
-``llvm.fmuladd`` (may fuse).  Dequantisation is ``scale*code + bias`` with separate rounding (fmul
-then fadd), bit-identical to the numpy expression.
+accumulators per (row, x row) (AVX2: 8 lanes, two accumulators taking alternate vectors at T = 4
+and for q8 at T = 2, else one; blocks do not change the order), reduced by a fixed shuffle tree
+(``_lane_sums``).  Multiply-adds are ``llvm.fmuladd`` (may fuse).  Dequantisation is
+``scale*code + bias`` with separate rounding (fmul then fadd), bit-identical to the numpy
+expression.
 
 Fast paths need group_size % 32 == 0 (q4_affine) or % 16 == 0 (q8); other group sizes use plain
 numba loops (correct, slower).
@@ -91,6 +103,8 @@ def _target_has_avx512() -> bool:
 # q4 codes -> weights by a 16-entry table lookup (vpermps) where the target has AVX-512; elsewhere
 # by integer -> float conversion (same values).
 _PERMUTE = _target_has_avx512()
+# Lanes of the batch tile (see _make_batch_tile): 16 with AVX-512's 32 vector registers, 8 (one ymm
+# register) on AVX2 targets, whose 16 registers the 16-lane tile overflowed.
 _BATCH_LANES = 16 if _PERMUTE else 8
 
 
@@ -126,7 +140,8 @@ def _vstore(builder, val, ptr, idx):
 def _splat(builder, s, lanes=_W):
     vty = ir.VectorType(s.type, lanes)
     v = builder.insert_element(ir.Constant(vty, ir.Undefined), s, ir.Constant(_i32, 0))
-    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(_i32, lanes), [0] * lanes))
+    zeros = ir.Constant(ir.VectorType(_i32, lanes), [0] * lanes)
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), zeros)
 
 
 def _fmuladd(builder, a, b, c):
@@ -363,24 +378,28 @@ def _make_batch_tile(kind, T, permute=_PERMUTE, lanes=_BATCH_LANES, x_l1=_X_L1):
     accumulators.  ``x`` is x; ``permute``: q4 decode by table lookup.
 
     lanes = 8 (AVX2, 16 ymm registers), where the 16-lane tile's 2*T accumulators take 4*T ymm
-    registers and spilled at T = 8 (45 ms per model step at M = 8 against 11 ms at M = 1): one
-    weight row after the other, each against all T rows of x, so T accumulators + the chunk's
-    weight vectors + the constants fit, and each x vector is an FMA memory operand.  With T <= 4
-    that is too few independent FMA chains to hide the FMA latency (4 cycles, 2 per cycle), so
-    each row of x then keeps A = 2 accumulators, the chunk's (even count of) products alternating
-    between them (measured at M = 2: 3072x576 q4 and 49152x576 q8 1.4x faster than one).
-    ``x`` is the output of ``_pack_x``: the x vectors a chunk multiplies lie together, in the order
+    registers and spilled at T = 8 (45 ms per model step at M = 8 against 11 ms at M = 1):
+    * T >= 4: one weight row after the other, each against all T rows of x: T accumulators + the
+      chunk's weight vectors + the constants fit, each x vector an FMA memory operand.
+    * T <= 3: both weight rows in one pass (2*T accumulators), each x load serving both
+      (measured at M = 3, 960x576 q4: 44 against 60 ns per weight and row of x one row at a time).
+    Fewer than 8 independent FMA chains cannot hide the FMA latency (4 cycles, 2 per cycle), so
+    T = 4 (and q8 at T = 2) keeps A = 2 accumulators per row of x, the chunk's products alternating
+    between them (M = 4, 960x576 q4: 40 against 45 ns per weight and row of x with one; M = 2,
+    49152x576 q8: 26 against 28 ns; q4 at T = 2 has no registers left for it).
+    ``x`` is the output of ``_pack_x``: the x vectors a chunk multiplies lie together in the order
     used, so one pointer addresses them.  With x itself (a pointer per row of x, two for q4) a
     run-time chunk loop ran out of general registers (55 against 31 ns per weight and row of x at
     M = 8) and needed constant copies of the tile for C = 1, 2: three times the code to compile,
-    and still slow for larger groups.  ``x_l1``: see _X_L1 (a parameter for the tests).
+    and still the slow loop for larger groups.  ``x_l1``: see _X_L1 (a parameter for the tests).
     """
     has_bias = kind != "q8_sym"
     q4 = kind == "q4_affine"
     lookup = q4 and permute
     if lanes not in (8, 16) or (lookup and lanes != 16) or not 1 <= T <= 8:
         raise ValueError("batch tile: lanes %d, T %d, permute %s" % (lanes, T, permute))
-    A = 2 if lanes == 8 and T <= 4 else 1            # accumulators per (weight row, row of x)
+    R = 2 if lanes == 16 or T <= 3 else 1            # weight rows in one pass over the groups
+    A = 2 if lanes == 8 and (T == 4 or (T == 2 and not q4)) else 1   # accumulators per (row, x row)
     S = 16 // lanes                                  # vectors per 16-code chunk
     NH = 2 if q4 else 1                              # x vectors per code vector (q4: low, high nibbles)
     VF = ir.VectorType(_f32, lanes)
@@ -393,7 +412,7 @@ def _make_batch_tile(kind, T, permute=_PERMUTE, lanes=_BATCH_LANES, x_l1=_X_L1):
         zero = ir.Constant(VF, [0.0] * lanes)
         iota = ir.Constant(_VF, [float(i) for i in range(_W)])
         nib = ir.Constant(_V32, [4] * _W)
-        x_base = [builder.mul(builder.add(m, _i64c(t)), K) for t in range(T)] if lanes == 16 else None
+        x_base = []                                  # 16 lanes: x offsets of the rows of x
 
         def x_at(xq, s, h, t):
             """Index in x of the vector that code vector s (half h: q4 high nibbles) of the chunk
@@ -431,8 +450,10 @@ def _make_batch_tile(kind, T, permute=_PERMUTE, lanes=_BATCH_LANES, x_l1=_X_L1):
             return out
 
         def scale_bias(s_base, g):
-            sv = _splat(builder, builder.load(builder.gep(sp, [builder.add(s_base, g)])), lanes)
-            bv = _splat(builder, builder.load(builder.gep(bp, [builder.add(s_base, g)])), lanes) if has_bias else None
+            """The splat scales and biases (None for q8_sym) of group g of the rows at s_base."""
+            sv = [_splat(builder, builder.load(builder.gep(sp, [builder.add(sb, g)])), lanes) for sb in s_base]
+            bv = [_splat(builder, builder.load(builder.gep(bp, [builder.add(sb, g)])), lanes) if has_bias else None
+                  for sb in s_base]
             return sv, bv
 
         def store(rows, acc):
@@ -453,9 +474,10 @@ def _make_batch_tile(kind, T, permute=_PERMUTE, lanes=_BATCH_LANES, x_l1=_X_L1):
             rows = (n, builder.add(n, _i64c(1)))
             c_base = [builder.mul(row, Kc) for row in rows]
             s_base = [builder.mul(row, ng) for row in rows]
+            x_base.extend(builder.mul(builder.add(m, _i64c(t)), K) for t in range(T))
 
             def group(g, vals):
-                sv, bv = zip(*[scale_bias(sb, g) for sb in s_base])
+                sv, bv = scale_bias(s_base, g)
                 table = None
                 if lookup:
                     # the group's 16 possible weights, scale*code + bias for code = 0..15 (fmul, fadd)
@@ -469,19 +491,19 @@ def _make_batch_tile(kind, T, permute=_PERMUTE, lanes=_BATCH_LANES, x_l1=_X_L1):
 
                 return _loop(builder, C, vals, chunk_k, "bt.c")
 
-            store(rows, _loop(builder, ng, [zero] * (2 * T * A), group, "bt.g"))
+            store(rows, _loop(builder, ng, [zero] * (R * T * A), group, "bt.g"))
             return
 
         TA = T * A
         x_tile = builder.mul(m, K)                   # _pack_x: the tile's T*K floats start here
 
-        def chunks(row, g0, count, acc):
-            """acc after the groups g0..g0+count-1 of weight row ``row``: one flat loop over their
-            chunks q = g*C + k, carrying g and k for the scale and bias; codes at 16*q, x at
-            x_tile + 16*NH*T*q.  Costs nothing per group at C = 1 (a nested run-time chunk loop of
-            one trip measured ~10% slower at M = 2) and serves every C."""
-            c_base = builder.mul(row, Kc)
-            s_base = builder.mul(row, ng)
+        def chunks(rows, g0, count, acc):
+            """acc after the groups g0..g0+count-1 of the weight rows ``rows``: one flat loop over
+            their chunks q = g*C + k, carrying g and k for the scales and biases; codes at 16*q, x
+            at x_tile + 16*NH*T*q.  Costs nothing per group at C = 1 (a nested run-time chunk loop
+            of one trip measured ~10% slower at M = 2) and serves every C."""
+            c_base = [builder.mul(row, Kc) for row in rows]
+            s_base = [builder.mul(row, ng) for row in rows]
             q0 = builder.mul(g0, C)
 
             def body(i, vals):
@@ -489,18 +511,22 @@ def _make_batch_tile(kind, T, permute=_PERMUTE, lanes=_BATCH_LANES, x_l1=_X_L1):
                 q = builder.add(q0, i)
                 sv, bv = scale_bias(s_base, g)
                 xq = builder.add(x_tile, builder.mul(q, _i64c(16 * NH * T)))
-                acc = chunk(acc, [c_base], [sv], [bv], None, builder.mul(q, _i64c(16)), xq)
+                acc = chunk(acc, c_base, sv, bv, None, builder.mul(q, _i64c(16)), xq)
                 k1 = builder.add(k, _i64c(1))
                 wrap = builder.icmp_signed("==", k1, C)
                 return acc + [builder.add(g, builder.zext(wrap, _i64)), builder.select(wrap, _i64c(0), k1)]
 
             return _loop(builder, builder.mul(count, C), list(acc) + [g0, _i64c(0)], body, "bt.q")[:-2]
 
-        # rows n and n+1 by a loop of two (not unrolled: half the code to compile)
+        if R == 2:                                   # T <= 3: both rows in one pass (x from L1 or L2)
+            rows = (n, builder.add(n, _i64c(1)))
+            store(rows, chunks(rows, _i64c(0), ng, [zero] * (2 * TA)))
+            return
+        # T >= 4: rows n and n+1 by a loop of two (not unrolled: half the code to compile)
         with builder.if_else(builder.icmp_signed(">", builder.mul(K, _i64c(T)), _i64c(x_l1))) as (big, small):
             with small:                               # the tile's x stays in L1 from row n to row n+1
                 def row(r, vals):
-                    store((builder.add(n, r),), chunks(builder.add(n, r), _i64c(0), ng, [zero] * TA))
+                    store((builder.add(n, r),), chunks((builder.add(n, r),), _i64c(0), ng, [zero] * TA))
                     return []
 
                 _loop(builder, _i64c(2), [], row, "bt.r")
@@ -529,7 +555,7 @@ def _make_batch_tile(kind, T, permute=_PERMUTE, lanes=_BATCH_LANES, x_l1=_X_L1):
                     def row(r, vals):
                         builder.asm(fence, "", "r,~{memory}", [buf], side_effect=True)
                         sl = slots(r)
-                        acc = chunks(builder.add(n, r), g0, cnt, [builder.load(p) for p in sl])
+                        acc = chunks((builder.add(n, r),), g0, cnt, [builder.load(p) for p in sl])
                         for a, p in zip(acc, sl):
                             builder.store(a, p)
                         return []
@@ -686,6 +712,26 @@ def _make_dq_row(kind):
     return intrinsic(prefer_literal=True)(typer)
 
 
+def _make_copy8():
+    """copy8(dst, i, src, j): dst.flat[i:i+8] = src.flat[j:j+8] as one 8-float vector (``_pack_x``:
+    numba keeps SLP vectorisation off, and the scalar copy took 5 us for 8 x 576 floats)."""
+    vty = ir.VectorType(_f32, 8)
+
+    def codegen(context, builder, sig, args):
+        dp = _data(context, builder, sig.args[0], args[0])
+        sp = _data(context, builder, sig.args[2], args[2])
+        v = _vload(builder, sp, args[3], vty, 4)
+        builder.store(v, builder.bitcast(builder.gep(dp, [args[1]]), vty.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    def typer(typingctx, dst, i, src, j):
+        _check_c(dst, src)
+        return types.void(dst, i, src, j), codegen
+
+    typer.__name__ = "_copy8"
+    return intrinsic(typer)
+
+
 def _make_group_sums_row():
     """xs[m, g] = sum of the G = 16*C elements of group g of x row m (16 lanes, then a tree)."""
 
@@ -719,6 +765,7 @@ def _make_group_sums_row():
 
 
 _gs_row = _make_group_sums_row()
+_copy8 = _make_copy8()
 _t_q4_21 = _make_tile("q4_affine", 2, 1)
 _t_q4_11 = _make_tile("q4_affine", 1, 1)
 _t_s8_21 = _make_tile("q8_sym", 2, 1)
@@ -767,7 +814,8 @@ def _group_sums(x, ng, G):
 # Aligned, because each x vector is an FMA memory operand, one per FMA, and at M = 8 the two vector
 # loads per cycle are as busy as the two FMA pipes: a vector across two cache lines costs two, and
 # numpy's 16-byte aligned x measured ~30% slower (960x576 q4, M = 8: 46 against 35 ns per weight
-# and row of x).  The copy is M*K floats once per call, against the tile's M*K*N/8 FMAs.
+# and row of x).  The copy is M*K floats once per call (~1 us at 8 x 576), against the tile's
+# M*K*N/8 FMAs.
 @njit(fastmath=False, cache=True)
 def _pack_x(x, C, q4):
     """x (M x K) for the 8-lane batch tiles with C chunks per group: for each tile of T rows m..
@@ -793,8 +841,7 @@ def _pack_x(x, C, q4):
                 for h in range(nh):
                     c = c0 + 8 * s + h * H
                     for t in range(T):
-                        for j in range(8):
-                            xp[d + j] = x[m + t, c + j]
+                        _copy8(xp, d, x, (m + t) * K + c)
                         d += 8
         m += T
     return xp
