@@ -31,7 +31,7 @@ class PrefixStore:
         # prompt -> (its ids as an array, for a vectorised prefix compare; per-layer (K, V) (Hkv, n, D))
         self._entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor]]]] = OrderedDict()
         self._tokens = 0
-        self.hits = self.reused_tokens = 0
+        self.hits = 0
 
     @staticmethod
     def usable(caches: list) -> bool:
@@ -70,7 +70,6 @@ class PrefixStore:
         for cache, (k, v) in zip(caches, self._entries[best_key][1]):
             cache.update_and_fetch(k[:, :best].transpose(0, 1), v[:, :best].transpose(0, 1))
         self.hits += 1
-        self.reused_tokens += best
         return best
 
     @property

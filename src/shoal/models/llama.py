@@ -293,12 +293,8 @@ class Attention(nn.Module):
         if decoding and attention.supports(layout.caches[decoding[0]][layer]):
             # One kernel call for every decoding sequence (RoPE, cache append and attention).
             caches = [layout.caches[i][layer] for i in decoding]
-            rows = layout.decode_rows
-            if rows is None:
-                d = len(decoding)
-                out[:d] = attention.decode_attention(q[:d], k[:d], v[:d], cos[:d], sin[:d], caches, self.scale)
-            else:
-                out[rows] = attention.decode_attention(q[rows], k[rows], v[rows], cos[rows], sin[rows], caches, self.scale)
+            rows = slice(0, len(decoding)) if layout.decode_rows is None else layout.decode_rows
+            out[rows] = attention.decode_attention(q[rows], k[rows], v[rows], cos[rows], sin[rows], caches, self.scale)
             if len(decoding) == len(layout.lengths):
                 return all_reduce(self.o_proj(out.view(T, self.q_size)), self.group)
             done = set(decoding)
