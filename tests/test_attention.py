@@ -60,3 +60,21 @@ def test_decode_attention_appends_step_after_step():
     keys, values = kr.transpose(0, 1).repeat_interleave(2, dim=0), v.transpose(0, 1).repeat_interleave(2, dim=0)
     ref = F.scaled_dot_product_attention(qr.transpose(0, 1).double(), keys.double(), values.double(), is_causal=True)
     torch.testing.assert_close(torch.stack(outs).double(), ref.transpose(0, 1), rtol=0, atol=2e-6)
+
+
+def test_softmax_exp_is_within_two_ulp_of_expf():
+    """The kernel's own exp (a polynomial, so that the softmax loop vectorises) against numpy's."""
+    import numpy as np
+    from numba import njit
+
+    from shoal.engine.attention import _exp_nonpositive
+
+    @njit
+    def many(xs):
+        return np.array([_exp_nonpositive(x) for x in xs], dtype=np.float32)
+
+    xs = np.concatenate([-np.logspace(-8, np.log10(87.0), 200_000), [0.0, -np.log(2.0), -86.99]]).astype(np.float32)
+    got, ref = many(xs), np.exp(xs.astype(np.float64))
+    ulp = np.spacing(ref.astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(got - ref) / ulp) <= 2.0
+    assert many(np.array([-200.0, -1e30], dtype=np.float32)).max() < 1e-37  # far below the max: ~0, never inf or nan

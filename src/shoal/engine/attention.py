@@ -9,13 +9,16 @@ softmax(q·Kᵀ·scale)·V for the group's query heads.
 
 Every sequence keeps its own cache (sequences join and leave between steps with nothing to
 reshuffle), so the kernel is handed each cache's storage by address — a table of (keys address,
-values address, tokens cached, capacity) built right before the call, after the caches were
-grown to hold the new token. The addresses stay valid for the call: nothing else runs on these
-caches meanwhile and their tensors are referenced by the caches.
+values address, tokens cached, capacity). `DecodeBatch` builds it once per step for every layer,
+after growing each cache to hold the new token, so a layer costs one kernel call; the kernel reads
+q, k and v straight out of the fused qkv projection (strided views, no copies) and writes its rows
+of the output in place. The addresses stay valid for the step: nothing else grows these caches
+meanwhile and their tensors are referenced by the caches.
 
 Arithmetic: RoPE is the same two products and a sum per element as `llama.apply_rope` (so a
 decoded key equals a prefilled one); the dot products and the softmax run in float32 with
-reassociation allowed (fastmath), so the scores are vectorised — like any two attention
+reassociation allowed (fastmath), so the scores are vectorised, and exp is a polynomial within
+2 ulp of expf (a libm call per score would not vectorise) — like any two attention
 implementations they agree to rounding, not bit for bit.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
@@ -53,64 +57,128 @@ def _rope(x, cos, sin, out):
         out[i + half] = b * cos[i + half] + a * sin[i + half]
 
 
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the low 32 bits of the integer `bits`."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
+        return builder.bitcast(low, context.get_value_type(types.float32))
+
+    return types.float32(bits), codegen
+
+
+@njit(fastmath=True, inline="always")
+def _exp_nonpositive(x):
+    """exp(x) for x <= 0 (softmax scores less their maximum), within 2 ulp of expf; unlike a call
+    to libm's expf, a loop of these vectorises. x = n·ln2 + r with |r| <= ln2/2; exp(r) by its
+    degree-7 minimax polynomial (Cephes' expf), 2^n by building the float's exponent bits."""
+    x = max(x, np.float32(-87.0))  # exp(-87) ~ 1.6e-38, still a normal float: n + 127 >= 1
+    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)  # ln2 in two parts: r exact
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return p * _f32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
 @njit(parallel=True, fastmath=True, cache=True)
-def _decode_attention(q, k, v, cos, sin, table, out, scale):
-    """q (S, H, D), k and v (S, Hkv, D): the new token of each of S sequences, before RoPE;
-    cos/sin (S, D) at each sequence's position; table (S, 4) int64 rows (keys address, values
-    address, tokens cached, capacity) of caches shaped (Hkv, capacity, D). Writes out (S, H, D)."""
-    S, H, D = q.shape
+def _decode_attention(q, k, v, cos, sin, rows, table, out, scale):
+    """For the S decoding sequences: q (T, H, D), k and v (T, Hkv, D) and cos/sin (T, D) are the
+    whole flat batch (views, any strides) and `rows` (S,) the rows of the decoding sequences in it;
+    table (S, 4) int64 rows (keys address, values address, tokens cached, capacity) of caches
+    shaped (Hkv, capacity, D). Writes the rows `rows` of out (T, H, D)."""
+    H, D = q.shape[1], q.shape[2]
     Hkv = k.shape[1]
+    S = rows.shape[0]
     group = H // Hkv
     for task in prange(S * Hkv):
         s, g = task // Hkv, task % Hkv
+        r = rows[s]
         past, cap = table[s, 2], table[s, 3]
-        keys = carray(_f32_at(table[s, 0]), (Hkv, cap, D))
-        values = carray(_f32_at(table[s, 1]), (Hkv, cap, D))
+        keys = carray(_f32_at(table[s, 0]), (Hkv, cap, D))[g]
+        values = carray(_f32_at(table[s, 1]), (Hkv, cap, D))[g]
         # RoPE (rotate-half) on the new key, appended with its value at position `past`.
-        _rope(k[s, g], cos[s], sin[s], keys[g, past])
+        _rope(k[r, g], cos[r], sin[r], keys[past])
         for i in range(D):
-            values[g, past, i] = v[s, g, i]
+            values[past, i] = v[r, g, i]
         L = past + 1
         qr = np.empty((group, D), np.float32)
         for j in range(group):
-            _rope(q[s, g * group + j], cos[s], sin[s], qr[j])
+            _rope(q[r, g * group + j], cos[r], sin[r], qr[j])
         scores = np.empty((group, L), np.float32)
-        for t in range(L):
-            for j in range(group):
+        for j in range(group):
+            qj = qr[j]
+            for t in range(L):
+                kt = keys[t]
                 acc = np.float32(0.0)
                 for i in range(D):
-                    acc += qr[j, i] * keys[g, t, i]
+                    acc += qj[i] * kt[i]
                 scores[j, t] = acc * scale
+        acc = np.empty(D, np.float32)
         for j in range(group):
-            top = scores[j, 0]
+            sj = scores[j]
+            top = sj[0]
             for t in range(1, L):
-                top = max(top, scores[j, t])
+                top = max(top, sj[t])
             total = np.float32(0.0)
             for t in range(L):
-                e = np.exp(scores[j, t] - top)
-                scores[j, t] = e
+                e = _exp_nonpositive(sj[t] - top)
+                sj[t] = e
                 total += e
-            o = out[s, g * group + j]
-            o[:] = 0.0
+            acc[:] = 0.0
             for t in range(L):
-                p = scores[j, t] / total
+                p = sj[t]
+                vt = values[t]
                 for i in range(D):
-                    o[i] += p * values[g, t, i]
+                    acc[i] += p * vt[i]
+            inv = np.float32(1.0) / total
+            o = out[r, g * group + j]
+            for i in range(D):
+                o[i] = acc[i] * inv
+
+
+class DecodeBatch:
+    """The decoding sequences of one step, made ready for the kernel once per step: their rows in
+    the flat batch and, for every layer, the table of their caches, grown beforehand to hold the
+    new token. `attend` then costs one kernel call and S counter increments per layer."""
+
+    def __init__(self, rows: list[int], caches: list[list[KVCache]]):
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.caches = caches  # [sequence][layer]
+        for seq in caches:
+            for c in seq:
+                c.reserve(1)
+        S, L = len(caches), len(caches[0])
+        flat = [(c.keys.data_ptr(), c.values.data_ptr(), c.offset, c.capacity) for seq in caches for c in seq]
+        self.table = np.ascontiguousarray(np.array(flat, dtype=np.int64).reshape(S, L, 4).transpose(1, 0, 2))
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               out: torch.Tensor, scale: float) -> None:
+        """Attention of the new token of every decoding sequence at `layer`: q (T, H, D), k and v
+        (T, Hkv, D) of the whole flat batch before RoPE, cos/sin (T, D); appends k (roped) and v to
+        each sequence's cache and writes their rows of out (T, H, D)."""
+        _decode_attention(q.numpy(), k.numpy(), v.numpy(), _f32(cos), _f32(sin), self.rows, self.table[layer], out.numpy(),
+                          np.float32(scale))
+        for seq in self.caches:
+            seq[layer].offset += 1
 
 
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache], scale: float
 ) -> torch.Tensor:
-    """Attention of one new token per sequence: q (S, H, D), k and v (S, Hkv, D) before RoPE,
-    cos/sin (S, D); appends k (roped) and v to each sequence's cache. Returns (S, H, D)."""
-    for c in caches:
-        c.reserve(1)
-    table = np.array([(c.keys.data_ptr(), c.values.data_ptr(), c.offset, c.capacity) for c in caches], dtype=np.int64)
-    out = np.empty(tuple(q.shape), dtype=np.float32)
-    _decode_attention(_f32(q), _f32(k), _f32(v), _f32(cos), _f32(sin), table, out, np.float32(scale))
-    for c in caches:
-        c.offset += 1
-    return torch.from_numpy(out)
+    """One layer's attention for S sequences with one new token each: q (S, H, D), k and v
+    (S, Hkv, D) before RoPE, cos/sin (S, D); appends k (roped) and v to each sequence's cache.
+    Returns (S, H, D)."""
+    out = torch.empty(q.shape, dtype=torch.float32)
+    DecodeBatch(list(range(len(caches))), [[c] for c in caches]).attend(0, q, k, v, cos, sin, out, scale)
+    return out
 
 
 def supports(cache: KVCache) -> bool:
@@ -122,4 +190,4 @@ def _f32(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.numpy(), dtype=np.float32)
 
 
-__all__ = ["decode_attention", "supports"]
+__all__ = ["DecodeBatch", "decode_attention", "supports"]

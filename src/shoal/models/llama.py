@@ -241,13 +241,15 @@ class BatchLayout:
         return [i for i, n in enumerate(self.lengths) if n == 1]
 
     @cached_property
-    def decode_rows(self) -> torch.Tensor | None:
-        """Rows of the decoding sequences in the flat batch; None when they are its first rows
-        (the generator puts decoding sequences first, so a slice needs no copy)."""
+    def decode_batch(self) -> attention.DecodeBatch | None:
+        """The decoding sequences made ready, once per step, for the decode-attention kernel (their
+        caches grown for the new token); None when no sequence decodes or the caches are not the
+        kernel's (see attention.supports)."""
         d = self.decoding
-        if d == list(range(len(d))):
+        if not d or not attention.supports(self.caches[d[0]][0]):
             return None
-        return torch.tensor(np.cumsum([0] + self.lengths[:-1])[d])
+        rows = np.cumsum([0] + self.lengths[:-1])[d]
+        return attention.DecodeBatch(rows.tolist(), [self.caches[i] for i in d])
 
 
 def all_reduce(x: torch.Tensor, group: Any | None) -> torch.Tensor:
@@ -289,15 +291,13 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
 
         out = torch.empty(T, self.n_heads, self.head_dim, dtype=x.dtype)
-        decoding, done = layout.decoding, set()
-        if decoding and attention.supports(layout.caches[decoding[0]][layer]):
+        done: set[int] = set()
+        if layout.decode_batch is not None:
             # One kernel call for every decoding sequence (RoPE, cache append and attention).
-            caches = [layout.caches[i][layer] for i in decoding]
-            rows = slice(0, len(decoding)) if layout.decode_rows is None else layout.decode_rows
-            out[rows] = attention.decode_attention(q[rows], k[rows], v[rows], cos[rows], sin[rows], caches, self.scale)
-            if len(decoding) == len(layout.lengths):
+            layout.decode_batch.attend(layer, q, k, v, cos, sin, out, self.scale)
+            if len(layout.decoding) == len(layout.lengths):
                 return all_reduce(self.o_proj(out.view(T, self.q_size)), self.group)
-            done = set(decoding)
+            done = set(layout.decoding)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         group = self.n_heads // self.n_kv_heads
         start = 0
