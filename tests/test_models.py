@@ -195,3 +195,25 @@ def test_mlx_quantized_checkpoint(tmp_path, bits):
     ref.load_state_dict(state)
     lm = load_model(str(mlx), with_tokenizer=False)
     torch.testing.assert_close(run_ours(lm, IDS), run_ref(ref, IDS), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (8, 576), (300, 64), (5, 4, 24)])
+def test_rms_norm_equals_transformers(shape):
+    """Our RMSNorm kernel against transformers' LlamaRMSNorm, for decode rows, a prefill chunk and
+    per-head rows (Qwen3's q/k norm), contiguous or a strided view."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from shoal.models.llama import RMSNorm
+
+    g = torch.Generator().manual_seed(sum(shape))
+    D = shape[-1]
+    ref = LlamaRMSNorm(D, eps=1e-5)
+    with torch.no_grad():
+        ref.weight.copy_(1 + 0.5 * torch.randn(D, generator=g))
+    ours = RMSNorm(ref.weight.detach().clone(), 1e-5)
+    wide = 3 * torch.randn(*shape[:-1], 2 * D, generator=g)
+    for x in (wide[..., :D].contiguous(), wide[..., D:]):  # the second: a view with a row stride of 2D
+        with torch.inference_mode():
+            got = ours(x)
+        torch.testing.assert_close(got, ref(x).detach(), rtol=1e-6, atol=1e-6)
+        assert got.shape == x.shape

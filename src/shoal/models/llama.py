@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoal.engine import attention
+from shoal.engine import attention, norm
 from shoal.engine.cache import KVCache
 from shoal.quant.formats import QuantizedWeight
 from shoal.quant.kernels import dequantize, gather_rows
@@ -218,9 +218,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
+        self._weight = weight.float().contiguous().numpy()  # the kernel's view of it (same memory when float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return norm.rms_norm(x, self._weight, self.eps)
 
 
 @dataclass
