@@ -3,7 +3,7 @@
 A decode step normalises a few rows of a few hundred numbers twice per layer. torch's
 `F.rms_norm` on the CPU is a composite of five ops (square, mean, add, rsqrt, two products):
 ~28 µs a call on one thread here whatever the size, 1.7 ms of a 17 ms single-sequence step of
-the bundled model. This kernel is one call (~4 µs); each row is normalised by the same code
+the bundled model. This is one call (~8 µs with its wrapper); each row is normalised by the same code
 whatever else is in the batch, so a sequence's numbers do not depend on its neighbours.
 
 Arithmetic: the mean of squares is summed in float64, then each element is (x · rsqrt) · weight
