@@ -6,9 +6,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shoal.engine.attention import decode_attention
+from shoal.engine.attention import DecodeBatch
 from shoal.engine.cache import KVCache
 from shoal.models.llama import apply_rope
+
+
+def decode_attention(q, k, v, cos, sin, caches, scale, lead=2):
+    """The kernel as the model calls it: q/k/v strided views of one fused qkv tensor, the decoding
+    rows after `lead` rows of other sequences (a prefill chunk in a mixed batch). Returns (S, H, D)."""
+    S, H, D = q.shape
+    Hkv = k.shape[1]
+    qkv = torch.randn(lead + S, (H + 2 * Hkv) * D)
+    qkv[lead:] = torch.cat([q.reshape(S, -1), k.reshape(S, -1), v.reshape(S, -1)], dim=1)
+    T = lead + S
+    qv = qkv[:, : H * D].view(T, H, D)
+    kv = qkv[:, H * D : (H + Hkv) * D].view(T, Hkv, D)
+    vv = qkv[:, (H + Hkv) * D :].view(T, Hkv, D)
+    cos_t, sin_t = torch.cat([torch.zeros(lead, D), cos]), torch.cat([torch.zeros(lead, D), sin])
+    out = torch.full((T, H, D), float("nan"))
+    DecodeBatch(list(range(lead, T)), [[c] for c in caches]).attend(0, qv, kv, vv, cos_t, sin_t, out, scale)
+    assert out[:lead].isnan().all(), "rows of other sequences are left alone"
+    return out[lead:]
 
 
 def rope_tables(positions: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -170,17 +170,6 @@ class DecodeBatch:
             seq[layer].offset += 1
 
 
-def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache], scale: float
-) -> torch.Tensor:
-    """One layer's attention for S sequences with one new token each: q (S, H, D), k and v
-    (S, Hkv, D) before RoPE, cos/sin (S, D); appends k (roped) and v to each sequence's cache.
-    Returns (S, H, D)."""
-    out = torch.empty(q.shape, dtype=torch.float32)
-    DecodeBatch(list(range(len(caches))), [[c] for c in caches]).attend(0, q, k, v, cos, sin, out, scale)
-    return out
-
-
 def supports(cache: KVCache) -> bool:
     """The kernel reads float32 caches on the CPU."""
     return cache.keys.dtype == torch.float32 and cache.keys.device.type == "cpu"
@@ -190,4 +179,4 @@ def _f32(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.numpy(), dtype=np.float32)
 
 
-__all__ = ["DecodeBatch", "decode_attention", "supports"]
+__all__ = ["DecodeBatch", "supports"]
