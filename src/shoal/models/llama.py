@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoal.engine import attention, norm
+from shoal.engine.activation import silu_mul
 from shoal.engine.cache import KVCache
+from shoal.engine.direct import DirectModule
 from shoal.quant.formats import QuantizedWeight
 from shoal.quant.kernels import dequantize, gather_rows
 from shoal.quant.linear import QuantLinear, dense_or_quant_linear, fuse_rows
@@ -213,7 +215,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ----------------------------------------------------------------------------- layers
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(DirectModule):
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
@@ -262,7 +264,7 @@ def all_reduce(x: torch.Tensor, group: Any | None) -> torch.Tensor:
     return x
 
 
-class Attention(nn.Module):
+class Attention(DirectModule):
     def __init__(self, args: ModelArgs, w: dict[str, Weight], prefix: str, tp: TensorSlice):
         super().__init__()
         kv0, kv1 = tp.kv_heads
@@ -325,7 +327,7 @@ class Attention(nn.Module):
         return all_reduce(self.o_proj(out.view(T, self.q_size)), self.group)
 
 
-class MLP(nn.Module):
+class MLP(DirectModule):
     def __init__(self, w: dict[str, Weight], prefix: str):
         super().__init__()
         gate, up = w[f"{prefix}.gate_proj.weight"], w[f"{prefix}.up_proj.weight"]
@@ -337,10 +339,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         # down_proj holds this rank's input columns: a partial sum, completed over the group.
-        return all_reduce(self.down_proj(F.silu(gate_up[:, : self.hidden]) * gate_up[:, self.hidden :]), self.group)
+        return all_reduce(self.down_proj(silu_mul(gate_up, self.hidden)), self.group)
 
 
-class Block(nn.Module):
+class Block(DirectModule):
     def __init__(self, args: ModelArgs, w: dict[str, Weight], i: int, tp: TensorSlice):
         super().__init__()
         p = f"model.layers.{i}"

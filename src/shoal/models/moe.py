@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shoal.engine.activation import silu_mul
 from shoal.models.llama import ShardSpec, Weight, all_reduce, as_tensor, slice_cols, slice_rows
 from shoal.quant.linear import dense_or_quant_linear, fuse_rows
 
@@ -147,7 +148,7 @@ class RoutedExperts(nn.Module):
         for j in torch.unique(local[local >= 0]).tolist():  # ascending expert order, like transformers
             tok, slot = torch.where(local == j)
             gu = self.gate_up[j](x[tok])
-            y = self.down[j](F.silu(gu[:, :h]) * gu[:, h:])
+            y = self.down[j](silu_mul(gu, h))
             out.index_add_(0, tok, y * weights[tok, slot, None].to(y.dtype))
         return out
 

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shoal.engine.direct import DirectModule
+
 from . import kernels as _k
 from .formats import QuantizedWeight
 
@@ -53,7 +55,7 @@ def _as_f32_tensor(a) -> torch.Tensor:
         return torch.from_numpy(a)
 
 
-class QuantLinear(torch.nn.Module):
+class QuantLinear(DirectModule):
     # M <= small_m -> numba kernel; larger -> dequantize + BLAS.  Chosen by measurement with
     # scripts/bench_kernels.py --threshold on the 2-core reference machine: since the batch tiles
     # (kernels.py) the kernel is faster up to M ~ 48 and even with BLAS at 64 (3072x576: M=48
