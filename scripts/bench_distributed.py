@@ -91,6 +91,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per request")
     ap.add_argument("--repeats", type=int, default=5, help="requests per configuration (the best is reported, as `shoal bench` does)")
+    ap.add_argument("--configs", default=",".join(c[0] for c in CONFIGS),
+                    help="which of " + ", ".join(c[0] for c in CONFIGS) + " to run (single always runs: the ratios need it)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -125,8 +127,11 @@ def main() -> int:
                 raise RuntimeError("the nodes did not form a cluster")
             time.sleep(0.2)
 
+        wanted = {"single", *args.configs.split(",")}
         placed = {}
         for label, strategy, n in CONFIGS:
+            if label not in wanted:
+                continue
             placed[label] = call(f"{url}/v1/instances", "POST", {"model": args.model, "strategy": strategy, "nodes": n,
                                                                  "context": 512})["instance"]
         for label, inst in placed.items():

@@ -337,7 +337,7 @@ def test_placement_ui_with_documented_shapes(browser: Any, cluster: Cluster) -> 
                 "overhead_bytes": 4 * mib}
 
     pipeline = {
-        "model": MODEL, "strategy": "pipeline", "context": 2048, "backend": "gloo",
+        "model": MODEL, "strategy": "pipeline", "context": 2048,
         "shards": [shard(a, [0, 16], mb=40), shard(b, [16, 30], mb=34)],
         "prediction": {"decode_tokens_per_s": 48.2, "ttft_s": 0.1234, "prompt_tokens": 128, "step_s": 0.02, "comm_s": 0.001},
         "reason": "pipeline (node-a, node-b): layers split by speed and memory; predicted 48.2 tok/s",

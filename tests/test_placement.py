@@ -275,3 +275,48 @@ def test_moe_strategies_and_refusals():
     with pytest.raises(PlacementError, match="missing") as e:
         plan(_kimi(dense_bpp=4.0), cluster([node(f"n{i}", 128) for i in range(4)]), PlacementRequest(context=8192))
     assert e.value.missing_bytes > 200 * GiB
+
+
+def probed(name: str, read_gbps: float, overhead_us: float, **kw) -> NodeView:
+    """A node whose profile carries the engine's measured decode figures (engine/probe.py)."""
+    n = node(name, 64, **kw)
+    assert n.profile is not None
+    return n.model_copy(update={"profile": n.profile.model_copy(update={"q4_read_gbps": read_gbps,
+                                                                         "layer_overhead_us": overhead_us})})
+
+
+def test_measured_decode_speed_prices_the_layers():
+    """A node's measured 4-bit read rate and per-layer cost, not its copy bandwidth, price its layers:
+    the prediction moves with them, and a pipeline gives the faster reader more layers."""
+    from shoal.placement.cost import CALIBRATION
+
+    m = spec()
+    slow = plan(m, cluster([probed("a", 10.0, 100.0, me=True)]))
+    fast = plan(m, cluster([probed("a", 20.0, 100.0, me=True)]))
+    lean = plan(m, cluster([probed("a", 10.0, 20.0, me=True)]))
+    # Twice the read rate halves the weight-reading part of a step; less fixed cost per layer saves
+    # exactly that cost on every layer.
+    per_layer_read = (m.attn_bytes + m.mlp_bytes + m.norm_bytes) / 10e9
+    saved = slow.prediction.step_s - fast.prediction.step_s
+    assert saved == pytest.approx(m.num_layers * per_layer_read / 2 + (m.head_bytes / 10e9) / 2, rel=0.05)
+    assert slow.prediction.step_s - lean.prediction.step_s == pytest.approx(
+        m.num_layers * 80e-6 * CALIBRATION.probe_overhead_scale, rel=1e-6)
+    # Same copy bandwidth everywhere, but b's kernels read 3x faster: b takes most layers.
+    view = cluster([probed("a", 8.0, 100.0, me=True), probed("b", 24.0, 100.0)], rtt_ms=0.2)
+    p = plan(m, view, PlacementRequest(strategy="pipeline", node_count=2))
+    n = layers_of(p)
+    assert n["b"] >= 2 * n["a"], n
+
+
+def test_probe_measures_this_machine():
+    """The probe runs the engine's kernels for real: a positive per-layer cost and read rate, and
+    the bytes of the wide layer it times are what its shapes say (4-bit codes + two float32 per 32)."""
+    from shoal.engine.probe import WIDE, measure
+
+    got = measure(budget_s=1.5)
+    H, F = WIDE["hidden_size"], WIDE["intermediate_size"]
+    kv = WIDE["num_key_value_heads"] * H // WIDE["num_attention_heads"]
+    params = H * H * 2 + 2 * kv * H + 3 * H * F
+    assert got["q4_layer_bytes"] == params // 2 + params // 32 * 8
+    assert 1.0 < got["layer_overhead_us"] < 5000.0
+    assert 0.1 < got["q4_read_gbps"] < 2000.0

@@ -44,6 +44,9 @@ class NodeProfile(Message):
     gflops_fp32: float  # CPU fp32 matmul throughput
     memory_bandwidth_gbps: float  # CPU copy bandwidth, bytes read + written per second / 1e9
     measured_with: Annotated[str, Field(max_length=32)]  # "torch 2.x" or "numpy 2.x"
+    # The engine's own decode, measured with its kernels (engine/probe.py); None where it could not run.
+    layer_overhead_us: float | None = None  # fixed cost of one decode layer (dispatch, small ops)
+    q4_read_gbps: float | None = None  # 4-bit weights streamed per second by the decode kernels
     measured_at: float  # unix time
     measure_seconds: float
     fingerprint: Annotated[str, Field(max_length=128)]  # machine identity the cache is valid for

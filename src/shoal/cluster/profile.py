@@ -1,6 +1,6 @@
 """Device profiling: what this machine is and how fast it is, measured rather than guessed.
 
-Taken once at start within a few seconds and cached in <home>/profile.json; the cache is reused
+Taken once at start within several seconds and cached in <home>/profile.json; the cache is reused
 while it is younger than a day and was taken on the same machine (same CPU, core count, RAM,
 accelerators). torch is imported here only, lazily, and only if installed: a node whose cache is
 valid never imports it.
@@ -172,9 +172,31 @@ def _device_gflops(torch: Any, device: str, budget_s: float, sync: Any) -> float
         return None
 
 
-def measure_profile(budget_s: float = 4.0) -> NodeProfile:
+def _measure_decode(budget_s: float, timeout_s: float = 300.0) -> dict[str, float]:
+    """The engine's decode speed (engine/probe.py), in a child process so that its kernels and
+    buffers never live in the daemon. The first run on a machine also compiles the kernels (cached
+    on disk afterwards). {} if the engine cannot run here."""
+    import sys
+
+    log.info("measuring decode speed with the engine's kernels (the first run compiles them)")
+    try:
+        out = subprocess.run([sys.executable, "-m", "shoal.engine.probe", str(budget_s)], capture_output=True, text=True,
+                             timeout=timeout_s, check=False)
+        got = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        log.warning("decode probe failed: %s", e)
+        return {}
+    if not isinstance(got, dict):
+        log.warning("decode probe failed: %s", (out.stderr or "").strip().splitlines()[-1:])
+        return {}
+    return {k: float(got[k]) for k in ("layer_overhead_us", "q4_read_gbps") if isinstance(got.get(k), (int, float))}
+
+
+def measure_profile(budget_s: float = 4.0, decode_budget_s: float | None = 6.0) -> NodeProfile:
     """Measure now, in about budget_s on an idle machine (torch import included): the timed loops
-    get whatever the import and allocations leave, at least a few calls each."""
+    get whatever the import and allocations leave, at least a few calls each. Then the engine's
+    decode (about decode_budget_s more, plus compiling the kernels on a machine's first run; None
+    skips it and leaves the cost model to its reference constants)."""
     start = time.perf_counter()
     deadline = start + budget_s
     facts = _static_facts()
@@ -187,7 +209,9 @@ def measure_profile(budget_s: float = 4.0) -> NodeProfile:
     avail = psutil.virtual_memory().available
     copy_bytes = max(16 << 20, min(COPY_BYTES, avail // 8))  # two buffers; never crowd a small box
     gflops, gbps, with_ = _measure_cpu(torch, min(1.5, left() * 0.8), copy_bytes)
+    decode = _measure_decode(decode_budget_s) if decode_budget_s else {}
     return NodeProfile(
+        **decode,
         **facts,
         accelerators=accels,
         gflops_fp32=round(gflops, 1),

@@ -1,13 +1,14 @@
 """The cost model: how long a step takes on a given split, from measured node and link speeds.
 
 Per token and per rank, decode reads every weight byte it holds once, so its compute time is
-bytes / the node's memory bandwidth, plus a fixed per-layer cost (Python and kernel dispatch, which
-dominates small models) and FLOPs / the node's GFLOP/s (negligible at batch 1, what prefill is made
-of). Ranks that share a machine (same profile fingerprint) and run at the same time (a tensor group)
-share its bandwidth and cores. Messages cost a software overhead (gloo's, per message) plus, on the
-wire, RTT/2 + bytes / link throughput; an all-reduce among g ranks is 2(g-1) such steps carrying
-2(g-1)/g of the tensor (a ring). The constants are in `Calibration`, measured on the reference
-machine (2 cores, loopback) with scripts/bench_distributed.py; README numbers come from there.
+bytes / the node's measured 4-bit read rate, plus the node's measured fixed cost per layer (Python
+and kernel dispatch, which dominates small models; both from engine/probe.py) and FLOPs / the
+node's GFLOP/s (negligible at batch 1, what prefill is made of). Ranks that share a machine (same
+profile fingerprint) and run at the same time (a tensor group) share its bandwidth and cores.
+Messages cost a software overhead (a send, the receiver's wake-up) plus, on the wire, RTT/2 +
+bytes / link throughput; an all-reduce among g ranks is one exchange of partial sums. The
+constants are in `Calibration`, measured with scripts/bench_distributed.py on the reference
+machines (2 cores, loopback).
 """
 
 from __future__ import annotations
@@ -19,21 +20,28 @@ from shoal.cluster.topology import ClusterView, NodeView
 
 @dataclass(frozen=True)
 class Calibration:
-    """Constants measured on the reference machine (2 vCPUs; a quiet profile reads ~28 GB/s copy and
-    ~390 GFLOP/s) with scripts/bench_distributed.py and the bundled model: whole-model decode
-    15.6 ms/token = 30 layers x 0.40 ms (0.15 ms of each fixed: a 4-layer toy model runs at 0.16 ms
-    per layer) + the head + 0.6 ms at the entry; pipeline stages on one machine add ~0.75 ms each
-    time a stage's process takes the cores over from another, and ~0.3 ms per hop."""
+    """Constants measured with scripts/bench_distributed.py and the bundled model on the reference
+    machines (2 vCPUs). Nodes whose profile has the engine's own decode figures (engine/probe.py)
+    are priced with those; `read_efficiency` and `layer_overhead_s` serve only nodes without them
+    (an AMD EPYC: 15.6 ms/token = 30 layers x 0.40 ms, 0.15 ms of each fixed). On an Intel Xeon
+    (probe: 66 us fixed per narrow layer, 22 GB/s of 4-bit reads) the bundled model decodes at
+    ~8.5 ms/token: 30 layers x 0.24 ms + the head + ~0.6 ms at the entry. Pipeline stages on one
+    machine add ~0.75 ms each time a stage's process takes the cores over from another, and
+    ~0.3 ms per hop (a thread wake-up at each end dominates on loopback)."""
 
     read_efficiency: float = 0.38  # weight bytes read per second / the profile's copy bandwidth
     layer_overhead_s: float = 1.5e-4  # per layer per step on one rank (dispatch, norms, RoPE, attention)
+    # A model layer's fixed cost / the probe's narrow layer's (attention over a longer context, more
+    # rows per kernel call): measured with the bundled model on the reference machine.
+    probe_overhead_scale: float = 1.6
     step_overhead_s: float = 6e-4  # per step at the entry: batch building, sampling, detokenizing
-    message_overhead_s: float = 2.5e-4  # per point-to-point message: gloo and two thread wake-ups
+    message_overhead_s: float = 2.5e-4  # per message: a sendmsg, the receiver's wake-up, checking its MAC
     # A stage whose process takes the cores over from another one on the same machine starts cold
     # (caches, the OpenMP workers asleep): ~0.75 ms per hand-over on the reference machine.
     colocated_switch_s: float = 7.5e-4
-    # An all-reduce between ranks that share a machine waits for the other rank to get a core.
-    colocated_collective_s: float = 8e-4
+    # An all-reduce between ranks that share a machine waits for the other rank to get a core
+    # (tensor-2 on one 2-core machine: ~0.19 ms per all-reduce, 61 a token).
+    colocated_collective_s: float = 1.9e-4
     prefill_efficiency: float = 0.12  # fraction of the profile's GFLOP/s reached by prefill (dequantize + BLAS)
     runner_base_bytes: int = 250 << 20  # resident memory of a runner before weights (python, torch)
     kernel_bytes: int = 90 << 20  # numba's compiled quantized kernels (LLVM included), for quantized models
@@ -48,7 +56,6 @@ class Calibration:
 
 
 CALIBRATION = Calibration()
-DIRECT_ALLREDUCE_BYTES = 1 << 18  # the runner's TensorGroup exchanges tensors up to this directly
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class NodeRes:
     read_Bps: float  # weight bytes read per second
     flops: float  # fp32 FLOP/s
     cores: int
+    layer_overhead_s: float = 1.5e-4  # fixed cost of one decode layer (dispatch, small ops)
     device: str = "cpu"
     is_self: bool = False
 
@@ -88,6 +96,10 @@ def node_resources(
         p = n.profile
         assert p is not None
         host = _host(n)
+        # The engine's measured decode speed where the profile has it (engine/probe.py), else the
+        # copy bandwidth scaled by what the kernels reached of it on the reference machine.
+        read_Bps = p.q4_read_gbps * 1e9 if p.q4_read_gbps else p.memory_bandwidth_gbps * 1e9 * cal.read_efficiency
+        overhead = p.layer_overhead_us * 1e-6 * cal.probe_overhead_scale if p.layer_overhead_us else cal.layer_overhead_s
         host_avail = max(m.memory_available_bytes for m in hosts[host])
         host_reserved = sum(reserved.get(m.id, 0) for m in hosts[host])
         out.append(
@@ -98,9 +110,10 @@ def node_resources(
                 host=host,
                 free_bytes=max(0, n.memory_offered_bytes - reserved.get(n.id, 0)),
                 host_free_bytes=max(0, host_avail - host_reserved),
-                read_Bps=p.memory_bandwidth_gbps * 1e9 * cal.read_efficiency,
+                read_Bps=read_Bps,
                 flops=p.gflops_fp32 * 1e9,
                 cores=max(1, p.cpu_cores_physical or p.cpu_cores_logical),
+                layer_overhead_s=overhead,
                 is_self=n.is_self,
             )
         )
@@ -135,21 +148,16 @@ def message_time(link: Link, nbytes: float, cal: Calibration = CALIBRATION) -> f
 
 def allreduce_time(links: list[Link], g: int, nbytes: float, cal: Calibration = CALIBRATION,
                    colocated: bool = False) -> float:
-    """An all-reduce among g ranks: small tensors are exchanged directly (one message round),
-    large ones go round a ring (2(g-1) steps carrying 2(g-1)/g of the tensor), over the slowest
-    of their links. Ranks on one machine wait for each other to be scheduled instead."""
+    """An all-reduce among g ranks, as the runner's TensorGroup does it: every rank sends its
+    partial sum to the g-1 others (one after another over its link) and receives theirs, over the
+    slowest of their links. Ranks on one machine wait for each other to be scheduled instead."""
     if g <= 1:
         return 0.0
     if colocated:
         return cal.colocated_collective_s + 2 * nbytes / cal.loopback_Bps
-    if nbytes <= DIRECT_ALLREDUCE_BYTES:
-        slow = min(links, key=lambda lk: lk.Bps) if links else Link(0.0, float("inf"))
-        worst_rtt = max((lk.rtt_s for lk in links), default=0.0)
-        return (g - 1) * cal.message_overhead_s + worst_rtt / 2 + (g - 1) * nbytes / slow.Bps
     slow = min(links, key=lambda lk: lk.Bps) if links else Link(0.0, float("inf"))
     worst_rtt = max((lk.rtt_s for lk in links), default=0.0)
-    steps = 2 * (g - 1)
-    return steps * (cal.message_overhead_s + worst_rtt / 2) + steps / g * nbytes / slow.Bps
+    return (g - 1) * cal.message_overhead_s + worst_rtt / 2 + (g - 1) * nbytes / slow.Bps
 
 
 @dataclass(frozen=True)
@@ -176,6 +184,6 @@ def group_compute_time(work: list[RankWork], tokens: int, prefill: bool, cal: Ca
         read = sum(w.weight_bytes for w in ranks) / node.read_Bps
         flops = sum(w.flops_per_token for w in ranks) * tokens / (node.flops * (cal.prefill_efficiency if prefill else 1.0))
         # Python overhead runs on one core per rank: ranks beyond the core count wait their turn.
-        overhead = max(w.layers for w in ranks) * cal.layer_overhead_s * max(1.0, share / node.cores)
+        overhead = max(w.layers for w in ranks) * node.layer_overhead_s * max(1.0, share / node.cores)
         worst = max(worst, max(read, flops) + overhead)
     return worst

@@ -111,7 +111,6 @@ class Placement(BaseModel):
     model: str
     strategy: Strategy
     context: int
-    backend: Literal["gloo", "nccl"]
     shards: list[ShardPlan]
     prediction: Prediction
     reason: str
@@ -500,8 +499,7 @@ def _build(
             return _Shortfall(need - host_free[host], f"a machine hosting several of its nodes lacks {_gib(need - host_free[host])}")
 
     prediction = _predict(spec, view, groups, links, counts, prompt, cal)
-    backend = "nccl" if all(s.device == "cuda" for s in shards) else "gloo"
-    return Placement(model=spec.name, strategy=kind, context=context, backend=backend, shards=shards,
+    return Placement(model=spec.name, strategy=kind, context=context, shards=shards,
                      prediction=prediction, reason="")
 
 

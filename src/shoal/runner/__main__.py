@@ -80,8 +80,8 @@ def main() -> int:
             assert cfg.master_port is not None
             store = dist.TCPStore(_host(cfg.shards[0].address), cfg.master_port, len(cfg.shards), False,
                                   _td(cfg.rendezvous_timeout_s), use_libuv=True)
-        comm, tp = join_groups(store, cfg.token, cfg.instance_id, cfg.rank, cfg.shards, host, cfg.timeout_s,
-                               stage.args.hidden_size)
+        comm, tp = join_groups(store, cfg.token, cfg.rank, cfg.shards, host, cfg.timeout_s, stage.args.hidden_size,
+                               cfg.rendezvous_timeout_s)
         worker = StageWorker(stage.model, comm, tp, cfg.shards)
         out({"t": "ready", "rss": psutil.Process().memory_info().rss})
         if cfg.rank == 0:
@@ -108,4 +108,4 @@ def _td(seconds: float):
 if __name__ == "__main__":
     code = main()
     sys.stderr.flush()
-    os._exit(code)  # gloo's threads must not keep a finished runner alive
+    os._exit(code)  # no helper thread (stdin reader, wire sender) may keep a finished runner alive

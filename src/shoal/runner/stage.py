@@ -4,7 +4,6 @@ instance's process groups, and running its part of every step (see protocol.py f
 from __future__ import annotations
 
 import ctypes
-import datetime
 import logging
 import time
 from dataclasses import dataclass
@@ -16,18 +15,9 @@ from shoal.engine import threads
 from shoal.models.llama import BatchLayout, LlamaShard, ShardSpec, TensorSlice, required_weights, slice_rows, slice_weight
 from shoal.models.moe import ExpertSlice
 from shoal.placement.planner import ShardPlan
-from shoal.runner.protocol import (
-    OP_PING,
-    OP_STOP,
-    TAG_FINAL,
-    TAG_LOGITS,
-    TAG_REDUCE,
-    Comm,
-    StepMessage,
-    gloo_group,
-    hello_proof,
-    store_prefix,
-)
+from shoal.runner import wire
+from shoal.runner.protocol import OP_PING, OP_STEP, OP_STOP, TAG_FINAL, TAG_LOGITS, TAG_REDUCE, Comm, StepMessage, store_prefix
+from shoal.runner.wire import Wire, WireError
 
 log = logging.getLogger("shoal.runner")
 
@@ -97,38 +87,27 @@ def _trim_heap() -> None:
 
 class TensorGroup:
     """A stage's tensor-parallel group as the model sees it: `allreduce([x])` sums x over the
-    ranks, in place, identically on every rank (the partial sums are added in rank order).
+    ranks, in place, identically on every rank. Each rank sends its partial sum to the others and
+    adds theirs, in rank order on every rank, so every rank gets the same sum bit for bit: one
+    message latency per all-reduce, which is what decode (one row, twice per layer) needs. The
+    partials of a prefill chunk are larger, but a tensor group is a few fast-linked ranks, where
+    sending the whole partial to each costs little more than a ring's pieces."""
 
-    Small tensors (every decode step) are exchanged directly — each rank sends its partial to the
-    others and adds theirs: one message latency, and gloo runs point-to-point messages on the
-    calling thread, where its collectives go through a worker thread (two more thread hand-offs
-    per call, which on a busy 2-core machine cost more than the transfer). Large ones (prefill)
-    use gloo's ring all-reduce, which moves less data."""
-
-    DIRECT_MAX_BYTES = 1 << 18
-
-    def __init__(self, pg: dist.ProcessGroupGloo, rank: int, size: int):
-        self.pg, self.rank, self.size = pg, rank, size
+    def __init__(self, wire: Wire, ranks: list[int], rank: int):
+        self.wire, self.ranks, self.rank = wire, ranks, rank
+        self.others = [r for r in ranks if r != rank]
+        self.size = len(ranks)
         self.seconds = 0.0
 
     def allreduce(self, tensors: list[torch.Tensor]) -> "TensorGroup":
         (x,) = tensors
         t = time.perf_counter()
-        if x.numel() * x.element_size() > self.DIRECT_MAX_BYTES:
-            self.pg.allreduce([x]).wait()
-        else:
-            others = [r for r in range(self.size) if r != self.rank]
-            sends = [self.pg.send([x], r, TAG_REDUCE) for r in others]
-            parts = {r: torch.empty_like(x) for r in others}
-            for r in others:
-                self.pg.recv([parts[r]], r, TAG_REDUCE).wait()
-            for w in sends:
-                w.wait()
-            parts[self.rank] = x.clone()
-            total = parts[0]
-            for r in range(1, self.size):  # the same order on every rank: the same sum, bit for bit
-                total += parts[r]
-            x.copy_(total)
+        parts = self.wire.exchange(x.contiguous(), self.others, TAG_REDUCE)
+        parts[self.rank] = x.clone()
+        total = parts[self.ranks[0]]
+        for r in self.ranks[1:]:  # the same order on every rank: the same sum, bit for bit
+            total += parts[r]
+        x.copy_(total)
         self.seconds += time.perf_counter() - t
         return self
 
@@ -136,45 +115,31 @@ class TensorGroup:
         pass
 
 
-def join_groups(
-    store: dist.Store, token: str, instance_id: str, rank: int, shards: list[ShardPlan], host: str, timeout_s: float,
-    hidden: int,
-) -> tuple[Comm, TensorGroup | None]:
-    """Rendezvous: prove the instance's secret, then form the world group and this stage's tensor
-    group. Keys live under a prefix derived from the secret, so a process that does not know it
-    can neither read the addresses nor plant its own."""
+def join_groups(store: dist.Store, token: str, rank: int, shards: list[ShardPlan], host: str, timeout_s: float,
+                hidden: int, setup_timeout_s: float = 120.0) -> tuple[Comm, TensorGroup | None]:
+    """Rendezvous: connect this rank to every other one over authenticated links (`wire.connect`),
+    and name this rank's stage and tensor group. The store's keys live under a prefix derived from
+    the secret, so a process that does not know it can neither read the addresses nor plant its
+    own; the links then prove themselves with keys derived from the same secret."""
     store = dist.PrefixStore(store_prefix(token), store)
-    store.set(f"hello/{rank}", hello_proof(token, instance_id, rank, shards[rank].node_id))
-    if rank == 0:
-        keys = [f"hello/{r}" for r in range(len(shards))]
-        store.wait(keys, datetime.timedelta(seconds=timeout_s))
-        for r in range(len(shards)):
-            if store.get(f"hello/{r}").decode() != hello_proof(token, instance_id, r, shards[r].node_id):
-                raise PermissionError(f"rank {r} failed the rendezvous check")
-        store.set("go", "1")
-    else:
-        store.wait(["go"], datetime.timedelta(seconds=timeout_s))
-    world = gloo_group(dist.PrefixStore("world", store), rank, len(shards), host, timeout_s)
+    link = wire.connect(store, token, rank, len(shards), host, timeout_s, setup_timeout_s)
     stages: list[list[int]] = []
     for s in shards:
         if s.stage == len(stages):
             stages.append([])
         stages[s.stage].append(s.rank)
     me = shards[rank]
-    tp = None
-    if me.tp_size > 1:
-        pg = gloo_group(dist.PrefixStore(f"tp{me.stage}", store), me.tp_rank, me.tp_size, host, timeout_s)
-        tp = TensorGroup(pg, me.tp_rank, me.tp_size)
-    return Comm(world, rank, stages, tp.pg if tp else None, hidden), tp
+    tp = TensorGroup(link, stages[me.stage], rank) if me.tp_size > 1 else None
+    return Comm(link, rank, stages, hidden), tp
 
 
 class StageWorker:
     """Runs this rank's part of each step; rank 0 leads, the others follow.
 
     The step message travels with the activations: rank 0 sends it to its own stage's other
-    ranks, and each stage's leader sends it to the next stage's ranks just before the hidden
-    states. So a rank wakes up once per step — when its input arrives — instead of once for a
-    broadcast and again for its input."""
+    ranks, and each stage's leader sends it to the next stage's ranks together with the hidden
+    states, in one frame. So a rank wakes up once per step — when its input arrives — instead of
+    once for a broadcast and again for its input."""
 
     def __init__(self, model: torch.nn.Module, comm: Comm, tp: TensorGroup | None, shards: list[ShardPlan]):
         self.model, self.comm, self.tp = model, comm, tp
@@ -190,20 +155,17 @@ class StageWorker:
 
     # -- rank 0
     def lead(self, msg: StepMessage) -> torch.Tensor | None:
-        first, rest = msg.encode()
+        encoded = msg.encode()
         t = time.perf_counter()
         c = self.comm
-        c.flush()
-        c.send_step(first, rest, None, c.stages[0][1:])
+        c.send_step(encoded, None, c.stages[0][1:])
         if msg.op in (OP_STOP, OP_PING):
             if c.n_stages > 1:
-                c.send_step(first, rest, None, c.stages[1])
-            if msg.op == OP_STOP:
-                c.flush()
+                c.send_step(encoded, None, c.stages[1])
             self._free(msg)
             return None
         self.wait_s += time.perf_counter() - t
-        return self.run(msg, first, rest, None, t)
+        return self.run(msg, encoded, None, t)
 
     # -- the others
     def follow(self) -> None:
@@ -211,25 +173,24 @@ class StageWorker:
         c = self.comm
         src = 0 if c.stage == 0 else c.leader(c.stage - 1)
         while True:
-            msg, first, rest, h = c.recv_step(src, with_hidden=c.stage > 0)
+            msg, encoded, h = c.recv_step(src)
             t = time.perf_counter()
-            c.flush()
             if msg.op in (OP_STOP, OP_PING):
                 if c.tp_rank == 0 and c.stage + 1 < c.n_stages:
-                    c.send_step(first, rest, None, c.stages[c.stage + 1])
+                    c.send_step(encoded, None, c.stages[c.stage + 1])
                 if msg.op == OP_STOP:
-                    c.flush()
                     return
                 self._free(msg)
                 continue
-            self.run(msg, first, rest, h, t)
+            if msg.op != OP_STEP or (c.stage > 0) != (h is not None):
+                raise WireError(f"rank {src} sent a step that does not fit this stage (op {msg.op})")
+            self.run(msg, encoded, h, t)
 
     def _free(self, msg: StepMessage) -> None:
         for sid in msg.freed:
             self.caches.pop(sid, None)
 
-    def run(self, msg: StepMessage, first: torch.Tensor, rest: torch.Tensor | None, h: torch.Tensor | None,
-            t_start: float) -> torch.Tensor | None:
+    def run(self, msg: StepMessage, encoded: torch.Tensor, h: torch.Tensor | None, t_start: float) -> torch.Tensor | None:
         """This rank's part of one step (`h`: the hidden states that came with the message, on
         stages after the first); on rank 0, the logits (R, vocab)."""
         wait = 0.0
@@ -249,7 +210,7 @@ class StageWorker:
             final = None
             if c.stage + 1 < c.n_stages:
                 if c.tp_rank == 0:
-                    c.send_step(first, rest, h, c.stages[c.stage + 1])
+                    c.send_step(encoded, h, c.stages[c.stage + 1])
             else:
                 final = h[msg.logit_rows].contiguous()
                 if c.n_stages > 1:
