@@ -26,7 +26,7 @@ class Calibration:
     (an AMD EPYC: 15.6 ms/token = 30 layers x 0.40 ms, 0.15 ms of each fixed). On an Intel Xeon
     (probe: 66 us fixed per narrow layer, 22 GB/s of 4-bit reads) the bundled model decodes at
     ~8.5 ms/token: 30 layers x 0.24 ms + the head + ~0.6 ms at the entry. Pipeline stages on one
-    machine add ~0.75 ms each time a stage's process takes the cores over from another, and
+    machine add ~0.5 ms each time a stage's process takes the cores over from another, and
     ~0.3 ms per hop (a thread wake-up at each end dominates on loopback)."""
 
     read_efficiency: float = 0.38  # weight bytes read per second / the profile's copy bandwidth
@@ -37,8 +37,9 @@ class Calibration:
     step_overhead_s: float = 6e-4  # per step at the entry: batch building, sampling, detokenizing
     message_overhead_s: float = 2.5e-4  # per message: a sendmsg, the receiver's wake-up, checking its MAC
     # A stage whose process takes the cores over from another one on the same machine starts cold
-    # (caches, the OpenMP workers asleep): ~0.75 ms per hand-over on the reference machine.
-    colocated_switch_s: float = 7.5e-4
+    # (the OpenMP workers asleep, the last stage's worker still spinning on the core it needs):
+    # ~0.5 ms per hand-over on the reference machines, with runner threads pinned.
+    colocated_switch_s: float = 5e-4
     # An all-reduce between ranks that share a machine waits for the other rank to get a core
     # (tensor-2 on one 2-core machine: ~0.19 ms per all-reduce, 61 a token).
     colocated_collective_s: float = 1.9e-4

@@ -63,6 +63,10 @@ def main() -> int:
 
         threads.configure(cfg.threads)
         me = cfg.shards[cfg.rank]
+        # Pipeline stages take turns on a machine, so each can have the cores to itself; the ranks
+        # of a tensor group compute at the same time, and pinned alike they would crowd one core.
+        if me.tp_size == 1 and threads.pin():
+            log.info("threads pinned: the main thread and each OpenMP worker to a core of its own")
         host = _host(me.address)
         t0 = time.perf_counter()
         if cfg.rank == 0:
