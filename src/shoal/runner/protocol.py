@@ -28,6 +28,7 @@ import hashlib
 import socket
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from shoal.runner.wire import TAG_FINAL, TAG_LOGITS, TAG_REDUCE, TAG_STEP, Wire, WireError
@@ -49,23 +50,29 @@ class StepMessage:
     freed: list[int]
     step: int = 0
 
-    def encode(self) -> torch.Tensor:
-        payload = torch.cat([
-            torch.tensor(self.seq_ids, dtype=torch.int64), torch.tensor(self.lengths, dtype=torch.int64),
-            self.positions.to(torch.int64), self.token_ids.to(torch.int64), self.logit_rows.to(torch.int64),
-            torch.tensor(self.freed, dtype=torch.int64),
-        ])
-        head = torch.tensor([self.op, len(self.seq_ids), self.positions.numel(), self.logit_rows.numel(),
-                             len(self.freed), payload.numel(), self.step, 0])
-        return torch.cat([head, payload])
+    def encode(self) -> np.ndarray:
+        """The message as int64 numbers (numpy: a decode step's message is a few dozen numbers, and
+        torch's per-op dispatch would cost more than the numbers)."""
+        positions, tokens, rows = (_ints(x) for x in (self.positions, self.token_ids, self.logit_rows))
+        n = 2 * len(self.seq_ids) + 2 * len(positions) + len(rows) + len(self.freed)
+        head = [self.op, len(self.seq_ids), len(positions), len(rows), len(self.freed), n, self.step, 0]
+        return np.array(head + list(self.seq_ids) + list(self.lengths) + positions + tokens + rows + list(self.freed),
+                        dtype=np.int64)
 
     @staticmethod
-    def decode(encoded: torch.Tensor) -> "StepMessage":
+    def decode(encoded: np.ndarray) -> "StepMessage":
         op, s, t, r, f, n, step, _ = encoded[:HEADER].tolist()
-        if min(s, t, r, f) < 0 or s + s + t + t + r + f != n or encoded.numel() != HEADER + n:
+        if min(s, t, r, f) < 0 or s + s + t + t + r + f != n or encoded.shape[0] != HEADER + n:
             raise WireError("a step message whose counts do not add up")
-        parts = torch.split(encoded[HEADER:], [s, s, t, t, r, f])
-        return StepMessage(op, parts[0].tolist(), parts[1].tolist(), parts[2], parts[3], parts[4], parts[5].tolist(), step)
+        p = encoded[HEADER:]
+        ends = np.cumsum([s, s, t, t, r, f]).tolist()
+        return StepMessage(op, p[: ends[0]].tolist(), p[ends[0] : ends[1]].tolist(), torch.from_numpy(p[ends[1] : ends[2]]),
+                           torch.from_numpy(p[ends[2] : ends[3]]), torch.from_numpy(p[ends[3] : ends[4]]),
+                           p[ends[4] : ends[5]].tolist(), step)
+
+
+def _ints(x: torch.Tensor | list[int]) -> list[int]:
+    return x.tolist() if isinstance(x, torch.Tensor) else list(x)
 
 
 def store_prefix(token: str) -> str:
@@ -104,27 +111,29 @@ class Comm:
     def recv(self, t: torch.Tensor, src: int, tag: int) -> None:
         self.wire.recv(src, tag, t)
 
-    def send_step(self, encoded: torch.Tensor, h: torch.Tensor | None, dsts: list[int]) -> None:
+    def send_step(self, encoded: np.ndarray, h: torch.Tensor | None, dsts: list[int]) -> None:
         """The step message (and the step's hidden states, if any) to each of `dsts`: one frame each."""
         parts = (encoded,) if h is None else (encoded, h.contiguous())
         for dst in dsts:
             self.wire.send(dst, TAG_STEP, *parts)
 
-    def recv_step(self, src: int) -> tuple[StepMessage, torch.Tensor, torch.Tensor | None]:
+    def recv_step(self, src: int) -> tuple[StepMessage, np.ndarray, torch.Tensor | None]:
         """(message, the message as it came, the hidden states or None)."""
         body = self.wire.recv(src, TAG_STEP)
-        if body.numel() < 8 * HEADER or body.numel() % 4:
-            raise WireError(f"rank {src} sent a step frame of {body.numel()} bytes")
-        n = int(body[: 8 * HEADER].view(torch.int64)[5])
+        raw = body.numpy()
+        size = raw.shape[0]
+        if size < 8 * HEADER or size % 4:
+            raise WireError(f"rank {src} sent a step frame of {size} bytes")
+        n = int(raw[: 8 * HEADER].view(np.int64)[5])
         m = 8 * (HEADER + n)
-        if n < 0 or body.numel() < m:
+        if n < 0 or size < m:
             raise WireError(f"rank {src} sent a step frame shorter than its message")
-        encoded = body[:m].view(torch.int64)
+        encoded = raw[:m].view(np.int64)
         msg = StepMessage.decode(encoded)
         h = None
-        if body.numel() > m:
-            T = msg.positions.numel()
-            if body.numel() - m != 4 * T * self.hidden:
+        if size > m:
+            T = msg.positions.shape[0]
+            if size - m != 4 * T * self.hidden:
                 raise WireError(f"rank {src} sent hidden states of the wrong size")
             h = body[m:].view(torch.float32).view(T, self.hidden)
         return msg, encoded, h

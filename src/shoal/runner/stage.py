@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -190,7 +191,7 @@ class StageWorker:
         for sid in msg.freed:
             self.caches.pop(sid, None)
 
-    def run(self, msg: StepMessage, encoded: torch.Tensor, h: torch.Tensor | None, t_start: float) -> torch.Tensor | None:
+    def run(self, msg: StepMessage, encoded: np.ndarray, h: torch.Tensor | None, t_start: float) -> torch.Tensor | None:
         """This rank's part of one step (`h`: the hidden states that came with the message, on
         stages after the first); on rank 0, the logits (R, vocab)."""
         wait = 0.0
