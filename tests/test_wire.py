@@ -216,3 +216,23 @@ def test_strangers_are_dropped_during_the_rendezvous():
     w1.close()
     assert "error" not in result, result.get("error")
     assert torch.equal(result["got"], torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_silent_peer_times_out_with_a_clear_error():
+    """A peer that sends nothing, or takes nothing, fails the link after the timeout, with a
+    message that says which rank and how long."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    wire._configure(a, 0.5)
+    wire._configure(b, 0.5)
+    sender = wire.Link(a, 1, wire.direction_key(TOKEN, 0, 1), wire.direction_key(TOKEN, 1, 0))
+    receiver = wire.Link(b, 0, wire.direction_key(TOKEN, 1, 0), wire.direction_key(TOKEN, 0, 1))
+    try:
+        with pytest.raises(WireError, match=r"rank 0 sent nothing for [01] s"):
+            receiver.recv(TAG_FINAL, torch.empty(4))
+        with pytest.raises(WireError, match=r"rank 1 took nothing"):
+            sender.send(TAG_FINAL, [torch.zeros(16 << 20, dtype=torch.uint8)])  # far more than the socket buffers
+    finally:
+        sender.close()
+        receiver.close()

@@ -120,6 +120,8 @@ class Link:
                     views.pop(0)
                 if n:
                     views[0] = views[0][n:]
+        except (TimeoutError, BlockingIOError):  # SO_SNDTIMEO ran out: the peer reads nothing
+            raise WireError(f"rank {self.peer} took nothing for {_timeout_of(self.sock):.0f} s") from None
         except OSError as e:
             raise WireError(f"sending to rank {self.peer}: {e}") from None
 
