@@ -1,4 +1,5 @@
-"""Link measurement and mDNS discovery across network namespaces this test builds itself.
+"""Link measurement, mDNS discovery and a model split over nodes, across network namespaces this test
+builds itself.
 
 Topology, all inside namespaces (the host's own namespace is never touched):
 
@@ -14,6 +15,7 @@ Needs root, iproute2 (`ip`, `tc`); skipped with the reason when the machine forb
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -26,6 +28,8 @@ from typing import Any
 
 import pytest
 from conftest import NodeLauncher, NodeProc, wait_for
+
+from shoal.catalog import CATALOG, DEFAULT_MODEL, bundled_path
 
 pytestmark = pytest.mark.netns
 
@@ -249,3 +253,59 @@ def test_mdns_discovery_across_namespaces(net: Net, nslauncher: NodeLauncher) ->
     print(f"mDNS: all three joined {took:.1f} s after the last was up")
     assert took <= 3.0, f"discovered nodes joined only after {took:.1f} s"
     assert "mDNS: announcing" in nodes[0].log()
+
+
+def _ns_request(netns: str, method: str, url: str, body: Any = None, timeout_s: float = 240.0) -> list[Any]:
+    """An HTTP request made from inside `netns`; the JSON lines (or the one JSON body) it answered."""
+    code = (
+        "import json, sys, urllib.request\n"
+        "body = None if sys.argv[3] == 'null' else sys.argv[3].encode()\n"
+        "req = urllib.request.Request(sys.argv[2], data=body, method=sys.argv[1], headers={'Content-Type': 'application/json'})\n"
+        "with urllib.request.urlopen(req, timeout=float(sys.argv[4])) as r:\n"
+        "    for line in r:\n"
+        "        sys.stdout.write(line.decode().rstrip() + '\\n')\n"
+    )
+    out = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", code, method, url, json.dumps(body),
+                          str(timeout_s)], capture_output=True, text=True, timeout=timeout_s + 10, check=False)
+    if out.returncode != 0:
+        raise OSError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "request failed")
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.skipif(bundled_path(CATALOG[DEFAULT_MODEL]) is None, reason="the bundled model is not installed")
+def test_pipeline_across_namespaces_equals_one_process(net: Net, nslauncher: NodeLauncher) -> None:
+    """The bundled model split over three nodes with addresses of their own (the data plane binds
+    and dials the nodes' own addresses, not loopback): its greedy tokens equal one process's."""
+    from shoal.engine.generate import stream_generate
+    from shoal.engine.loader import load_model
+    from shoal.engine.sampler import SamplingParams
+
+    nodes = _start_three(nslauncher, net)
+    ids = [n.node_id for n in nodes]
+    wait_for(lambda: sum(x["status"] == "up" for x in nodes[0].cluster()["nodes"]) == 3, timeout_s=30, interval_s=0.2,
+             what="three nodes up")
+    ns0 = net.names[0]
+    (placed,) = _ns_request(ns0, "POST", nodes[0].url + "/v1/instances",
+                            {"model": DEFAULT_MODEL, "strategy": "pipeline", "nodes": 3, "context": 256})
+    iid = placed["instance"]["id"]
+
+    def ready() -> bool:
+        (listing,) = _ns_request(ns0, "GET", nodes[0].url + "/v1/instances", timeout_s=10)
+        inst = next(i for i in listing["instances"] if i["id"] == iid)
+        assert inst["status"] != "failed", inst.get("error")
+        return inst["status"] == "ready"
+
+    wait_for(ready, timeout_s=240, interval_s=0.5, what="the pipeline instance ready")
+    prompt = [1, 504, 3439, 282, 253, 1789, 28, 2, 198, 42, 7, 900]
+    events = _ns_request(ns0, "POST", nodes[0].url + f"/v1/instances/{iid}/generate",
+                         {"prompt_ids": prompt, "params": {"max_tokens": 24, "ignore_eos": True}})
+    assert not [e for e in events if "error" in e], events
+    got = [e["token"] for e in events if e.get("token") is not None]
+    (listing,) = _ns_request(ns0, "GET", nodes[0].url + "/v1/instances", timeout_s=10)
+    shards = next(i for i in listing["instances"] if i["id"] == iid)["shards"]
+    assert sorted(s["node_id"] for s in shards) == sorted(ids)  # one stage on each namespace's node
+
+    lm = load_model(DEFAULT_MODEL)
+    want = [ev.token for ev, _ in stream_generate(lm.model, lm.tokenizer, prompt, SamplingParams(max_tokens=24, ignore_eos=True), 256)
+            if ev.token is not None]
+    assert len(got) == 24 and got == want
