@@ -48,3 +48,12 @@ def test_pinning_can_be_turned_off():
     assert got["pinned"] is False
     assert got["main"] == sorted(os.sched_getaffinity(0))
     assert all(cpus == sorted(os.sched_getaffinity(0)) for cpus in got["workers"])
+
+
+@needs_two_cores
+def test_a_runner_given_fewer_cores_is_not_pinned():
+    """Several runners each given a share of the cores must not all be pinned to the first ones."""
+    code = PROBE.replace("threads.configure()", "threads.configure(1)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["pinned"] is False and got["main"] == sorted(os.sched_getaffinity(0))

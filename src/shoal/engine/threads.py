@@ -101,6 +101,8 @@ def pin() -> bool:
     the main thread, bound first, took the workers' core with it. The workers are found by what
     they do: the threads that gain CPU time while a parallel kernel runs (numba's and torch's
     pools, the same threads where both use one OpenMP runtime).
+    Only a process that uses every core it may run on pins (the default); one given fewer threads
+    shares the machine with others, and pinning them all alike would crowd the first cores.
     Set SHOAL_PIN_THREADS=0 to leave placement to the scheduler."""
     import threading
 
@@ -112,6 +114,8 @@ def pin() -> bool:
     if len(cpus) < 2:
         return False
     n = _configured or configure()
+    if n < len(cpus):
+        return False  # a runner given only some of the cores shares the machine: the scheduler places it
     numba_workers = _workers_of(lambda: _fill(np.empty(1 << 20, np.int64)))
     a = torch.ones(1 << 22)
     torch.set_num_threads(n)
