@@ -123,15 +123,15 @@ def join_groups(store: dist.Store, token: str, rank: int, shards: list[ShardPlan
     the secret, so a process that does not know it can neither read the addresses nor plant its
     own; the links then prove themselves with keys derived from the same secret."""
     store = dist.PrefixStore(store_prefix(token), store)
-    link = wire.connect(store, token, rank, len(shards), host, timeout_s, setup_timeout_s)
+    links = wire.connect(store, token, rank, len(shards), host, timeout_s, setup_timeout_s)
     stages: list[list[int]] = []
     for s in shards:
         if s.stage == len(stages):
             stages.append([])
         stages[s.stage].append(s.rank)
     me = shards[rank]
-    tp = TensorGroup(link, stages[me.stage], rank) if me.tp_size > 1 else None
-    return Comm(link, rank, stages, hidden), tp
+    tp = TensorGroup(links, stages[me.stage], rank) if me.tp_size > 1 else None
+    return Comm(links, rank, stages, hidden), tp
 
 
 class StageWorker:

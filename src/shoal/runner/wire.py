@@ -16,10 +16,11 @@ rank and carries the nonce. Anything else that connects is dropped, and the list
 every rank is in.
 
 Why not gloo (torch.distributed's CPU backend): its frames carry no authentication, and its sends
-and receives hop through its own event-loop threads — two more thread wake-ups per message, which
-on a loopback pipeline measured ~0.39 ms a hop against ~0.1 ms here. A frame is written with one
-`sendmsg` straight from the tensors' memory and read on the calling thread, straight into the
-destination tensor.
+and receives hop through its own event-loop threads — two more thread wake-ups per message: a
+loopback pipeline hop measured ~0.39 ms with gloo and ~0.25 ms here, most of it now the receiving
+process waking up. A frame goes out with one `sendmsg` (a frame of up to 64 KiB is first joined
+into one buffer, so that its MAC is one C call; larger ones go straight from the tensors' memory)
+and is read on the calling thread, straight into the destination tensor.
 
 Sends block until the kernel has taken the bytes. Every message pattern of the protocol has its
 receiver waiting, except a tensor group's exchange, where every rank sends to every other at once:
@@ -31,6 +32,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
+import logging
 import os
 import socket
 import struct
@@ -41,6 +43,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("shoal.runner")
 
 MAGIC = b"SHW1"
 HEADER = struct.Struct("<4sIQQ")
@@ -308,9 +312,6 @@ def _dial(token: str, rank: int, peer: int, host: str, port: int, timeout_s: flo
 def _answer(token: str, rank: int, size: int, sock: socket.socket, links: dict[int, Link], hello_timeout_s: float,
             timeout_s: float) -> Link | None:
     """Check a connecting rank's hello; None (and the connection closed) if it fails."""
-    import logging
-
-    log = logging.getLogger("shoal.runner")
     nonce = os.urandom(NONCE_BYTES)
     try:
         _configure(sock, hello_timeout_s)
@@ -327,7 +328,7 @@ def _answer(token: str, rank: int, size: int, sock: socket.socket, links: dict[i
         (peer,) = struct.unpack_from("<Q", body)
         if not rank < peer < size or peer in links:
             raise WireError(f"a hello from rank {peer}, which is not due")
-        want = hmac.new(direction_key(token, peer, rank), bytes(head) + bytes(body), hashlib.sha256).digest()
+        want = hmac.digest(direction_key(token, peer, rank), bytes(head) + bytes(body), "sha256")
         if not hmac.compare_digest(want, bytes(mac)) or bytes(body[8:]) != nonce:
             raise WireError(f"a hello claiming rank {peer} failed authentication")
     except (OSError, struct.error) as e:
