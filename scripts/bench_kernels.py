@@ -62,12 +62,8 @@ def best_time(fn, reps, batches=7):
 
 
 def kernel_fn(qw):
-    c, s, b = qw.codes, qw.scales, qw.biases
-    if qw.kind == "q4_affine":
-        return lambda x, o: K.matmul_q4_affine(x, c, s, b, o)
-    if qw.kind == "q8_sym":
-        return lambda x, o: K.matmul_q8_sym(x, c, s, o)
-    return lambda x, o: K.matmul_q8_affine(x, c, s, b, o)
+    k, (c, s, b) = K.MATMUL[qw.kind], K.operands(qw)
+    return lambda x, o: k(x, c, s, b, o)
 
 
 def bench_gemv(kinds, G, stream_mb, peak):
@@ -162,7 +158,7 @@ def bench_overhead(G):
         t_fwd = best_time(lambda: mod(x), 3000)
         x3 = torch.randn(1, 1, 576)
         t_fwd3 = best_time(lambda: mod(x3), 3000)
-    t_k = best_time(lambda: K.matmul_q4_affine(xn, qw.codes, qw.scales, qw.biases, out), 3000)
+    t_k = best_time(lambda: K.MATMUL["q4_affine"](xn, qw.codes, qw.scales, qw.biases, out), 3000)
     lin = torch.nn.Linear(576, 576, bias=False)
     with torch.inference_mode():
         t_lin = best_time(lambda: lin(x), 3000)

@@ -115,7 +115,7 @@ for _ in $(seq 1 100); do  # every node sees every other one
 done
 
 if ! get "$url/" 2>/dev/null | grep -q "<title>shoal</title>"; then
-  echo "demo: warning: this build serves no dashboard at $url/ (the node mounts it in src/shoal/components.py)" >&2
+  echo "demo: warning: this build serves no dashboard at $url/ (the node mounts it in src/shoal/assembly.py)" >&2
 fi
 
 cat <<EOF
@@ -132,10 +132,6 @@ EOF
 if [ "$model" != "none" ]; then
   echo "demo: placing $model on the cluster…" >&2
   reply=$(post "$url/v1/instances" "{\"model\": \"$model\"}")
-  if [ "${reply%% *}" = 404 ] && [[ "$reply" == *unknown_url* || "$reply" != *\{* ]]; then
-    # No placement endpoint in this build: the API loads a model on its first request instead.
-    reply=$(post "$url/v1/chat/completions" "{\"model\": \"$model\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 1}")
-  fi
   case "${reply%% *}" in
     2??) echo "demo: $model is being served (chat with it in the dashboard)" >&2 ;;
     *) echo "demo: placing $model failed: ${reply:0:300}" >&2 ;;

@@ -30,7 +30,8 @@ import argparse
 
 from shoal.cluster.messages import NodeProfile
 from shoal.cluster.topology import ClusterView, LinkView, NodeView
-from shoal.placement.planner import Placement, PlacementError, PlacementRequest, plan_each_strategy
+from shoal.placement.contract import Placement, PlacementError, PlacementRequest
+from shoal.placement.planner import plan_each_strategy
 from shoal.placement.spec import FP8_HELD_BYTES_PER_PARAM, Q4_BYTES_PER_PARAM, moe_census, moe_spec
 from shoal.synthetic import PUBLISHED
 

@@ -315,11 +315,12 @@ class EchoInstance:
 
     max_context = 8192
     loaded_at = load_seconds = 0.0
+    alive = True
 
     def __init__(self, name, tokenizer, card):
         self.name, self.tokenizer, self.card = name, tokenizer, card
 
-    def submit(self, request):
+    async def submit(self, request):
         from shoal.api.instance import GenerationStream
         from shoal.engine.generate import TokenEvent
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shoal.engine.attention import DecodeBatch
-from shoal.engine.cache import KVCache
+from shoal.kernels.attention import DecodeBatch
+from shoal.kernels.cache import KVCache
 from shoal.models.llama import apply_rope
 
 
@@ -85,7 +85,7 @@ def test_softmax_exp_is_within_two_ulp_of_expf():
     import numpy as np
     from numba import njit
 
-    from shoal.engine.attention import _exp_nonpositive
+    from shoal.kernels.attention import _exp_nonpositive
 
     @njit
     def many(xs):

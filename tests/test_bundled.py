@@ -87,7 +87,7 @@ def test_greedy_continuation_matches_transformers(ours, ref_model, chat):
 
 
 def test_logits_close_to_transformers(ours, ref_model):
-    from shoal.models.llama import BatchLayout
+    from shoal.models.base import BatchLayout
 
     prompt = ours.tokenizer.encode_chat(CHATS[0])
     n = len(prompt)

@@ -2,7 +2,8 @@
 loopback cluster (two `shoal node` processes with the API and the dashboard mounted).
 
 The cases run in file order on one cluster and one page, as a user would: see both nodes, preview
-and place the bundled model, chat with it, then SIGKILL a node and watch its card go down.
+and place the bundled model, chat with it, stop it and find it under "Recently ended", then
+SIGKILL a node and watch its card go down.
 Screenshots (laptop 1280x800, narrow 390x844, dark scheme) land in artifacts/dashboard/.
 
 Needs /usr/bin/chromium (`apt-get install chromium`) and the `playwright` package; the browser that
@@ -16,7 +17,6 @@ import importlib.util
 import json
 import re
 import shutil
-import sys
 import tempfile
 import time
 import urllib.error
@@ -27,7 +27,6 @@ from typing import Any
 
 import pytest
 
-import conftest
 from conftest import NodeLauncher, NodeProc, wait_for
 from shoal.catalog import CATALOG, DEFAULT_MODEL, bundled_path
 
@@ -60,28 +59,6 @@ _missing = [
 ]
 pytestmark = [pytest.mark.skipif(bool(_missing), reason="; ".join(_missing)), pytest.mark.timeout(300)]
 
-# Until shoal.components mounts the API and the dashboard on `shoal node`, the same daemon with the
-# two components added here (the exact code path a node will take, minus the argument parsing).
-FALLBACK_NODE_CODE = """
-import asyncio, sys
-from shoal.cli import build_parser
-from shoal.cluster import cli as ccli, node as nodemod
-from shoal.config import NodeConfig
-from shoal.api.app import ApiComponent
-from shoal.api.service import ModelService, ServiceConfig
-from shoal.dashboard import Dashboard
-args = build_parser().parse_args(["node", *sys.argv[1:]])
-config = NodeConfig.from_args(args)
-ccli._setup_logging(config.log_level, config.name)
-node = nodemod.Node(config)
-api = ApiComponent(ModelService(ServiceConfig()))
-node.add_component(api)
-node.app.middlewares.append(api.middleware)
-node.add_component(Dashboard())
-asyncio.run(node.serve())
-"""
-
-
 def _get(url: str, timeout_s: float = 3.0) -> tuple[int, str, str]:
     """(status, content type, body) — also for 4xx answers."""
     try:
@@ -96,48 +73,21 @@ def _serves_dashboard(node: NodeProc) -> bool:
     return status == 200 and ctype.startswith("text/html") and _get(node.url + "/v1/models")[0] == 200
 
 
-def endpoint_missing(url: str) -> bool:
-    """A 404 that means 'no such route' (not 'no such model')."""
-    status, _, body = _get(url, timeout_s=15)
-    if status != 404:
-        return False
-    try:
-        return json.loads(body).get("error", {}).get("code") in (None, "unknown_url")
-    except (ValueError, AttributeError):
-        return True
-
-
 class Cluster:
-    def __init__(self, a: NodeProc, b: NodeProc, mode: str) -> None:
-        self.a, self.b, self.mode = a, b, mode
+    def __init__(self, a: NodeProc, b: NodeProc) -> None:
+        self.a, self.b = a, b
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, cached_profile: Path) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("dash")
     launcher = NodeLauncher(root, cached_profile)
-    mode = "shoal node"
     try:
-        if importlib.util.find_spec("shoal.components") is not None:
-            a = launcher.start("node-a")
-            if not _serves_dashboard(a):
-                a.stop()
-                launcher.nodes.remove(a)
-                mode = "fallback"
-        else:
-            mode = "fallback"
-        old_cmd = conftest.NODE_CMD
-        if mode == "fallback":
-            conftest.NODE_CMD = [sys.executable, "-c", FALLBACK_NODE_CODE]
-        try:
-            if mode == "fallback":
-                a = launcher.start("node-a")
-            b = launcher.start("node-b", peers=[a])
-        finally:
-            conftest.NODE_CMD = old_cmd
+        a = launcher.start("node-a")
+        b = launcher.start("node-b", peers=[a])
         assert _serves_dashboard(a), f"node-a serves no dashboard:\n{a.log()[-3000:]}"
         wait_for(lambda: sum(n["status"] == "up" for n in a.cluster()["nodes"]) == 2, 15, what="2 nodes up")
-        yield Cluster(a, b, mode)
+        yield Cluster(a, b)
     finally:
         launcher.close()
         for n in launcher.nodes:  # the logs are worth keeping next to the screenshots
@@ -245,13 +195,6 @@ def test_place_from_preview(page: Any, cluster: Cluster) -> None:
     page.select_option("#place-model", MODEL)
     page.select_option("#place-strategy", "auto")
     page.click("#preview-btn")
-    if endpoint_missing(f"{cluster.a.url}/v1/placement?model={MODEL}&strategy=auto"):
-        # The page says so instead of failing; the chat case then uses on-demand loading.
-        expect(page.locator("#place-unavailable")).to_contain_text("not available on this node yet")
-        expect(page.locator("#instances-unavailable")).to_contain_text("GET /v1/instances")
-        shot(page, "02-place-unavailable")
-        pytest.skip("GET /v1/placement is not on the node yet (issue 4: placement); the page shows it as unavailable")
-
     plan = page.locator("#plan .plan-card.chosen")
     expect(plan).to_be_visible(timeout=15_000)
     expect(plan.locator(".ttft")).not_to_have_text("–")
@@ -321,42 +264,58 @@ def test_chat_streams_a_reply(page: Any) -> None:
     assert page.locator("#chat-log li.msg .text").all_text_contents() == texts
 
 
-def test_placement_ui_with_documented_shapes(browser: Any, cluster: Cluster) -> None:
+def _instances(cluster: Cluster) -> dict[str, Any]:
+    status, _, body = _get(cluster.a.url + "/v1/instances", timeout_s=15)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_placement_ui_with_server_shapes(browser: Any, cluster: Cluster) -> None:
     """The preview -> place -> stop path of the page, in its own tab, with /v1/placement and
-    /v1/instances answered by the browser in the documented shapes (the cluster itself stays real).
-    Proves the page's side of issue 4's flow whatever the backend's state; the real end-to-end run
-    is test_place_from_preview."""
+    /v1/instances answered by the browser with chosen values (two plans over both nodes, a plan
+    that does not fit, a failed instance). Every object is the real server's answer from earlier in
+    the story with only its values changed, so the page is held to the shapes the server sends."""
     from playwright.sync_api import expect
 
     a, b = cluster.a.node_id, cluster.b.node_id
+    names = {a: "node-a", b: "node-b"}
     mib = 2**20
+    status, _, body = _get(f"{cluster.a.url}/v1/placement?model={MODEL}&strategy=auto", timeout_s=15)
+    assert status == 200, body
+    real_preview = json.loads(body)
+    real_plan = real_preview["plans"]["auto"]
+    listing = _instances(cluster)
+    assert listing["instances"], "no instance to take the shape from: test_place_from_preview places one first"
+    real_inst = listing["instances"][0]
 
-    def shard(node: str, layers: list[int], tp_rank: int = 0, tp_size: int = 1, mb: int = 40) -> dict[str, Any]:
-        return {"node_id": node, "node_name": "node-a" if node == a else "node-b", "layers": layers,
-                "tp_rank": tp_rank, "tp_size": tp_size, "weight_bytes": mb * mib, "kv_bytes": 8 * mib,
-                "overhead_bytes": 4 * mib}
+    def plan_shard(node: str, layers: list[int], tp_rank: int = 0, tp_size: int = 1, mb: int = 40) -> dict[str, Any]:
+        return {**real_plan["shards"][0], "node_id": node, "node_name": names[node], "layers": layers,
+                "tp_rank": tp_rank, "tp_size": tp_size,
+                "weight_bytes": mb * mib, "kv_bytes": 8 * mib, "overhead_bytes": 4 * mib}
 
-    pipeline = {
-        "model": MODEL, "strategy": "pipeline", "context": 2048,
-        "shards": [shard(a, [0, 16], mb=40), shard(b, [16, 30], mb=34)],
-        "prediction": {"decode_tokens_per_s": 48.2, "ttft_s": 0.1234, "prompt_tokens": 128, "step_s": 0.02, "comm_s": 0.001},
-        "reason": "pipeline (node-a, node-b): layers split by speed and memory; predicted 48.2 tok/s",
-    }
-    tensor = {
-        **pipeline, "strategy": "tensor",
-        "shards": [shard(a, [0, 30], 0, 2, 37), shard(b, [0, 30], 1, 2, 37)],
-        "prediction": {**pipeline["prediction"], "decode_tokens_per_s": 21.5, "ttft_s": 0.31},
-        "reason": "tensor (node-a, node-b): one tensor group",
-    }
-    # The planner's preview: the best plan of each strategy, auto's pick among them, or why not.
-    plans = {"model": MODEL, "strategies": {
+    prediction = {**real_plan["prediction"], "decode_tokens_per_s": 48.2, "ttft_s": 0.1234}
+    pipeline = {**real_plan, "strategy": "pipeline", "prediction": prediction,
+                "shards": [plan_shard(a, [0, 16], mb=40), plan_shard(b, [16, 30], mb=34)],
+                "reason": "pipeline (node-a, node-b): layers split by speed and memory"}
+    tensor = {**pipeline, "strategy": "tensor", "prediction": {**prediction, "decode_tokens_per_s": 21.5, "ttft_s": 0.31},
+              "shards": [plan_shard(a, [0, 30], 0, 2, 37), plan_shard(b, [0, 30], 1, 2, 37)],
+              "reason": "tensor (node-a, node-b)"}
+    preview = {**real_preview, "plans": {
         "auto": pipeline, "pipeline": pipeline, "tensor": tensor,
         "hybrid": {"error": "hybrid needs at least 4 nodes (2 are up)", "missing_bytes": 0},
     }}
-    instance = {"id": "inst-stub-1", "model": MODEL, "strategy": "pipeline", "status": "loading",
-                "shards": [{k: sh[k] for k in ("node_id", "layers", "tp_rank", "tp_size")} for sh in pipeline["shards"]]}
+
+    def inst_shard(sh: dict[str, Any]) -> dict[str, Any]:
+        keep = ("node_id", "node_name", "layers", "tp_rank", "tp_size", "weight_bytes")
+        return {**real_inst["shards"][0], **{k: sh[k] for k in keep}}
+
+    instance = {**real_inst, "id": "inst-stub-1", "strategy": "pipeline", "status": "loading", "error": None,
+                "shards": [inst_shard(sh) for sh in pipeline["shards"]], "prediction": prediction}
+    failed = {**instance, "id": "inst-stub-0", "status": "failed", "error": "rank 1: runner failed",
+              "ended_at": time.time() - 30}
     calls: list[str] = []
     live: list[dict[str, Any]] = []
+    ended: list[dict[str, Any]] = [failed]
 
     def instances(route: Any) -> None:
         req = route.request
@@ -365,16 +324,16 @@ def test_placement_ui_with_documented_shapes(browser: Any, cluster: Cluster) -> 
             body = json.loads(req.post_data or "{}")
             assert body == {"model": MODEL, "strategy": "auto", "nodes": [a, b]}, body
             live.append(dict(instance))
-            return route.fulfill(status=201, json=live[-1])
+            return route.fulfill(status=202, json={"instance": live[-1]})
         if req.method == "DELETE":
-            live.clear()
-            return route.fulfill(json={"id": instance["id"], "deleted": True})
+            ended.insert(0, {**live.pop(), "status": "stopped", "error": "", "ended_at": time.time()})
+            return route.fulfill(json={"id": instance["id"], "status": "stopped"})
         for inst in live:  # loading on the first look, ready after
             inst["status"] = "ready" if sum(c.startswith("GET") for c in calls) > 2 else "loading"
-        return route.fulfill(json={"instances": live})
+        return route.fulfill(json={"instances": live, "ended": ended})
 
     pg = browser.new_page()
-    pg.route("**/v1/placement?*", lambda route: route.fulfill(json=plans))
+    pg.route("**/v1/placement?*", lambda route: route.fulfill(json=preview))
     pg.route("**/v1/instances", instances)
     pg.route("**/v1/instances/*", instances)
     pg.goto(cluster.a.url + "/#place")
@@ -393,15 +352,46 @@ def test_placement_ui_with_documented_shapes(browser: Any, cluster: Cluster) -> 
     expect(pg.locator('#plan .plan-card[data-strategy="hybrid"] button')).to_have_count(0)
     shot(pg, "x-stubbed-placement-preview")
     chosen.locator("button").click()
+    expect(pg.locator("#plan")).to_contain_text("as inst-stub-1")
     inst = pg.locator("#instance-list li.instance")
     expect(inst).to_have_attribute("data-status", "ready", timeout=15_000)
     expect(inst.locator(".layerbar > span")).to_have_count(2)
+    expect(inst.locator(".meta").first).to_contain_text("predicted 48.2 tok/s")
     expect(node_card(pg, "node-b").locator(".chip")).to_contain_text("layers 16–29")
+    # The failed instance is listed apart, with its error and no button.
+    gone = pg.locator('#ended-list li.instance[data-instance-id="inst-stub-0"]')
+    expect(gone).to_have_attribute("data-status", "failed")
+    expect(gone).to_contain_text("rank 1: runner failed")
+    expect(gone.locator("button")).to_have_count(0)
     shot(pg, "x-stubbed-instance-ready")
     inst.locator("button", has_text="Stop").click()
     expect(pg.locator("#instance-list li.instance")).to_have_count(0)
+    stopped = pg.locator('#ended-list li.instance[data-instance-id="inst-stub-1"]')
+    expect(stopped).to_have_attribute("data-status", "stopped")
+    expect(stopped.locator("button")).to_have_count(0)
+    expect(pg.locator("#ended-list li.instance")).to_have_count(2)
     assert any(c.startswith("DELETE instances/inst-stub-1") for c in calls), calls
     pg.close()
+
+
+def test_stopped_instance_is_recently_ended(page: Any, cluster: Cluster) -> None:
+    """Stop the instance placed earlier: the real DELETE, then the real listing puts it under
+    "Recently ended", with its status and no button."""
+    from playwright.sync_api import expect
+
+    page.locator("#instances").scroll_into_view_if_needed()
+    running = page.locator("#instance-list li.instance", has=page.locator("h3", has_text=MODEL))
+    expect(running).to_have_count(1)
+    iid = running.get_attribute("data-instance-id")
+    running.locator("button", has_text="Stop").click()
+    ended = page.locator(f'#ended-list li.instance[data-instance-id="{iid}"]')
+    expect(ended).to_have_attribute("data-status", "stopped", timeout=15_000)
+    expect(page.locator("#ended-h")).to_have_text("Recently ended")
+    expect(ended.locator("button")).to_have_count(0)
+    expect(page.locator(f'#instance-list li.instance[data-instance-id="{iid}"]')).to_have_count(0)
+    listing = _instances(cluster)
+    assert all(i["id"] != iid or i["status"] == "stopped" for i in listing["instances"]), listing
+    shot(page, "05-instance-ended")
 
 
 def test_killed_node_shows_down(page: Any, cluster: Cluster) -> None:
@@ -414,19 +404,29 @@ def test_killed_node_shows_down(page: Any, cluster: Cluster) -> None:
     took = time.monotonic() - t0
     expect(node_card(page, "node-a")).to_have_attribute("data-status", "up")
     expect(page.locator("#cluster-summary")).to_contain_text("1 of 2 nodes up")
-    print(f"node-b shown down {took:.1f} s after SIGKILL (cluster mode: {cluster.mode})")
-    shot(page, "05-node-down-laptop")
-    shot(page, "05-node-down-narrow", NARROW)
+    print(f"node-b shown down {took:.1f} s after SIGKILL")
+    shot(page, "06-node-down-laptop")
+    shot(page, "06-node-down-narrow", NARROW)
 
 
 def test_static_files_are_safe(cluster: Cluster) -> None:
-    status, ctype, body = _get(cluster.a.url + "/static/app.js")
-    assert status == 200 and ctype.startswith("text/javascript") and "function" in body
-    for bad in ("/static/..%2fdashboard.py", "/static/.hidden.js", "/static/nope.js", "/static/app.py"):
+    status, ctype, body = _get(cluster.a.url + "/static/main.js")
+    assert status == 200 and ctype.startswith("text/javascript") and "import" in body
+    # Every module the entry imports is served, as a script the browser accepts as a module.
+    modules = re.findall(r'from "\./([a-z]+\.js)"', body)
+    assert len(modules) >= 5, body
+    for name in modules:
+        status, ctype, _ = _get(f"{cluster.a.url}/static/{name}")
+        assert status == 200 and ctype.startswith("text/javascript"), name
+    for bad in ("/static/..%2fdashboard.py", "/static/.hidden.js", "/static/nope.js", "/static/app.py",
+                "/static/js/main.js"):
         assert _get(cluster.a.url + bad)[0] == 404, bad
     with urllib.request.urlopen(cluster.a.url + "/", timeout=3) as r:
+        page = r.read().decode()
         assert "default-src 'self'" in r.headers["Content-Security-Policy"]
         etag = r.headers["ETag"]
+    assert '<script type="module" src="/static/main.js"></script>' in page
+    assert re.findall(r"<script[^>]*>", page) == ['<script type="module" src="/static/main.js">'], "inline script"
     req = urllib.request.Request(cluster.a.url + "/", headers={"If-None-Match": etag})
     with pytest.raises(urllib.error.HTTPError) as e:  # urllib surfaces a 304 as an error
         urllib.request.urlopen(req, timeout=3)

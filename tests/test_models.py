@@ -16,7 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from shoal.engine.loader import load_model  # noqa: E402
-from shoal.models.llama import BatchLayout  # noqa: E402
+from shoal.models.base import BatchLayout  # noqa: E402
 
 VOCAB = 97
 
@@ -132,15 +132,28 @@ def test_pipeline_shards_chain_to_the_whole_model(tmp_path):
 
 def test_shard_reads_only_its_tensors(tmp_path):
     from shoal.engine.loader import open_checkpoint
-    from shoal.models.llama import ModelArgs, ShardSpec, required_weights
+    from shoal.models.base import Part
+    from shoal.models.llama import ModelArgs, required_weights
 
     path, _ = make_checkpoint(tmp_path, "llama")
     ckpt = open_checkpoint(path)
     args = ModelArgs.from_dict(ckpt.config)
-    names = required_weights(args, ShardSpec(1, 2, 3), ckpt.tensor_names())
+    names = required_weights(args, Part(1, 2, 3), ckpt.tensor_names())
     assert names and all(n.startswith("model.layers.1.") for n in names)
-    last = required_weights(args, ShardSpec(2, 3, 3), ckpt.tensor_names())
+    last = required_weights(args, Part(2, 3, 3), ckpt.tensor_names())
     assert "lm_head.weight" in last and "model.embed_tokens.weight" not in last
+
+
+def test_a_part_that_does_not_fit_is_refused(tmp_path):
+    """A part planned for another layer count, a layer range outside the model, a rank of a group
+    without its slice, or experts of a dense model: refused before any tensor is read."""
+    from shoal.engine.loader import load_shard
+    from shoal.models.base import Part
+
+    path, _ = make_checkpoint(tmp_path, "llama")
+    for part in (Part(0, 2, 4), Part(2, 5), Part(rank=0, size=2), Part(rank=0, size=2, kv_heads=(0, 1), experts=(0,))):
+        with pytest.raises(ValueError):
+            load_shard(str(path), part)
 
 
 def test_bf16_checkpoint(tmp_path):
@@ -203,7 +216,7 @@ def test_rms_norm_equals_transformers(shape):
     per-head rows (Qwen3's q/k norm), contiguous or a strided view."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from shoal.models.llama import RMSNorm
+    from shoal.models.base import RMSNorm
 
     g = torch.Generator().manual_seed(sum(shape))
     D = shape[-1]
@@ -226,7 +239,7 @@ def test_silu_mul_equals_transformers(rows):
     prefill chunk, with zeros and values past exp's range, contiguous or a strided view."""
     from transformers.activations import ACT2FN
 
-    from shoal.engine.activation import silu_mul
+    from shoal.kernels.activation import silu_mul
 
     g = torch.Generator().manual_seed(rows)
     H = 1536

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,10 +17,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from shoal.engine.loader import load_model  # noqa: E402
-from shoal.engine.mla_cache import MLACache  # noqa: E402
-from shoal.models.llama import BatchLayout, ShardSpec  # noqa: E402
-from shoal.models.moe import ExpertSlice, RoutedExperts, load_expert_shard, split_experts  # noqa: E402
+from shoal.engine.loader import load_model, load_shard  # noqa: E402
+from shoal.kernels.mla_cache import MLACache  # noqa: E402
+from shoal.models.base import BatchLayout, Part  # noqa: E402
+from shoal.models.moe import RoutedExperts, split_experts  # noqa: E402
 from shoal.synthetic import make_checkpoint  # noqa: E402
 
 IDS = [3, 17, 42, 5, 88, 1, 60, 23, 9, 71, 33, 2, 150, 99, 7, 120, 64, 31, 8, 140]
@@ -199,7 +200,7 @@ def test_expert_parallel_equals_whole_model(ckpts, kind, ranks):
     slices = split_experts(n_experts, [1.0, 2.0, 1.5][:ranks], shared, align=8)
     assert sorted(e for s in slices for e in s.experts) == list(range(n_experts))
     group = HandAllReduce(ranks)
-    shards = [load_expert_shard(path, ShardSpec.whole(n_layers), s).shard(group.member(s.rank)) for s in slices]
+    shards = [load_shard(str(path), s).model.shard(group.member(s.rank)) for s in slices]
 
     # Each shard holds only its experts: the routed-expert bytes split like the experts do.
     for s, m in zip(slices, shards):
@@ -220,10 +221,11 @@ def test_expert_times_pipeline_equals_whole_model(ckpts):
     path = ckpts["kimi-k2"]
     whole = load_model(str(path), with_tokenizer=False).model
     args = whole.args
-    stages = [ShardSpec(0, 2, 3), ShardSpec(2, 3, 3)]
+    stages = [(0, 2), (2, 3)]
     slices = split_experts(args.n_routed_experts, [1.0, 1.0], args.shared_size, align=8)
     groups = [HandAllReduce(2), HandAllReduce(2)]
-    models = [[load_expert_shard(path, st, s).shard(groups[k].member(s.rank)) for s in slices] for k, st in enumerate(stages)]
+    models = [[load_shard(str(path), replace(s, start=a, end=b)).model.shard(groups[k].member(s.rank)) for s in slices]
+              for k, (a, b) in enumerate(stages)]
     caches = [[m.make_cache() for m in stage] for stage in models]
 
     def step(ids, start):
@@ -247,14 +249,19 @@ def test_expert_shard_reads_only_its_experts(ckpts):
     ckpt = open_checkpoint(ckpts["kimi-k2"])
     args = ModelArgs.from_dict(ckpt.config)
     names = ckpt.tensor_names()
-    mine = ExpertSlice(1, 2, (3, 4, 5), (0, 16))
-    need = required_weights(args, ShardSpec(1, 3, 3), names, mine)
+    need = required_weights(args, Part(1, 3, 3, rank=1, size=2, experts=(3, 4, 5), shared=(0, 16)), names)
     experts = {n.split(".experts.")[1].split(".")[0] for n in need if ".experts." in n}
     assert experts == {"3", "4", "5"}
     assert "model.layers.0.self_attn.kv_b_proj.weight" not in need  # layer 0 is another stage's
     assert "model.layers.2.mlp.shared_experts.down_proj.weight" in need
     assert "model.layers.2.mlp.gate.e_score_correction_bias" in need
     assert "lm_head.weight" in need and "model.embed_tokens.weight" not in need
+
+
+def test_an_expert_rank_must_name_its_experts(ckpts):
+    """A rank of an MoE model's group holds some of the experts: heads and columns are not its split."""
+    with pytest.raises(ValueError, match="mixture of experts"):
+        load_shard(str(ckpts["mixtral"]), Part(rank=0, size=2, kv_heads=(0, 1), ffn=(0, 64)))
 
 
 def test_split_experts_is_proportional():
@@ -337,7 +344,7 @@ def test_int4_expert_shard_keeps_experts_packed(tmp_path):
     from shoal.quant.formats import QuantizedWeight
 
     path = make_checkpoint("kimi-k2", tmp_path / "int4", experts=8, layers=2, fmt="int4")
-    m = load_expert_shard(path, ShardSpec.whole(2), ExpertSlice(0, 2, (0, 1, 2), (0, 16)))
+    m = load_shard(str(path), Part(rank=0, size=2, experts=(0, 1, 2), shared=(0, 16))).model
     held = [mod for mod in m.modules() if isinstance(mod, RoutedExperts)]
     assert held and all(isinstance(lin.qweight, QuantizedWeight) for h in held for lin in h.gate_up)
     assert np.all([lin.qweight.kind == "q4_affine" for h in held for lin in h.down])

@@ -9,7 +9,8 @@ import pytest
 
 from shoal.cluster.messages import NodeProfile
 from shoal.cluster.topology import ClusterView, LinkView, NodeView
-from shoal.placement.planner import Placement, PlacementError, PlacementRequest, apportion, plan, plan_each_strategy
+from shoal.placement.contract import Placement, PlacementError, PlacementRequest
+from shoal.placement.planner import apportion, plan, plan_each_strategy
 from shoal.placement.spec import ModelSpec
 
 GiB = 2**30

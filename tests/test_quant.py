@@ -10,6 +10,7 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.constants import GGML_QUANT_SIZES  # noqa: E402
 
+from shoal.quant import codegen  # noqa: E402
 from shoal.quant import kernels as K  # noqa: E402
 from shoal.quant import linear as L  # noqa: E402
 from shoal.quant.formats import QuantizedWeight, from_gguf, from_mlx, quantize_affine  # noqa: E402
@@ -194,11 +195,11 @@ def test_matmul_batches(kind, G):
 def test_batch_tile_decode_paths_agree():
     """q4 codes become weights by a table lookup (vpermps) on AVX-512 and by int -> float
     conversion elsewhere: both give the same weights, so the same bits."""
-    if not K._PERMUTE:
+    if not codegen.PERMUTE:
         pytest.skip("no AVX-512: only the conversion path exists here")
     from numba import njit
 
-    lookup, convert = (K._make_batch_tile("q4_affine", 5, permute=p) for p in (True, False))
+    lookup, convert = (codegen.make_batch_tile("q4_affine", 5, permute=p) for p in (True, False))
 
     @njit
     def run_lookup(c, s, b, x, o, ng, C, N):
@@ -244,11 +245,11 @@ def test_batch_tiles_both_widths(kind):
     """Both batch tiles, whichever the machine takes: the 16-lane one (AVX-512's, x itself; LLVM
     splits its vectors elsewhere) and the 8-lane one (AVX2's, x packed by _pack_x), for one weight
     row pair at a time or both at once (T <= 3), at run-time chunk counts C = 1, 2, 4, with rows of
-    x in L1 and in blocks (K = 2048: T*K > _X_L1 for T >= 4)."""
+    x in L1 and in blocks (K = 2048: T*K > X_L1 for T >= 4)."""
     r = rng(23)
     q4 = kind == "q4_affine"
     for T in (3, 4, 8):
-        wide, narrow = (_tile_runner(K._make_batch_tile(kind, T, permute=False, lanes=w)) for w in (16, 8))
+        wide, narrow = (_tile_runner(codegen.make_batch_tile(kind, T, permute=False, lanes=w)) for w in (16, 8))
         for Kd, C in [(256, 1), (2048, 1), (256, 2), (2048, 4)]:
             G = (32 if q4 else 16) * C
             qw = _random_qw(kind, 6, Kd, G, r)
@@ -261,7 +262,7 @@ def test_batch_tiles_both_widths(kind):
 
 
 def test_batch_tile_blocks_same_bits():
-    """The 8-lane tile takes rows of x longer than _X_L1 floats in all in blocks of groups, the
+    """The 8-lane tile takes rows of x longer than X_L1 floats in all in blocks of groups, the
     accumulators kept across the blocks: the same arithmetic in the same order as without blocks."""
     r = rng(24)
     for kind, C in [("q4_affine", 1), ("q8_sym", 2), ("q8_affine", 3)]:
@@ -270,12 +271,12 @@ def test_batch_tile_blocks_same_bits():
         qw = _random_qw(kind, 4, Kd, G, r)
         b = qw.scales if qw.biases is None else qw.biases
         x = r.standard_normal((8, Kd)).astype(np.float32)
-        assert 8 * Kd > K._X_L1
+        assert 8 * Kd > codegen.X_L1
         xin = K._pack_x(x, C, kind == "q4_affine")
         outs = []
-        for x_l1 in (K._X_L1, 10 ** 9):
+        for x_l1 in (codegen.X_L1, 10 ** 9):
             out = np.full((8, 4), np.nan, np.float32)
-            _tile_runner(K._make_batch_tile(kind, 8, permute=False, lanes=8, x_l1=x_l1))(
+            _tile_runner(codegen.make_batch_tile(kind, 8, permute=False, lanes=8, x_l1=x_l1))(
                 qw.codes, qw.scales, b, xin, out, 50, C, 4)
             outs.append(out)
         assert np.array_equal(outs[0], outs[1])
@@ -337,7 +338,7 @@ def test_kernels_reject_noncontiguous():
     qw = _random_qw("q8_sym", 8, 64, 32, rng(10))
     x = np.zeros((4, 128), np.float32)[:, ::2]
     with pytest.raises(Exception):
-        K.matmul_q8_sym(x, qw.codes, qw.scales, np.empty((4, 8), np.float32))
+        K.MATMUL["q8_sym"](x, qw.codes, qw.scales, qw.scales, np.empty((4, 8), np.float32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,10 +499,10 @@ def test_kernels_check_shapes():
     r = rng(16)
     qw = _random_qw("q4_affine", 8, 64, 32, r)
     with pytest.raises(ValueError):                     # wrong K
-        K.matmul_q4_affine(np.zeros((1, 32), np.float32), qw.codes, qw.scales, qw.biases, np.empty((1, 8), np.float32))
+        K.MATMUL["q4_affine"](np.zeros((1, 32), np.float32), qw.codes, qw.scales, qw.biases, np.empty((1, 8), np.float32))
     with pytest.raises(ValueError):                     # wrong out
-        K.matmul_q4_affine(np.zeros((2, 64), np.float32), qw.codes, qw.scales, qw.biases, np.empty((1, 8), np.float32))
+        K.MATMUL["q4_affine"](np.zeros((2, 64), np.float32), qw.codes, qw.scales, qw.biases, np.empty((1, 8), np.float32))
     with pytest.raises(ValueError):
-        K.dequantize_q4_affine(qw.codes, qw.scales, qw.biases, np.empty((8, 32), np.float32))
+        K.DEQUANTIZE["q4_affine"](qw.codes, qw.scales, qw.biases, np.empty((8, 32), np.float32))
     with pytest.raises(ValueError):
         QuantLinear(qw)(torch.zeros(1, 63))

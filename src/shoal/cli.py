@@ -19,10 +19,16 @@ def _cluster_cli():
     return cluster_cli
 
 
-def _runner_cli():
-    from shoal.runner import cli as runner_cli
+def _daemon_cli():
+    from shoal.daemon import cli as daemon_cli
 
-    return runner_cli
+    return daemon_cli
+
+
+def _assembly():
+    from shoal import assembly
+
+    return assembly
 
 
 # name -> (help, module getter); each module has add_<name>_arguments(parser) and run_<name>(args) -> int
@@ -30,9 +36,11 @@ SUBCOMMANDS = {
     "generate": ("generate text from a prompt (chat template applied unless --raw)", _engine_cli),
     "bench": ("measure prefill and decode speed (and llama.cpp's, when installed)", _engine_cli),
     "download": ("download a catalog model from the hub (resumable)", _engine_cli),
-    "node": ("run a shoal node daemon", _cluster_cli),
-    "status": ("show a cluster's nodes and links", _cluster_cli),
-    "place": ("place a model on the cluster (split over nodes as the planner decides) and show the plan", _runner_cli),
+    "node": ("run a shoal node daemon", _assembly),
+    "status": ("show a cluster's nodes, links and instances", _cluster_cli),
+    "place": ("place a model on the cluster (split over nodes as the planner decides) and show the plan", _daemon_cli),
+    "instances": ("list the cluster's model instances (and the recently ended ones)", _daemon_cli),
+    "stop": ("stop a model instance, by its id or its model's name", _daemon_cli),
 }
 
 

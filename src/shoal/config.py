@@ -2,9 +2,9 @@
 environment and the files in the node's home, then passed explicitly to whatever needs it.
 
 Everything that reads the environment or the home folder for *settings* does so here, in
-`NodeConfig.from_args`, so nothing deeper in the daemon has hidden inputs. Later issues add fields
-with defaults; `from_args` reads them with `getattr(args, name, default)` so callers that build an
-argparse namespace without the newer flags keep working.
+`NodeConfig.from_args`, so nothing deeper in the daemon has hidden inputs. Every field has a
+default, and `from_args` reads flags with `getattr(args, name, default)`, so a caller may build an
+argparse namespace with only the flags it cares about.
 """
 
 from __future__ import annotations
@@ -96,6 +96,9 @@ class NodeConfig:
     peers: tuple[tuple[str, int], ...] = ()
     discovery: bool = True
     memory_limit_bytes: int | None = None
+    # KV cache the sequences of a model whose entry runs here may reserve together (prompt +
+    # max_tokens each); None: half the memory free when the model starts.
+    kv_budget_bytes: int | None = None
     log_level: str = "INFO"
 
     @property
@@ -131,6 +134,7 @@ class NodeConfig:
             home=home,
         )
         limit = getattr(args, "memory_limit", None)
+        kv_budget = getattr(args, "kv_budget", None)
         return cls(
             home=home,
             node_id=load_or_create_node_id(home),
@@ -143,6 +147,7 @@ class NodeConfig:
             peers=tuple(parse_hostport(p) for p in (getattr(args, "peer", None) or [])),
             discovery=not getattr(args, "no_discovery", False),
             memory_limit_bytes=parse_size(limit) if isinstance(limit, str) else limit,
+            kv_budget_bytes=parse_size(kv_budget) if isinstance(kv_budget, str) else kv_budget,
             log_level=(getattr(args, "log_level", None) or "INFO").upper(),
         )
 

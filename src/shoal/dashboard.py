@@ -1,5 +1,6 @@
-"""The dashboard: one page at `/`, with its script and style under `/static/`, shipped inside the
-package (`shoal/api/static/`). No build step and no CDN: the files are served as they are.
+"""The dashboard: one page at `/`, with its ES modules (entry `main.js`) and style under `/static/`,
+shipped inside the package (`shoal/api/static/`, one flat folder). No build step and no CDN: the
+files are served as they are, and the browser resolves the modules' imports against `/static/`.
 
 The page itself only reads the node's public JSON endpoints (same origin) — /v1/cluster, the
 instance and placement endpoints, and the OpenAI API for chat — so this component has no state and

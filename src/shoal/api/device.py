@@ -8,7 +8,7 @@ launch then pays a futex wake-up: measured on the bundled model (2 cores), a q4 
 round-robin over its models, and loading happens in a short-lived thread whose team dies with it.
 
 Models plug in as `Steppable`s: the thread calls `handle` for each command sent to a model, then
-`admit` and `step` on every model with work, blocking on its inbox only when none has any. The
+`step` on every model with work, blocking on its inbox only when none has any. The
 thread starts with the first model attached and ends when the last one is detached.
 """
 
@@ -31,8 +31,6 @@ class Steppable(Protocol):
     def handle(self, kind: str, arg: Any) -> None: ...
 
     def has_work(self) -> bool: ...
-
-    def admit(self) -> None: ...
 
     def step(self) -> None: ...
 
@@ -76,7 +74,6 @@ class DeviceWorker:
         while self._drain(block=not any(m.has_work() for m in self._models)):
             for m in self._models:
                 try:
-                    m.admit()
                     if m.has_work():
                         m.step()
                 except Exception:  # a bug in one model's bookkeeping must not stop the others

@@ -16,6 +16,8 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from shoal.engine.scheduler import RequestRefused
+
 # Bodies larger than this are refused before parsing (413); prompts are text, not uploads.
 MAX_BODY_BYTES = 16 << 20
 # json.loads recurses per nesting level; refuse absurd nesting before it can blow the stack.
@@ -164,3 +166,9 @@ def _param_path(loc: tuple) -> str:
         elif not _TYPE_TAG.match(str(part)):
             out += ("." if out else "") + str(part)
     return out
+
+
+def from_refusal(e: RequestRefused) -> ApiError:
+    """A scheduler's refusal (or a request's failure) in the API's error shape."""
+    kind = "invalid_request_error" if e.status < 429 else "rate_limit_error" if e.status == 429 else "server_error"
+    return ApiError(e.status, e.message, kind, e.param, e.code, e.retry_after)

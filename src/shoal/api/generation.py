@@ -21,9 +21,15 @@ from typing import Any, Literal
 from aiohttp import web
 
 from shoal.api.errors import ApiError, error_response, invalid, json_response
-from shoal.api.instance import GenerationRequest, GenerationStream, Instance, new_request_id
+from shoal.api.instance import (
+    KEEPALIVE,
+    GenerationRequest,
+    GenerationStream,
+    Instance,
+    new_request_id,
+)
 from shoal.api.service import ModelService
-from shoal.engine.generate import ContextOverflowError, TokenEvent
+from shoal.engine.generate import TokenEvent
 from shoal.engine.sampler import SamplingParams
 from shoal.engine.tokenizer import Tokenizer
 
@@ -159,19 +165,15 @@ def sampling(**kw: Any) -> SamplingParams:
         raise invalid(str(e)) from None
 
 
-def submit(instance: Instance, model: str, prompt_ids: list[int], params: SamplingParams, t_arrival: float,
-           prefix: str, count: int = 1) -> list[GenerationStream]:
+async def submit(instance: Instance, model: str, prompt_ids: list[int], params: SamplingParams, t_arrival: float,
+                 prefix: str, count: int = 1) -> list[GenerationStream]:
     """`count` sequences of the same prompt (n > 1 gets seeds seed, seed+1, ... so choices differ)."""
     streams = []
     try:
         for i in range(count):
             p = params if i == 0 or params.seed is None else _reseed(params, params.seed + i)
             req = GenerationRequest(new_request_id(prefix), model, list(prompt_ids), p, t_arrival)
-            streams.append(instance.submit(req))
-    except ContextOverflowError as e:
-        for s in streams:
-            s.cancel()
-        raise context_error(e.prompt_tokens, None, e.context, "messages") from None
+            streams.append(await instance.submit(req))
     except ApiError:
         for s in streams:
             s.cancel()
@@ -302,10 +304,15 @@ def token_logprobs_openai(pieces: TokenPieces, ev: TokenEvent) -> dict[str, Any]
     return {"token": text, "logprob": ev.logprob, "bytes": list(data), "top_logprobs": top}
 
 
-async def run_to_end(streams: Sequence[GenerationStream], on_event: Callable[[int, TokenEvent], Awaitable[None] | None]) -> None:
-    """Feed every event to `on_event` until all streams finish."""
+async def run_to_end(streams: Sequence[GenerationStream], on_event: Callable[[int, TokenEvent], Awaitable[None] | None],
+                     keepalive: Callable[[], Awaitable[None]]) -> None:
+    """Feed every event to `on_event` until all streams finish; while a stream waits for its model
+    to recover on another placement, `keepalive` keeps the client's connection open."""
     async with contextlib.aclosing(merge(streams)) as events:
         async for i, ev in events:
+            if ev is KEEPALIVE:
+                await keepalive()
+                continue
             r = on_event(i, ev)
             if r is not None:
                 await r

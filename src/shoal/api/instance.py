@@ -1,22 +1,23 @@
-"""Model instances as the API sees them, and the local one: a BatchGenerator stepped by the device thread.
+"""Model instances as the API sees them, and the local one: a `Scheduler` stepped by the device thread.
 
 An `Instance` takes token ids and sampling parameters and hands back a `GenerationStream`, an
-async iterator of the engine's `TokenEvent`s. The API never touches the model itself, so the
-instance behind a name can be a model in this process (`LocalInstance`) or, later, the entry of
-a pipeline on other nodes: both feed the same kind of stream.
+async iterator of the engine's `TokenEvent`s — or refuses the request at once. The API never
+touches the model itself, so the instance behind a name can be a model in this process
+(`LocalInstance`) or a cluster instance whose entry runs elsewhere (daemon/placer.py): both are
+driven by the same scheduler and feed the same kind of stream.
 
-The entry keeps what it would need to replay a request elsewhere (`GenerationRequest`: prompt
-ids, sampling parameters and every token generated so far).
+The API keeps, per request, the prompt ids, sampling parameters and every token streamed so far
+(`GenerationRequest`).
 
 Threads: the event loop calls `submit` and `GenerationStream.cancel`; the device thread
-(`device.DeviceWorker`) owns the generator and the model (torch never runs in the loop thread).
-They talk through the device's inbox one way and `loop.call_soon_threadsafe` the other, once per step.
+(`device.DeviceWorker`) owns the scheduler and the model (torch never runs in the loop thread).
+They talk through the scheduler's locked queue one way and `loop.call_soon_threadsafe` the other,
+once per step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import itertools
 import logging
@@ -28,10 +29,11 @@ from typing import Any, Protocol
 import psutil
 
 from shoal.api.device import DeviceWorker
-from shoal.api.errors import ApiError, internal, overloaded
+from shoal.api.errors import from_refusal
 from shoal.api.metrics import Metrics
-from shoal.engine.generate import BatchGenerator, ContextOverflowError, SequenceStats, TokenEvent
+from shoal.engine.generate import TokenEvent
 from shoal.engine.sampler import SamplingParams
+from shoal.engine.scheduler import Outcome, RequestRefused, Scheduler, SchedulerLimits
 from shoal.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("shoal.api")
@@ -74,7 +76,24 @@ class GenerationRequest:
     t_first_token: float | None = None
     t_last_token: float | None = None
     finish_reason: str | None = None
-    stats: SequenceStats | None = None  # the engine's own timings, once it has taken the sequence
+    stats: SequenceTimings | None = None  # the engine's own timings, once it has taken the sequence
+
+
+class SequenceTimings(Protocol):
+    """What the API reads of a sequence's engine-side stats (the engine's own `SequenceStats`, or
+    the copy that came back from a cluster instance's entry)."""
+
+    @property
+    def cached_tokens(self) -> int: ...
+
+    @property
+    def ttft_s(self) -> float | None: ...
+
+    @property
+    def prefill_tps(self) -> float: ...
+
+    @property
+    def decode_tps(self) -> float: ...
 
 
 class Instance(Protocol):
@@ -87,7 +106,11 @@ class Instance(Protocol):
     loaded_at: float
     load_seconds: float
 
-    def submit(self, request: GenerationRequest) -> GenerationStream: ...
+    alive: bool  # False once it can serve no more (unloaded, or its cluster instance is gone)
+
+    async def submit(self, request: GenerationRequest) -> GenerationStream:
+        """Start a sequence, or refuse it at once (an ApiError: 4xx, or 429 with Retry-After)."""
+        ...
 
     def queue_depth(self) -> tuple[int, int]:
         """(running, waiting) sequences."""
@@ -96,6 +119,10 @@ class Instance(Protocol):
     def kv_bytes(self) -> int: ...
 
     async def close(self) -> None: ...
+
+
+# Not a token: "the model is recovering on another placement; keep the client's connection open".
+KEEPALIVE = TokenEvent(-1, None, "")
 
 
 class GenerationStream:
@@ -124,6 +151,10 @@ class GenerationStream:
                 req.finish_reason = ev.finish_reason
                 self._close()
                 return
+
+    def keepalive(self) -> None:
+        if not self.closed:
+            self._queue.put_nowait(KEEPALIVE)
 
     def fail(self, err: BaseException) -> None:
         if not self.closed:
@@ -156,222 +187,95 @@ class GenerationStream:
         self._on_cancel(self)
 
 
-@dataclass
-class InstanceLimits:
-    max_running: int = 32  # sequences decoded together in one batch
-    max_waiting: int = 128  # sequences queued behind them before new ones get 429
-    # KV cache the running batch may reserve, (prompt + max_tokens) per sequence; sequences beyond it
-    # wait. None: half the memory free when the model is loaded.
-    kv_budget_bytes: int | None = None
-    prefill_chunk: int = 256  # prompt tokens per step when nothing is decoding (fast time to first token)
-    max_batch_tokens: int = 512
-    # Prompt tokens per step while other sequences are decoding: a long prompt then costs the
-    # running streams several short steps rather than one long stall. Measured on the bundled model
-    # (2 cores): 128-token chunks prefill as fast as 256-token ones in half the step time.
-    prefill_while_decoding: int = 128
-    # K/V of recent prompts kept for reuse by prompts that start the same way (a shared system
-    # prompt, the earlier turns of a chat); at most this many bytes, and a quarter of the KV budget.
-    prefix_cache_bytes: int = 256 << 20
-
-
-@dataclass
-class _Job:
-    stream: GenerationStream
-    kv_need: int
-    uid: int | None = None
-
-
 class LocalInstance:
-    """A whole model in this process. The event loop side admits and cancels; the device thread
-    (`DeviceWorker`, shared by the device's models) owns the generator and steps it."""
+    """A whole model in this process, driven by the one `Scheduler`: the event loop offers and
+    cancels; the device thread (`DeviceWorker`, shared by the device's models) steps it."""
 
-    def __init__(self, name: str, lm, card: ModelCard, limits: InstanceLimits, metrics: Metrics, load_seconds: float,
+    def __init__(self, name: str, lm, card: ModelCard, limits: SchedulerLimits, metrics: Metrics, load_seconds: float,
                  device: DeviceWorker):
-        self.name, self.limits, self.metrics, self.device = name, limits, metrics, device
+        self.name, self.metrics, self.device = name, metrics, device
         self.tokenizer: Tokenizer = lm.tokenizer
         self.max_context: int = lm.args.max_context
         self.card = dataclasses.replace(card, context_length=self.max_context)
         self.loaded_at, self.load_seconds = time.time(), load_seconds
-        caches = lm.model.make_cache()
-        # Bytes of K and V per token across this shard's layers.
-        self.kv_bytes_per_token = sum(c.bytes_per_token for c in caches)
-        self.kv_budget = limits.kv_budget_bytes or psutil.virtual_memory().available // 2
-        prefix_tokens = min(limits.prefix_cache_bytes, self.kv_budget // 4) // max(1, self.kv_bytes_per_token)
-        self._gen = BatchGenerator(lm.model, lm.tokenizer, self.max_context, limits.prefill_chunk, limits.max_batch_tokens,
-                                   prefix_tokens)
+        self.alive = True
+        # Bytes of K and V per token across the model's layers.
+        kv_per_token = sum(c.bytes_per_token for c in lm.model.make_cache())
+        budget = limits.kv_budget_bytes or psutil.virtual_memory().available // 2
+        self.scheduler = Scheduler(lm.model, lm.tokenizer, self.max_context, lm.args.vocab_size, kv_per_token, limits,
+                                   budget, name=name)
         self._loop = asyncio.get_running_loop()
-        # Device-thread state.
-        self._waiting: collections.deque[_Job] = collections.deque()
-        self._running: dict[int, _Job] = {}
-        self._reserved = 0
-        # Written by the device thread, read by metrics (plain ints: a torn read is impossible under the GIL).
-        self._n_running = self._n_waiting = self._kv_tokens = 0
-        # Loop state: streams not yet closed, for admission control.
-        self._open = 0
-        self._avg_duration_s = 1.0
-        self._closing = False
+        self._streams: dict[str, GenerationStream] = {}  # loop side: open requests by id
         device.attach(self)
 
     # -- event loop side ----------------------------------------------------------------------------
-    def submit(self, request: GenerationRequest) -> GenerationStream:
-        n = len(request.prompt_ids)
-        if n >= self.max_context:
-            raise ContextOverflowError(n, self.max_context)
-        if self._closing:
-            raise ApiError(503, f"model {self.name!r} is being unloaded", "server_error", None, "model_unloaded", retry_after=1)
-        lim = self.limits
-        if self._open >= lim.max_running + lim.max_waiting:
-            self.metrics.rejected.inc(model=self.name, reason="queue_full")
-            queued = self._open - lim.max_running + 1
-            raise overloaded(
-                f"model {self.name!r} is busy: {lim.max_running} sequences running and {lim.max_waiting} waiting; retry later",
-                retry_after=self._avg_duration_s * queued / max(1, lim.max_running),
-            )
-        need = min(n + request.params.max_tokens, self.max_context) * self.kv_bytes_per_token
-        if need > self.kv_budget:
-            raise ApiError(400, f"the request needs {need >> 20} MiB of KV cache, more than this instance's budget "
-                           f"({self.kv_budget >> 20} MiB); ask for fewer tokens", param="max_tokens", code="too_many_tokens")
+    async def submit(self, request: GenerationRequest) -> GenerationStream:
+        try:
+            self.scheduler.offer(request.id, request.prompt_ids, request.params)
+        except RequestRefused as e:
+            if e.status == 429:
+                self.metrics.rejected.inc(model=self.name, reason="queue_full")
+            raise from_refusal(e) from None
         stream = GenerationStream(request, self._cancel, self._closed)
-        self._open += 1
-        self.device.send(self, "add", _Job(stream, need))
+        self._streams[request.id] = stream
+        self.device.send(self, "wake")
         return stream
 
     def queue_depth(self) -> tuple[int, int]:
-        return self._n_running, self._n_waiting
+        return self.scheduler.n_running, self.scheduler.n_waiting
 
     def kv_bytes(self) -> int:
-        return self._kv_tokens * self.kv_bytes_per_token
+        return self.scheduler.kv_tokens * self.scheduler.kv_bytes_per_token
 
     async def close(self) -> None:
-        self._closing = True
+        self.alive = False
         await self.device.detach(self)
 
     def _cancel(self, stream: GenerationStream) -> None:
         self.metrics.cancelled.inc(model=self.name)
-        self.device.send(self, "cancel", stream)
+        self.scheduler.cancel(stream.request.id)
+        self.device.send(self, "wake")
 
     def _closed(self, stream: GenerationStream) -> None:
-        self._open -= 1
-        req = stream.request
-        record_finished(self.metrics, self.name, req)
-        if req.t_last_token is not None:
-            self._avg_duration_s = 0.9 * self._avg_duration_s + 0.1 * (req.t_last_token - req.t_arrival)
+        self._streams.pop(stream.request.id, None)
+        record_finished(self.metrics, self.name, stream.request)
 
-    def _deliver(self, batch: list[tuple[GenerationStream, list[TokenEvent] | BaseException]], n_seqs: int) -> None:
+    def _deliver(self, outcomes: list[Outcome], n_seqs: int) -> None:
         if n_seqs:
             self.metrics.steps.inc(model=self.name)
             self.metrics.step_sequences.inc(n_seqs, model=self.name)
             self.metrics.batch.observe(n_seqs, model=self.name)
-        for stream, item in batch:
-            if isinstance(item, BaseException):
-                stream.fail(item)
-            else:
-                stream.push(item)
+        for o in outcomes:
+            stream = self._streams.get(o.rid)
+            if stream is None:
+                continue
+            if o.stats is not None:
+                stream.request.stats = o.stats
+            if o.events:
+                stream.push(o.events)
+            if o.error is not None:
+                stream.fail(from_refusal(o.error))
 
     # -- device thread side (Steppable) ------------------------------------------------------------------
     def handle(self, kind: str, arg: Any) -> None:
-        if kind == "add":
-            self._waiting.append(arg)
-        elif kind == "cancel":
-            self._drop(arg)
-        self._publish()
+        pass  # "wake": the scheduler's queue already holds what changed
 
     def has_work(self) -> bool:
-        return self._gen.has_work or bool(self._waiting)
-
-    def admit(self) -> None:
-        lim, failed = self.limits, []
-        while self._waiting and len(self._running) < lim.max_running:
-            job = self._waiting[0]
-            if self._running and self._reserved + job.kv_need > self.kv_budget:
-                break  # wait for memory to free; with nothing running, anything that fits the budget alone goes
-            self._waiting.popleft()
-            req = job.stream.request
-            try:
-                job.uid = self._gen.add(req.prompt_ids, req.params)
-            except ContextOverflowError as e:
-                failed.append((job.stream, e))
-                continue
-            except ValueError as e:
-                failed.append((job.stream, ApiError(400, str(e))))
-                continue
-            req.stats = self._gen.sequences[job.uid].stats
-            self._running[job.uid] = job
-            self._reserved += job.kv_need
-        if failed:
-            self._post(failed, 0)
+        return self.scheduler.has_work
 
     def step(self) -> None:
-        gen, lim = self._gen, self.limits
-        if not gen.has_work:
-            return
-        n_seqs = len(gen.sequences)
-        decoding = sum(not seq.in_prefill for seq in gen.sequences.values())
-        if decoding:
-            gen.prefill_chunk = lim.prefill_while_decoding
-            gen.max_batch_tokens = decoding + lim.prefill_while_decoding
-        else:
-            gen.prefill_chunk, gen.max_batch_tokens = lim.prefill_chunk, lim.max_batch_tokens
-        try:
-            events = gen.step()
-        except Exception:
-            log.exception("model %s: forward failed; failing its %d sequences", self.name, n_seqs)
-            err = internal(f"model {self.name!r} failed while generating")
-            batch = [(job.stream, err) for job in self._running.values()]
-            for uid in list(self._running):
-                gen.cancel(uid)
-                self._release(uid)
-            self._post(batch, n_seqs)
-            self._publish()
-            return
-        by_uid: dict[int, list[TokenEvent]] = {}
-        for ev in events:
-            by_uid.setdefault(ev.uid, []).append(ev)
-        batch = []
-        for uid, evs in by_uid.items():
-            job = self._running.get(uid)
-            if job is None:
-                continue
-            batch.append((job.stream, evs))
-            if evs[-1].finish_reason is not None:
-                self._release(uid)
-        self._post(batch, n_seqs)
-        self._publish()
+        n_seqs = len(self.scheduler.gen.sequences)
+        self._post(self.scheduler.step(), n_seqs)
 
     def detached(self) -> None:
-        err = ApiError(503, f"model {self.name!r} was unloaded", "server_error", None, "model_unloaded", retry_after=1)
-        jobs = [*self._waiting, *self._running.values()]
-        for uid in list(self._running):
-            self._gen.cancel(uid)
-        self._waiting.clear()
-        self._running.clear()
-        self._reserved = 0
-        self._publish()
-        if jobs:
-            self._post([(j.stream, err) for j in jobs], 0)
+        gone = RequestRefused(503, f"model {self.name!r} was unloaded", "model_unloaded", retry_after=1.0)
+        self._post(self.scheduler.fail_all(gone), 0)
 
-    def _drop(self, stream: GenerationStream) -> None:
-        for job in self._waiting:
-            if job.stream is stream:
-                self._waiting.remove(job)
-                return
-        for uid, job in self._running.items():
-            if job.stream is stream:
-                self._gen.cancel(uid)
-                self._release(uid)
-                return
-
-    def _release(self, uid: int) -> None:
-        job = self._running.pop(uid)
-        self._reserved -= job.kv_need
-
-    def _publish(self) -> None:
-        self._n_running, self._n_waiting = len(self._running), len(self._waiting)
-        self._kv_tokens = sum(len(s.prompt) + len(s.output) for s in self._gen.sequences.values())
-
-    def _post(self, batch: list, n_seqs: int) -> None:
+    def _post(self, outcomes: list[Outcome], n_seqs: int) -> None:
+        if not outcomes and not n_seqs:
+            return
         try:
-            self._loop.call_soon_threadsafe(self._deliver, batch, n_seqs)
+            self._loop.call_soon_threadsafe(self._deliver, outcomes, n_seqs)
         except RuntimeError:  # the loop is closed: the process is exiting
             pass
 

@@ -16,6 +16,7 @@ Labels = tuple[tuple[str, str], ...]
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+RECOVERY_BUCKETS = (1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
 
 
 def _labels(labels: dict[str, str]) -> Labels:
@@ -114,6 +115,12 @@ class Metrics:
         self.duration = Histogram("shoal_request_duration_seconds", "Time from request arrival to its last token, by model.",
                                   DURATION_BUCKETS)
         self.batch = Histogram("shoal_engine_batch_sequences", "Sequences in one batched forward pass, by model.", BATCH_BUCKETS)
+        self.resumed = Counter("shoal_requests_resumed_total",
+                               "Streams resumed on a new placement after their model lost a node, by model.")
+        self.recoveries = Counter("shoal_instance_recoveries_total",
+                                  "Instances coordinated here that lost a node or a runner and were re-placed, by model.")
+        self.recovery = Histogram("shoal_instance_recovery_seconds",
+                                  "Time from a loss to the re-placed instance being ready, by model.", RECOVERY_BUCKETS)
         self.gauges: list[Gauge] = []
 
     def add_gauge(self, name: str, help: str, read: Callable[[], dict[Labels, float]]) -> None:
@@ -122,7 +129,8 @@ class Metrics:
     def render(self) -> str:
         lines: list[str] = []
         for m in (self.requests, self.prompt_tokens, self.cached_prompt_tokens, self.generation_tokens, self.cancelled, self.rejected, self.steps,
-                  self.step_sequences, self.ttft, self.duration, self.batch, *self.gauges):
+                  self.step_sequences, self.ttft, self.duration, self.batch, self.resumed, self.recoveries, self.recovery,
+                  *self.gauges):
             lines.append(f"# HELP {m.name} {m.help}")
             lines.append(f"# TYPE {m.name} {m.kind}")
             lines.extend(m.samples())

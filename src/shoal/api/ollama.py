@@ -242,7 +242,7 @@ class OllamaHandlers:
             size = len(prompt or "") + sum(len(m["content"]) for m in messages or [])
             ids = await tokenize(lambda: self._prompt_ids(inst, body, messages, prompt), size)
             params = _params(body, len(ids), inst, self.service.config.max_tokens_cap)
-            (s,) = submit(inst, inst.name, ids, params, t0, "ollama")
+            (s,) = await submit(inst, inst.name, ids, params, t0, "ollama")
         except ApiError as e:
             return await reply.fail(e)
         except _TemplateError as e:
@@ -275,7 +275,7 @@ class OllamaHandlers:
                         if ev.finish_reason is not None and ev.finish_reason != "cancelled":
                             await reply.send(final(ev.finish_reason, "", [] if pieces else None))
 
-                    await run_to_end([s], on_event)
+                    await run_to_end([s], on_event, reply.keepalive)
                     return await reply.end()
                 parts: list[str] = []
                 lps: list[dict] = []
@@ -288,7 +288,7 @@ class OllamaHandlers:
                     if ev.finish_reason is not None:
                         reason[0] = ev.finish_reason
 
-                await run_to_end([s], collect)
+                await run_to_end([s], collect, reply.keepalive)
                 return await reply.complete(final(reason[0], "".join(parts), lps if pieces else None))
             except ApiError as e:
                 return await reply.fail(e)

@@ -192,7 +192,7 @@ class OpenAIHandlers:
             param = "max_completion_tokens" if body.max_completion_tokens is not None else "messages"
             max_tokens = max_tokens_for(requested, len(ids), inst.max_context, self.service.config.max_tokens_cap, param)
             params = sampling(max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None, **_sampling_kwargs(body))
-            streams = submit(inst, inst.name, ids, params, t0, "chatcmpl", n)
+            streams = await submit(inst, inst.name, ids, params, t0, "chatcmpl", n)
         except ApiError as e:
             return await reply.fail(e)
         except _TemplateError as e:
@@ -231,7 +231,7 @@ class OpenAIHandlers:
                 await send({"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason},
                            shoal=timings(streams[i].request))
 
-        await run_to_end(streams, on_event)
+        await run_to_end(streams, on_event, reply.keepalive)
         if include_usage:
             await reply.send({**base, "choices": [], "usage": _usage(streams), "shoal": timings(streams[0].request)})
         return await reply.end()
@@ -249,7 +249,7 @@ class OpenAIHandlers:
             if ev.finish_reason is not None:
                 finish[i] = ev.finish_reason
 
-        await run_to_end(streams, on_event)
+        await run_to_end(streams, on_event, reply.keepalive)
         choices = [
             {"index": i, "message": {"role": "assistant", "content": texts[i], "refusal": None},
              "logprobs": {"content": lps[i], "refusal": None} if pieces else None, "finish_reason": finish[i]}
@@ -290,7 +290,7 @@ class OpenAIHandlers:
                 echo_lp = body.logprobs if body.echo and body.logprobs is not None else None
                 params.append(sampling(max_tokens=mt, logprobs=body.logprobs, prompt_logprobs=echo_lp, **_sampling_kwargs(body)))
             for ids, sp in zip(prompt_ids, params, strict=True):
-                streams += submit(inst, inst.name, ids, sp, t0, "cmpl", n)
+                streams += await submit(inst, inst.name, ids, sp, t0, "cmpl", n)
         except ApiError as e:
             for s in streams:
                 s.cancel()
@@ -322,7 +322,7 @@ class OpenAIHandlers:
                 await reply.send({**base, "choices": [{"index": i, "text": "", "logprobs": None, "finish_reason": ev.finish_reason}],
                                   **usage_null, "shoal": timings(streams[i].request)})
 
-        await run_to_end(streams, on_event)
+        await run_to_end(streams, on_event, reply.keepalive)
         if include_usage:
             await reply.send({**base, "choices": [], "usage": _usage(streams, job.prompt_ids), "shoal": timings(streams[0].request)})
         return await reply.end()
@@ -340,7 +340,7 @@ class OpenAIHandlers:
             if ev.finish_reason is not None:
                 finish[i] = ev.finish_reason
 
-        await run_to_end(streams, on_event)
+        await run_to_end(streams, on_event, reply.keepalive)
         choices = [{"index": i, "text": texts[i], "logprobs": lps[i] if job.logprobs is not None else None, "finish_reason": finish[i]}
                    for i in range(len(streams))]
         return await reply.complete({**base, "choices": choices, "usage": _usage(streams, job.prompt_ids),

@@ -19,8 +19,8 @@ import sys
 from aiohttp import web
 
 from shoal.api.app import setup_api
-from shoal.api.instance import InstanceLimits
 from shoal.api.service import ModelService, ServiceConfig
+from shoal.engine.scheduler import SchedulerLimits
 
 # The node allows client bodies this large; the API handlers apply their own, smaller limit.
 CLIENT_MAX_BODY = 64 << 20
@@ -35,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API endpoints")
     p.add_argument("--no-auto-load", action="store_true", help="refuse models that are not loaded instead of loading them")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: all cores)")
-    p.add_argument("--max-running", type=int, default=InstanceLimits.max_running, help="sequences batched together per model")
-    p.add_argument("--max-waiting", type=int, default=InstanceLimits.max_waiting, help="sequences queued per model before 429")
-    p.add_argument("--prefix-cache-mb", type=int, default=InstanceLimits.prefix_cache_bytes >> 20,
+    p.add_argument("--max-running", type=int, default=SchedulerLimits.max_running, help="sequences batched together per model")
+    p.add_argument("--max-waiting", type=int, default=SchedulerLimits.max_waiting, help="sequences queued per model before 429")
+    p.add_argument("--prefix-cache-mb", type=int, default=SchedulerLimits.prefix_cache_bytes >> 20,
                    help="MiB of recent prompts' K/V kept for prompts that start the same way (0: off)")
     p.add_argument("--max-tokens-cap", type=int, default=None, help="most tokens one request may generate")
     p.add_argument("--log-level", default="INFO")
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ServiceConfig:
-    limits = InstanceLimits(max_running=args.max_running, max_waiting=args.max_waiting,
+    limits = SchedulerLimits(max_running=args.max_running, max_waiting=args.max_waiting,
                             prefix_cache_bytes=args.prefix_cache_mb << 20)
     return ServiceConfig(preload=tuple(args.model), auto_load=not args.no_auto_load, max_tokens_cap=args.max_tokens_cap,
                          threads=args.threads, limits=limits)

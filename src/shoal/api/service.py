@@ -23,9 +23,10 @@ import psutil
 
 from shoal.api.device import DeviceWorker, run_in_fresh_thread, use_threads
 from shoal.api.errors import ApiError, internal, not_found, overloaded
-from shoal.api.instance import Instance, InstanceLimits, LocalInstance, ModelCard
+from shoal.api.instance import Instance, LocalInstance, ModelCard
 from shoal.api.metrics import Metrics, labels
 from shoal.catalog import CATALOG, CatalogEntry
+from shoal.engine.scheduler import SchedulerLimits
 
 log = logging.getLogger("shoal.api")
 
@@ -40,7 +41,7 @@ class ServiceConfig:
     auto_load: bool = True  # place a model when a request names one that has no instance yet
     max_tokens_cap: int | None = None  # the most tokens one request may generate (None: up to the context)
     threads: int | None = None  # CPU threads for local models (None: every core)
-    limits: InstanceLimits = field(default_factory=InstanceLimits)
+    limits: SchedulerLimits = field(default_factory=SchedulerLimits)
 
 
 class Placer(Protocol):
@@ -59,7 +60,7 @@ class LocalPlacer:
     """Places a whole model in this process: catalog ids whose weights are on this machine, plus the
     references the node was started with (`--model PATH` is served under the file's stem)."""
 
-    def __init__(self, limits: InstanceLimits, metrics: Metrics, refs: tuple[str, ...] = (), threads: int | None = None):
+    def __init__(self, limits: SchedulerLimits, metrics: Metrics, refs: tuple[str, ...] = (), threads: int | None = None):
         self.limits, self.metrics = limits, metrics
         self.refs: dict[str, str] = {_name_for_ref(r): r for r in refs}  # served name -> reference
         self.device = DeviceWorker("cpu", threads)
@@ -163,8 +164,12 @@ class ModelService:
         every `interval` seconds (it may raise to give up waiting; the load goes on for others)."""
         name = self.canonical(name)
         inst = self.instances.get(name)
-        if inst is not None:
+        if inst is not None and inst.alive:
             return inst
+        if inst is not None:  # its cluster instance is gone: never keep serving from it, place again
+            log.info("%s: its instance is gone; placing it again", name)
+            self.instances.pop(name, None)
+            await inst.close()
         task = self._loading.get(name)  # a preload, or another request's placement
         if task is None:
             if self.placer.card(name) is None:

@@ -47,6 +47,11 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cluster-key-file", metavar="FILE", help="read the cluster key from FILE")
     parser.add_argument(
+        "--kv-budget", type=_size, metavar="SIZE",
+        help="KV cache the running requests of each model entered here may hold together, e.g. 2GiB; "
+        "requests beyond it wait, and past a bounded queue get 429 (default: half the free memory)",
+    )
+    parser.add_argument(
         "--memory-limit", type=_size, metavar="SIZE", help="cap the memory this node offers, e.g. 8GB, 12GiB"
     )
     parser.add_argument("--no-discovery", action="store_true", help="no mDNS: only --peer seeds and what they tell")
@@ -67,23 +72,20 @@ def _setup_logging(level: str, name: str) -> None:
         logging.getLogger("zeroconf").setLevel(logging.ERROR)
 
 
-def run_node(args: argparse.Namespace) -> int:
+def node_config(args: argparse.Namespace) -> NodeConfig | None:
+    """The node's config from its flags (None, said on stderr, if they are wrong); sets up logging."""
     try:
         config = NodeConfig.from_args(args)
     except (OSError, ValueError) as e:
         print(f"shoal node: {e}", file=sys.stderr)
-        return 2
+        return None
     _setup_logging(config.log_level, config.name)
     if config.key_source in ("generated", "home"):
         # Printed (not logged) so it is easy to copy to the other machines.
         what = "new cluster key, saved in" if config.key_source == "generated" else "cluster key from"
         print(f"{what} {config.key_file}:\n\n    {config.cluster_key}\n", flush=True)
         print(f"start the other nodes with  {KEY_ENV}=<key> shoal node  (or --cluster-key-file)\n", flush=True)
-
-    # Imported here, not at the top: keeps `shoal --help` and `shoal status` light.
-    from shoal.cluster import node
-
-    return node.run(config)
+    return config
 
 
 def add_status_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ Order of life (each step bounded, so a stuck part cannot hang start or exit):
             2. stop components in reverse order (≤ 2 s each)
             3. close the HTTP server (≤ 3 s) and the session; unlock <home>
 
-Extending the node (later issues: OpenAI API, instances, dashboard): before `serve()`, call
+Extending the node (shoal/assembly.py mounts the instances, the API and the dashboard): before `serve()`, call
 `node.add_routes(...)` for plain routes, or `node.add_component(c)` for anything with its own
 routes and background tasks (`c.routes()`, `await c.start()`, `await c.stop()`); components start
 in the order they were added and stop in reverse. `node.cluster_view()` is the live, typed view
@@ -89,7 +89,7 @@ class Node:
         if config.discovery:
             self.add_component(Discovery(config, self.membership.add_seed, self.membership.remove_seed))
         self.add_routes(status.routes(self.cluster_view))
-        # Filled by the instances component (shoal/components.py): the instances for /v1/cluster.
+        # Filled by whoever mounts instances on the node (shoal/assembly.py): the instances for /v1/cluster.
         self.instances_view: Callable[[], list[dict[str, Any]]] = list
 
         self._session: aiohttp.ClientSession | None = None
@@ -235,20 +235,3 @@ class Node:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
-
-
-def run(config: NodeConfig) -> int:
-    """Run a node until it is told to stop; the exit status."""
-    from shoal import components
-
-    try:
-        node = Node(config)
-        components.mount(node)
-        asyncio.run(node.serve())
-    except HomeLockedError as e:
-        log.error("%s", e)
-        return 1
-    except OSError as e:  # typically: the port is taken
-        log.error("cannot start: %s", e)
-        return 1
-    return 0

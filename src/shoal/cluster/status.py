@@ -40,7 +40,7 @@ def _size(n: float | None) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
+def table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     out = [line, "  ".join("-" * w for w in widths)]
@@ -76,7 +76,7 @@ def render(data: dict[str, Any]) -> str:
         )
     out = [f"cluster {data.get('cluster', '?')}: {len(nodes)} nodes, {sum(n['status'] == 'up' for n in nodes)} up"]
     out.append(
-        _table(
+        table(
             [
                 "NAME",
                 "ID",
@@ -104,12 +104,22 @@ def render(data: dict[str, Any]) -> str:
         ]
         for lk in data.get("links", [])
     ]
-    out += ["", _table(["LINK", "RTT MS", "MBIT/S", "MEASURED"], link_rows)]
-    instances = data.get("instances", [])
-    out += ["", f"instances: {len(instances)}" + ("" if instances else " (none)")]
-    for inst in instances:
-        out.append("  " + json.dumps(inst))
+    out += ["", table(["LINK", "RTT MS", "MBIT/S", "MEASURED"], link_rows)]
+    out += ["", instance_table(data.get("instances", []))]
     return "\n".join(out)
+
+
+def instance_table(instances: list[dict[str, Any]]) -> str:
+    """Model instances, one line each: the shards' nodes and layers in the last column."""
+    rows = []
+    for i in instances:
+        p = i.get("prediction") or {}
+        tps = f"{p['decode_tokens_per_s']:.1f} tok/s" if p.get("decode_tokens_per_s") else "-"
+        shards = ", ".join(f"{s['node_name']} {s['layers'][0]}-{s['layers'][1]}" for s in i["shards"])
+        rows.append([i["id"], i["model"], i["status"], i["strategy"], tps, shards])
+    if not rows:
+        return "no model instances (`shoal place MODEL` starts one)"
+    return table(["INSTANCE", "MODEL", "STATUS", "STRATEGY", "PREDICTED", "SHARDS (NODE LAYERS)"], rows)
 
 
 def run(url: str, as_json: bool = False) -> int:

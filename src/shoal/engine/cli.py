@@ -25,7 +25,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("prompt", help="the prompt ('-' reads standard input)")
     # --cluster URL: run on the cluster's instance of the model (placed first if there is none).
-    from shoal.runner.cli import add_cluster_placement_arguments
+    from shoal.daemon.cli import add_cluster_placement_arguments
 
     add_cluster_placement_arguments(p, None)
 
@@ -100,7 +100,7 @@ def run_generate(args) -> int:
     if args.cluster:
         import dataclasses
 
-        from shoal.runner.cli import generate_on_cluster
+        from shoal.daemon.cli import generate_on_cluster
 
         wire = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()}
         return generate_on_cluster(args, prompt, wire)

@@ -17,11 +17,11 @@ from typing import Iterator, Protocol
 import torch
 
 from shoal.engine import threads
-from shoal.engine.cache import KVCache
-from shoal.engine.prefix import PrefixStore
-from shoal.engine.sampler import SamplingParams, make_generator, sample, token_logprobs
+from shoal.engine.prefix import PrefixKeeper, PrefixStore
+from shoal.engine.sampler import SamplingParams, make_generator, sample, skip_samples, token_logprobs
 from shoal.engine.tokenizer import StreamingDetokenizer, Tokenizer
-from shoal.models.llama import BatchLayout
+from shoal.kernels.cache import KVCache
+from shoal.models.base import BatchLayout
 
 
 class ContextOverflowError(ValueError):
@@ -89,6 +89,8 @@ class Sequence:
     prefilled: int = 0  # prompt tokens already in the cache
     pending: str = ""  # text held back while it could be the start of a stop string
     prompt_logprobs: list | None = None
+    resumed: int = 0  # tokens generated before this sequence moved here (the tail of `prompt`)
+    rng_skip: int = 0  # samples the random generator drew before the move, to draw again first
     finish_reason: str | None = None
     stats: SequenceStats = field(default_factory=SequenceStats)
 
@@ -106,24 +108,36 @@ class BatchGenerator:
         prefill_chunk: int = 256,
         max_batch_tokens: int = 512,
         prefix_cache_tokens: int = 0,
+        prefix_keeper: PrefixKeeper | None = None,
     ):
         """`prefix_cache_tokens`: how many tokens of recent prompts to keep K/V of, so that a prompt
-        starting like one of them skips that part of its prefill (0: none)."""
+        starting like one of them skips that part of its prefill (0: none); `prefix_keeper`: where
+        their K/V is kept (default: copies of the caches in this process)."""
         self.model, self.tokenizer, self.max_context = model, tokenizer, max_context
         self.prefill_chunk, self.max_batch_tokens = prefill_chunk, max_batch_tokens
-        self.prefixes = PrefixStore(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
+        self.prefixes = PrefixStore(prefix_cache_tokens, prefix_keeper) if prefix_cache_tokens > 0 else None
         self.sequences: dict[int, Sequence] = {}
         self._uids = itertools.count()
         self._eos = tokenizer.eos_token_ids
 
-    def add(self, prompt: list[int], params: SamplingParams) -> int:
+    def add(self, prompt: list[int], params: SamplingParams, resumed: list[int] | None = None) -> int:
+        """A new sequence. `resumed`: the tokens it already generated elsewhere (a request moved
+        to a new placement). They are prefilled after the prompt, count against max_tokens, and
+        replay the detokenizer, the stop-string matcher and the random generator, so generation
+        continues exactly where it stopped: what it emits next is what it would have emitted."""
         if not prompt:
             raise ValueError("the prompt is empty")
-        if len(prompt) >= self.max_context:
-            raise ContextOverflowError(len(prompt), self.max_context)
+        resumed = list(resumed or [])
+        full = list(prompt) + resumed
+        if len(full) >= self.max_context:
+            raise ContextOverflowError(len(full), self.max_context)
         uid = next(self._uids)
-        seq = Sequence(uid, list(prompt), params, self.model.make_cache(), StreamingDetokenizer(self.tokenizer), make_generator(params))
-        seq.stats.prompt_tokens, seq.stats.t_added = len(prompt), time.perf_counter()
+        seq = Sequence(uid, full, params, self.model.make_cache(), StreamingDetokenizer(self.tokenizer), make_generator(params))
+        seq.stats.prompt_tokens, seq.stats.t_added = len(full), time.perf_counter()
+        if resumed:
+            seq.resumed = seq.rng_skip = len(resumed)
+            for token in resumed:  # the text they made was sent already; what it held back still is
+                self._match_stops(seq, seq.detok.add(token))
         if self.prefixes is not None and params.prompt_logprobs is None:  # scoring needs every prompt row's logits
             seq.prefilled = seq.stats.cached_tokens = self.prefixes.reuse(seq.prompt, seq.caches)
         self.sequences[uid] = seq
@@ -214,6 +228,9 @@ class BatchGenerator:
 
     def _advance(self, seq: Sequence, logits: torch.Tensor, greedy: int | None, now: float) -> list[TokenEvent]:
         p = seq.params
+        if seq.rng_skip and seq.generator is not None:
+            skip_samples(seq.generator, logits.shape[-1], seq.rng_skip)
+            seq.rng_skip = 0
         token = greedy if greedy is not None else sample(logits, p, seq.generator)
         lp, top = (None, None)
         if p.logprobs is not None:
@@ -235,7 +252,7 @@ class BatchGenerator:
             return [ev]
         ev = TokenEvent(seq.uid, token, text, None, lp, top)
         context_full = len(seq.prompt) + len(seq.output) >= self.max_context
-        if len(seq.output) >= p.max_tokens or context_full:
+        if seq.resumed + len(seq.output) >= p.max_tokens or context_full:
             fin = self._finish(seq, "length")
             ev.text += fin.text
             ev.finish_reason = "length"

@@ -1,33 +1,40 @@
-"""From a model reference (catalog id, GGUF file or Hugging Face directory) to a ready shard."""
+"""From a model reference (catalog id, GGUF file or Hugging Face directory) to a ready shard: one
+loader, `load_shard(ref, part)`, for a whole model in one process (`Part()`), a pipeline stage, a
+tensor-parallel rank and an expert-parallel rank alike."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Literal
 
 import torch
 
 from shoal.catalog import CATALOG, DEFAULT_MODEL, bundled_path
 from shoal.engine.tokenizer import Tokenizer
 from shoal.models import deepseek, llama, mixtral
+from shoal.models.base import Part, Shard, Weight
 from shoal.weights.errors import ModelFileError
 from shoal.weights.gguf import GGUFCheckpoint
 from shoal.weights.hf import HFCheckpoint
 
+
 @dataclass(frozen=True)
 class Architecture:
-    """What the loader needs of a model file: its config type, its shard type, its tensor list."""
+    """What the loader needs of an architecture: its config type, its shard type, the tensors a
+    part needs, how a tensor is cut to a part, and which parallel split its layers take."""
 
     args: type
-    model: type
-    required_weights: Callable
+    model: Callable[[Any, Part, dict[str, Weight]], Shard]
+    required_weights: Callable[[Any, Part, list[str]], list[str]]
+    slice_weight: Callable[[Any, Part, str, Weight], Weight]
+    split: Literal["tensor", "expert"]
 
 
-_LLAMA = Architecture(llama.ModelArgs, llama.LlamaShard, llama.required_weights)
-_DEEPSEEK = Architecture(deepseek.ModelArgs, deepseek.DeepseekShard, deepseek.required_weights)
-_MIXTRAL = Architecture(mixtral.ModelArgs, mixtral.MixtralShard, mixtral.required_weights)
+_LLAMA = Architecture(llama.ModelArgs, llama.LlamaShard, llama.required_weights, llama.slice_weight, "tensor")
+_DEEPSEEK = Architecture(deepseek.ModelArgs, deepseek.DeepseekShard, deepseek.required_weights, deepseek.slice_weight, "expert")
+_MIXTRAL = Architecture(mixtral.ModelArgs, mixtral.MixtralShard, mixtral.required_weights, mixtral.slice_weight, "expert")
 
 # config.json model_type -> how to build it (a literal table: grep-able, no registry magic).
 ARCHITECTURES: dict[str, Architecture] = {
@@ -77,39 +84,61 @@ def load_tokenizer(ckpt) -> Tokenizer:
 class LoadedModel:
     name: str
     path: Path
-    model: torch.nn.Module
-    args: "llama.ModelArgs"
-    spec: "llama.ShardSpec"
+    model: Shard
+    args: Any  # the architecture's ModelArgs
+    part: Part  # resolved: the layer range and count filled in
     tokenizer: Tokenizer | None
 
 
-def load_model(ref: str | None = None, start: int | None = None, end: int | None = None, with_tokenizer: bool = True) -> LoadedModel:
-    """Load layers [start, end) of a model (the whole model by default), reading only their tensors."""
+def load_shard(ref: str | None, part: Part | None = None, with_tokenizer: bool = False) -> LoadedModel:
+    """Load the part of a model a process holds (the whole model by default).
+
+    Tensors are read one at a time, each cut to the part as it arrives (see the architecture's
+    `slice_weight`), so the process never holds more than its share plus one whole tensor; a
+    part with some of the routed experts reads only theirs (safetensors are memory-mapped: the
+    other experts' bytes are never touched). A parallel rank then joins its group with
+    `model.shard(group)`."""
     path = resolve_model(ref)
     ckpt = open_checkpoint(path)
     try:
-        arch = ARCHITECTURES.get(ckpt.config.get("model_type"))
+        model_type = ckpt.config.get("model_type")
+        arch = ARCHITECTURES.get(model_type)
         if arch is None:
-            raise ModelFileError(path, f"unsupported architecture {ckpt.config.get('model_type')!r} (supported: {', '.join(ARCHITECTURES)})")
+            raise ModelFileError(path, f"unsupported architecture {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
         try:
             args = arch.args.from_dict(ckpt.config)
         except (TypeError, KeyError, ValueError) as e:
             raise ModelFileError(path, f"bad model config ({e})") from None
-        n = args.num_hidden_layers
-        spec = llama.ShardSpec(start or 0, n if end is None else end, n)
-        if not (0 <= spec.start < spec.end <= n):
-            raise ValueError(f"layer range [{spec.start}, {spec.end}) is outside the model's {n} layers")
-        weights = ckpt.load(arch.required_weights(args, spec, ckpt.tensor_names()))
+        part = (part or Part()).resolve(args.num_hidden_layers, args.vocab_size)
+        _check_split(model_type, arch, part)
+        weights = {}
+        for name in arch.required_weights(args, part, ckpt.tensor_names()):
+            weights[name] = arch.slice_weight(args, part, name, ckpt.load([name])[name])
         try:
-            model = arch.model(args, spec, weights)
+            model = arch.model(args, part, weights)
         except KeyError as e:
             raise ModelFileError(path, f"missing tensor {e}") from None
+        del weights
         rope_freqs = getattr(ckpt, "rope_freqs", None)
         if rope_freqs is not None:
             model.rope.rescale(torch.from_numpy(rope_freqs))
         tokenizer = load_tokenizer(ckpt) if with_tokenizer else None
     finally:
         ckpt.close()
-    model.eval()
-    name = ref or DEFAULT_MODEL
-    return LoadedModel(name, path, model, args, spec, tokenizer)
+    return LoadedModel(ref or DEFAULT_MODEL, path, model.eval(), args, part, tokenizer)
+
+
+def _check_split(model_type: str, arch: Architecture, part: Part) -> None:
+    """A rank of a group must hold the kind of slice its architecture's layers are split by:
+    otherwise every rank would hold everything and the group's sums would count it several times."""
+    if part.size == 1:
+        return
+    if arch.split == "expert" and part.experts is None:
+        raise ValueError(f"{model_type} is a mixture of experts: place it with strategy expert, pipeline or hybrid")
+    if arch.split == "tensor" and (part.kv_heads is None or part.experts is not None):
+        raise ValueError(f"{model_type} is not a mixture of experts: a rank of its group holds KV heads and MLP columns")
+
+
+def load_model(ref: str | None = None, start: int | None = None, end: int | None = None, with_tokenizer: bool = True) -> LoadedModel:
+    """Load layers [start, end) of a model (the whole model by default), with its tokenizer."""
+    return load_shard(ref, Part(start or 0, end), with_tokenizer=with_tokenizer)

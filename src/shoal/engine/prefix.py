@@ -6,56 +6,94 @@ every turn, so most of a prompt is usually a prefix some earlier prompt had. Key
 token depend only on the tokens before it, so that part of the cache can be copied instead of
 recomputed (equal up to the rounding of a different batch shape).
 
-The store keeps whole prompts (their per-layer K/V, cloned when their prefill completes), least
-recently used first out, within a token budget; a lookup takes the longest common prefix with any
-stored prompt. Only per-sequence `KVCache`s are copied: other caches (a distributed model's
-handles, MLA's compressed cache) simply get no reuse.
+The store keeps whole prompts, least recently used first out, within a token budget; a lookup
+takes the longest common prefix with any stored prompt. *Where* a prompt's K/V is kept is the
+`PrefixKeeper`'s business: `CopyKeeper` clones a sequence's per-layer caches in this process
+(per-head K/V, or MLA's compressed latents); a distributed model's entry keeps nothing itself and
+has every rank keep its own layers' share (runner/entry.py `DistributedModel`).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any, Protocol
 
 import numpy as np
-import torch
 
-from shoal.engine.cache import KVCache
+from shoal.kernels.cache import KVCache
+from shoal.kernels.mla_cache import MLACache
 
 # Shorter matches are not worth the copy and the lookup (a BOS token and a role marker).
 MIN_REUSE_TOKENS = 16
 
 
+class PrefixKeeper(Protocol):
+    def can_keep(self, caches: Any) -> bool:
+        """Whether this sequence's caches can be kept and filled (else it gets no reuse)."""
+        ...
+
+    def keep(self, caches: Any, n: int) -> Any:
+        """A copy of the first n tokens of a sequence's caches; what `load` and `drop` take."""
+        ...
+
+    def load(self, caches: Any, kept: Any, n: int) -> None:
+        """Fill a new sequence's empty caches with the first n tokens of a kept prefix."""
+        ...
+
+    def drop(self, kept: Any) -> None: ...
+
+
+class CopyKeeper:
+    """Prefixes kept as clones of per-layer cache tensors, in this process."""
+
+    def can_keep(self, caches: Any) -> bool:
+        return bool(caches) and all(type(c) in (KVCache, MLACache) for c in caches)
+
+    def keep(self, caches: list, n: int) -> list:
+        return [(c.keys[:, :n].clone(), c.values[:, :n].clone()) if type(c) is KVCache else c.kv[:n].clone()
+                for c in caches]
+
+    def load(self, caches: list, kept: list, n: int) -> None:
+        for cache, saved in zip(caches, kept, strict=True):
+            if type(cache) is KVCache:
+                k, v = saved
+                cache.update_and_fetch(k[:, :n].transpose(0, 1), v[:, :n].transpose(0, 1))  # (n, kv_heads, head_dim)
+            else:
+                cache.update_and_fetch(saved[:n, : cache.kv_lora_rank], saved[:n, cache.kv_lora_rank :])
+
+    def drop(self, kept: list) -> None:
+        pass  # the clones go with the last reference
+
+
 class PrefixStore:
-    def __init__(self, max_tokens: int):
+    def __init__(self, max_tokens: int, keeper: PrefixKeeper | None = None):
         self.max_tokens = max_tokens
-        # prompt -> (its ids as an array, for a vectorised prefix compare; per-layer (K, V) (Hkv, n, D))
-        self._entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor]]]] = OrderedDict()
+        self.keeper: PrefixKeeper = keeper or CopyKeeper()
+        # prompt -> (its ids as an array, for a vectorised prefix compare; what the keeper kept)
+        self._entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, Any]] = OrderedDict()
         self._tokens = 0
         self.hits = 0
 
-    @staticmethod
-    def usable(caches: list) -> bool:
-        return bool(caches) and all(type(c) is KVCache for c in caches)
-
-    def store(self, prompt: list[int], caches: list[KVCache]) -> None:
+    def store(self, prompt: list[int], caches: Any) -> None:
         """Keep the K/V of a prompt whose prefill just completed (its caches hold exactly it)."""
         n = len(prompt)
         key = tuple(prompt)
-        if n < MIN_REUSE_TOKENS or n > self.max_tokens or not self.usable(caches):
+        if n < MIN_REUSE_TOKENS or n > self.max_tokens or not self.keeper.can_keep(caches):
             return
         if key in self._entries:
             self._entries.move_to_end(key)
             return
-        self._entries[key] = (np.asarray(prompt, dtype=np.int64), [(c.keys[:, :n].clone(), c.values[:, :n].clone()) for c in caches])
+        self._entries[key] = (np.asarray(prompt, dtype=np.int64), self.keeper.keep(caches, n))
         self._tokens += n
         while self._tokens > self.max_tokens:
-            old, _ = self._entries.popitem(last=False)
+            old, (_, kept) = self._entries.popitem(last=False)
             self._tokens -= len(old)
+            self.keeper.drop(kept)
 
-    def reuse(self, prompt: list[int], caches: list[KVCache]) -> int:
+    def reuse(self, prompt: list[int], caches: Any) -> int:
         """Fill empty caches with the longest stored prefix of `prompt` (always leaving its last
         token to compute, whose logits the first sample needs); returns how many tokens."""
-        if not self._entries or not self.usable(caches):
+        if not self._entries or not self.keeper.can_keep(caches):
             return 0
         ids = np.asarray(prompt, dtype=np.int64)
         best, best_key = 0, None
@@ -67,8 +105,7 @@ class PrefixStore:
         if best < MIN_REUSE_TOKENS or best_key is None:
             return 0
         self._entries.move_to_end(best_key)
-        for cache, (k, v) in zip(caches, self._entries[best_key][1]):
-            cache.update_and_fetch(k[:, :best].transpose(0, 1), v[:, :best].transpose(0, 1))
+        self.keeper.load(caches, self._entries[best_key][1], best)
         self.hits += 1
         return best
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from shoal.engine import threads
-from shoal.models.llama import BatchLayout, LlamaShard, ModelArgs, ShardSpec
+from shoal.models.base import BatchLayout, Part
+from shoal.models.llama import LlamaShard, ModelArgs
 from shoal.quant.formats import quantize_affine
 
 NARROW = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
@@ -51,7 +52,7 @@ def random_q4_model(layers: int, seed: int = 0, vocab: int = 256, **shape: int) 
             p + "self_attn.v_proj.weight": q4(kv, H), p + "self_attn.o_proj.weight": q4(H, H),
             p + "mlp.gate_proj.weight": q4(F, H), p + "mlp.up_proj.weight": q4(F, H), p + "mlp.down_proj.weight": q4(H, F),
         })
-    return LlamaShard(args, ShardSpec(0, layers, layers), w).eval()
+    return LlamaShard(args, Part(), w).eval()
 
 
 def layer_bytes(model: LlamaShard) -> int:

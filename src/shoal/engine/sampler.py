@@ -71,3 +71,13 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, l
         vals, ids = torch.topk(lp, top)
         alts = [(int(i), float(v)) for i, v in zip(ids, vals)]
     return float(lp[token]), alts
+
+
+def skip_samples(generator: torch.Generator, vocab: int, n: int) -> None:
+    """Advance `generator` past n samples over a vocabulary of this size, as `sample` drew them.
+    `torch.multinomial` of one sample draws one exponential per vocabulary entry whatever the
+    probabilities, so drawing from uniform ones consumes exactly what the real draws did: a seeded
+    request moved to another placement goes on with the random stream it would have had."""
+    ones = torch.ones(vocab)
+    for _ in range(n):
+        torch.multinomial(ones, 1, generator=generator)

@@ -11,10 +11,10 @@ and its value half applied after the softmax — the scores of all heads are one
 cache; best for decode and short chunks) or *expanded* (kv_b_proj applied to the cached latents to
 make per-head keys and values; best for long prefill chunks).
 
-Expert parallel: an `ExpertSlice` names the routed experts (and shared-expert columns) a rank
-holds; `required_weights` lists only those, and `shard(group)` gives each MoE layer the group whose
-one all-reduce sums the ranks' partial outputs (see `moe.py`). Attention, dense layers and router
-are replicated on every rank of the group.
+Expert parallel: a rank's `Part` names the routed experts (and shared-expert columns) it holds;
+`required_weights` lists only those, `slice_weight` cuts the shared experts to their columns, and
+`shard(group)` gives each MoE layer the group whose one all-reduce sums the ranks' partial outputs
+(see `moe.py`). Attention, dense layers and router are replicated on every rank of the group.
 """
 
 from __future__ import annotations
@@ -23,21 +23,14 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from shoal.engine.mla_cache import MLACache
-from shoal.models.llama import MLP, BatchLayout, Embedding, RMSNorm, ShardSpec, Weight
-from shoal.models.moe import (
-    ExpertSlice,
-    GroupedSigmoidRouter,
-    RoutedExperts,
-    SparseMoE,
-    as_tensor,
-    expert_of,
-    shared_expert_weights,
-)
+from shoal.kernels.mla_cache import MLACache
+from shoal.models import base
+from shoal.models.base import BatchLayout, Part, RMSNorm, Weight, as_tensor
+from shoal.models.llama import MLP
+from shoal.models.moe import GroupedSigmoidRouter, RoutedExperts, SparseMoE, expert_of
 from shoal.quant.linear import can_fuse_rows, dense_or_quant_linear, fuse_rows
 
 # ----------------------------------------------------------------------------- config
@@ -115,9 +108,6 @@ class ModelArgs:
     def is_moe(self, layer: int) -> bool:
         return bool(self.n_routed_experts) and layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
 
-    def whole_experts(self) -> ExpertSlice:
-        return ExpertSlice.whole(self.n_routed_experts or 0, self.shared_size)
-
     @property
     def cache_values_per_token(self) -> int:
         """Values the MLA cache keeps per token per layer."""
@@ -163,6 +153,18 @@ def rope_parameters(args: ModelArgs) -> tuple[torch.Tensor, float]:
     keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide by factor)
     inv_freq = inv_freq / factor * (1 - keep) + inv_freq * keep
     return inv_freq, float(attn_factor)
+
+
+class YarnRope(nn.Module):
+    """positions (T,) -> cos, sin (T, rope/2) of the rotary dims, times YaRN's attention factor."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.inv_freq, self.factor = rope_parameters(args)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = torch.outer(positions.float(), self.inv_freq)
+        return freqs.cos() * self.factor, freqs.sin() * self.factor
 
 
 def softmax_scale(args: ModelArgs) -> float:
@@ -294,116 +296,85 @@ def _mask(scores: torch.Tensor, n: int, past: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- blocks
 
 
-def moe_layer(args: ModelArgs, w: dict[str, Weight], prefix: str, experts: ExpertSlice) -> SparseMoE:
+def moe_layer(args: ModelArgs, w: dict[str, Weight], prefix: str, experts: tuple[int, ...], shared: tuple[int, int]) -> SparseMoE:
+    """The routed experts `experts` and, where this rank computes some of their columns (`shared`,
+    the weights already cut to them), the shared experts."""
     router = GroupedSigmoidRouter(
         w[f"{prefix}.gate.weight"], w[f"{prefix}.gate.e_score_correction_bias"], args.num_experts_per_tok,
         args.n_group, args.topk_group, args.norm_topk_prob, args.routed_scaling_factor,
     )
-    routed = RoutedExperts(w, f"{prefix}.experts", ("gate_proj", "up_proj", "down_proj"), experts.experts, args.n_routed_experts)
-    shared_w = shared_expert_weights(w, f"{prefix}.shared_experts", experts.shared) if args.n_shared_experts else None
-    shared = MLP(shared_w, f"{prefix}.shared_experts") if shared_w else None
-    return SparseMoE(router, routed, shared)
+    routed = RoutedExperts(w, f"{prefix}.experts", ("gate_proj", "up_proj", "down_proj"), experts, args.n_routed_experts)
+    has_shared = args.n_shared_experts and shared[1] > shared[0]
+    return SparseMoE(router, routed, MLP(w, f"{prefix}.shared_experts") if has_shared else None)
 
 
-class Block(nn.Module):
-    def __init__(self, args: ModelArgs, w: dict[str, Weight], i: int, experts: ExpertSlice):
+class Block(base.Block):
+    def __init__(self, args: ModelArgs, w: dict[str, Weight], i: int, experts: tuple[int, ...], shared: tuple[int, int]):
         super().__init__()
         p = f"model.layers.{i}"
         self.input_layernorm = RMSNorm(as_tensor(w[f"{p}.input_layernorm.weight"]), args.rms_norm_eps)
         self.self_attn = MLAttention(args, w, f"{p}.self_attn")
         self.post_attention_layernorm = RMSNorm(as_tensor(w[f"{p}.post_attention_layernorm.weight"]), args.rms_norm_eps)
-        self.mlp = moe_layer(args, w, f"{p}.mlp", experts) if args.is_moe(i) else MLP(w, f"{p}.mlp")
+        self.mlp = moe_layer(args, w, f"{p}.mlp", experts, shared) if args.is_moe(i) else MLP(w, f"{p}.mlp")
 
-    def forward(self, x, cos, sin, layout: BatchLayout, layer: int):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, layer)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def shard(self, group: Any) -> None:
+        """Expert parallel: an MoE layer sums its ranks' partial outputs; attention and dense MLPs
+        are whole on every rank."""
+        if isinstance(self.mlp, SparseMoE):
+            self.mlp.group = group
 
 
 # ----------------------------------------------------------------------------- shard
 
 
-class DeepseekShard(nn.Module):
-    """Layers [spec.start, spec.end) of a DeepSeek-V3 / Kimi-K2 model; embedding if first, norm+head
-    if last; of each MoE layer only the routed experts of `experts` (default: all)."""
+class DeepseekShard(base.Shard):
+    """Layers [part.start, part.end) of a DeepSeek-V3 / Kimi-K2 model; of each MoE layer only the
+    routed experts and shared-expert columns of `part` (default: all)."""
 
-    def __init__(self, args: ModelArgs, spec: ShardSpec, weights: dict[str, Weight], experts: ExpertSlice | None = None,
-                 vocab: tuple[int, int] | None = None):
-        super().__init__()
-        self.args, self.spec = args, spec
-        self.experts = experts or args.whole_experts()
-        self.vocab = vocab  # rows of the embedding and head held here (an expert group's entry ranks split them)
-        self.inv_freq, self.rope_factor = rope_parameters(args)
-        self.embed_tokens = Embedding(weights["model.embed_tokens.weight"], vocab) if spec.has_embedding else None
-        self.layers = nn.ModuleList(Block(args, weights, i, self.experts) for i in range(spec.start, spec.end))
-        self.norm = self.lm_head = None
-        if spec.has_head:
-            self.norm = RMSNorm(as_tensor(weights["model.norm.weight"]), args.rms_norm_eps)
-            head = weights.get("lm_head.weight")
-            if head is None or args.tie_word_embeddings:
-                head = weights["model.embed_tokens.weight"]
-            self.lm_head = dense_or_quant_linear(head)
-
-    def shard(self, group: Any | None) -> "DeepseekShard":
-        """Join an expert-parallel group (a torch.distributed backend over this stage's ranks, in
-        ExpertSlice.rank order): each MoE layer all-reduces its partial output over it."""
-        if self.embed_tokens is not None and self.vocab is not None:
-            self.embed_tokens.group = group
-        if self.experts.size > 1:
-            for layer in self.layers:
-                if isinstance(layer.mlp, SparseMoE):
-                    layer.mlp.group = group
-        return self
+    def __init__(self, args: ModelArgs, part: Part, weights: dict[str, Weight]):
+        super().__init__(args, part, weights)
+        self.experts = self.part.experts if self.part.experts is not None else tuple(range(args.n_routed_experts or 0))
+        self.shared = shared_columns(args, self.part)
+        self.rope = YarnRope(args)
+        self.layers = nn.ModuleList(Block(args, weights, i, self.experts, self.shared) for i in range(self.part.start, self.part.end))
 
     def make_cache(self) -> list[MLACache]:
         """One compressed cache per layer of this shard, for one sequence."""
         return [MLACache(self.args.kv_lora_rank, self.args.qk_rope_head_dim) for _ in self.layers]
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(ids)
 
-    def run_layers(self, h: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
-        freqs = torch.outer(layout.positions.float(), self.inv_freq)  # (T, rope/2)
-        cos, sin = freqs.cos() * self.rope_factor, freqs.sin() * self.rope_factor
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, layout, i)
-        return h
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h))
-
-    def forward(self, x: torch.Tensor, layout: BatchLayout, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x: token ids (T,) on the first shard, hidden states (T, hidden) otherwise. Returns hidden
-        states, or on the last shard logits (R, vocab) for `logit_rows` (default: each sequence's last)."""
-        h = self.embed(x) if self.embed_tokens is not None else x
-        h = self.run_layers(h, layout)
-        if self.lm_head is None:
-            return h
-        if logit_rows is None:
-            logit_rows = torch.tensor(np.cumsum(layout.lengths) - 1)
-        return self.logits(h[logit_rows])
+# ----------------------------------------------------------------------------- loading
 
 
-def required_weights(args: ModelArgs, spec: ShardSpec, available: list[str], experts: ExpertSlice | None = None) -> list[str]:
-    """The checkpoint tensors a shard needs: its layers (only the routed experts it holds, and no
-    multi-token-prediction layer past num_hidden_layers), embedding if first, norm and head if last."""
-    mine = None if experts is None else set(experts.experts)
-    layer_prefixes = tuple(f"model.layers.{i}." for i in range(spec.start, spec.end))
+def shared_columns(args: ModelArgs, part: Part) -> tuple[int, int]:
+    """The shared experts' intermediate columns [a, b) a part computes."""
+    return tuple(part.shared) if part.shared is not None else (0, args.shared_size)
+
+
+def required_weights(args: ModelArgs, part: Part, available: list[str]) -> list[str]:
+    """The checkpoint tensors a part needs: its layers (only the routed experts it holds, the
+    shared experts only where it computes some of their columns, and no multi-token-prediction
+    layer past num_hidden_layers), embedding and head where it holds them."""
+    mine = None if part.experts is None else set(part.experts)
+    a, b = shared_columns(args, part)
     need = []
     for n in available:
-        if not n.startswith(layer_prefixes):
+        if not n.startswith(part.layer_prefixes) or (".shared_experts." in n and b <= a):
             continue
         e = expert_of(n)
         if e is None or mine is None or e in mine:
             need.append(n)
-    if spec.has_embedding:
-        need.append("model.embed_tokens.weight")
-    if spec.has_head:
-        need.append("model.norm.weight")
-        if "lm_head.weight" in available and not args.tie_word_embeddings:
-            need.append("lm_head.weight")
-        elif "model.embed_tokens.weight" not in need:
-            need.append("model.embed_tokens.weight")
+    need += base.ends_required(args, part, available)
     return [n for n in dict.fromkeys(need) if n in available]
 
 
-__all__ = ["ModelArgs", "DeepseekShard", "MLAttention", "required_weights", "rope_parameters", "softmax_scale"]
+def slice_weight(args: ModelArgs, part: Part, name: str, w: Weight) -> Weight:
+    """The shared experts cut to the part's columns (gate/up rows, down columns), so their partial
+    sums ride the MoE layer's all-reduce; the embedding and head to its vocabulary rows."""
+    a, b = shared_columns(args, part)
+    if ".shared_experts." in name and (a, b) != (0, args.shared_size):
+        return base.slice_mlp(name, w, a, b)
+    return base.slice_ends(part, name, w)
+
+
+__all__ = ["ModelArgs", "DeepseekShard", "MLAttention", "YarnRope", "required_weights", "slice_weight", "rope_parameters", "softmax_scale"]

@@ -5,9 +5,9 @@ w1/w3/w2 and always renormalise the top-k weights; Qwen3-MoE's live under `mlp` 
 gate/up/down_proj, renormalise when `norm_topk_prob`, and may keep some layers dense
 (`mlp_only_layers`, `decoder_sparse_step`). Neither has shared experts.
 
-The attention, RoPE, norms and embedding are `llama.py`'s; `ModelArgs` extends its config with the
-MoE keys. Expert parallel works as in `moe.py`: an `ExpertSlice` per rank, one all-reduce per MoE
-layer, attention replicated.
+The attention, RoPE and dense MLP are `llama.py`'s; `ModelArgs` extends its config with the MoE
+keys. Expert parallel works as in `moe.py`: each rank's `Part` names its routed experts, one
+all-reduce per MoE layer, attention replicated.
 """
 
 from __future__ import annotations
@@ -15,15 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
-from shoal.engine.cache import KVCache
-from shoal.models import llama
-from shoal.models.llama import MLP, Attention, BatchLayout, Embedding, RMSNorm, RotaryEmbedding, ShardSpec, TensorSlice, Weight
-from shoal.models.moe import ExpertSlice, RoutedExperts, SoftmaxRouter, SparseMoE, as_tensor, expert_of
-from shoal.quant.linear import dense_or_quant_linear
+from shoal.kernels.cache import KVCache
+from shoal.models import base, llama
+from shoal.models.base import Part, RMSNorm, Weight, as_tensor
+from shoal.models.llama import MLP, Attention, RotaryEmbedding
+from shoal.models.moe import RoutedExperts, SoftmaxRouter, SparseMoE, expert_of
 
 # ----------------------------------------------------------------------------- config
 
@@ -73,99 +71,64 @@ class ModelArgs(llama.ModelArgs):
         """(gate, up, down) under `{moe_prefix}.experts.{e}.`"""
         return ("w1", "w3", "w2") if self.is_mixtral else ("gate_proj", "up_proj", "down_proj")
 
-    def whole_experts(self) -> ExpertSlice:
-        return ExpertSlice.whole(self.n_experts)
-
 
 # ----------------------------------------------------------------------------- blocks
 
 
-class Block(nn.Module):
-    def __init__(self, args: ModelArgs, w: dict[str, Weight], i: int, experts: ExpertSlice):
+class Block(base.Block):
+    def __init__(self, args: ModelArgs, w: dict[str, Weight], i: int, experts: tuple[int, ...]):
         super().__init__()
         p = f"model.layers.{i}"
         self.input_layernorm = RMSNorm(as_tensor(w[f"{p}.input_layernorm.weight"]), args.rms_norm_eps)
-        self.self_attn = Attention(args, w, f"{p}.self_attn", TensorSlice.whole(args))
+        self.self_attn = Attention(args, w, f"{p}.self_attn", (0, args.num_key_value_heads))
         self.post_attention_layernorm = RMSNorm(as_tensor(w[f"{p}.post_attention_layernorm.weight"]), args.rms_norm_eps)
         if args.is_moe(i):
             m = args.moe_prefix(i)
             router = SoftmaxRouter(w[f"{m}.gate.weight"], args.num_experts_per_tok, args.normalize_topk)
-            routed = RoutedExperts(w, f"{m}.experts", args.expert_names, experts.experts, args.n_experts)
+            routed = RoutedExperts(w, f"{m}.experts", args.expert_names, experts, args.n_experts)
             self.mlp = SparseMoE(router, routed)
         else:
             self.mlp = MLP(w, f"{p}.mlp")
 
-    def forward(self, x, cos, sin, layout: BatchLayout, layer: int):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, layer)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def shard(self, group: Any) -> None:
+        """Expert parallel: an MoE layer sums its ranks' partial outputs; attention and dense MLPs
+        are whole on every rank."""
+        if isinstance(self.mlp, SparseMoE):
+            self.mlp.group = group
 
 
 # ----------------------------------------------------------------------------- shard
 
 
-class MixtralShard(nn.Module):
-    """Layers [spec.start, spec.end) of a Mixtral / Qwen3-MoE model; embedding if first, norm+head if
-    last; of each MoE layer only the routed experts of `experts` (default: all)."""
+class MixtralShard(base.Shard):
+    """Layers [part.start, part.end) of a Mixtral / Qwen3-MoE model; of each MoE layer only the
+    routed experts of `part` (default: all)."""
 
-    def __init__(self, args: ModelArgs, spec: ShardSpec, weights: dict[str, Weight], experts: ExpertSlice | None = None,
-                 vocab: tuple[int, int] | None = None):
-        super().__init__()
-        self.args, self.spec = args, spec
-        self.experts = experts or args.whole_experts()
-        self.vocab = vocab  # rows of the embedding and head held here (an expert group's entry ranks split them)
+    def __init__(self, args: ModelArgs, part: Part, weights: dict[str, Weight]):
+        super().__init__(args, part, weights)
+        self.experts = self.part.experts if self.part.experts is not None else tuple(range(args.n_experts))
         self.rope = RotaryEmbedding(args)
-        self.embed_tokens = Embedding(weights["model.embed_tokens.weight"], vocab) if spec.has_embedding else None
-        self.layers = nn.ModuleList(Block(args, weights, i, self.experts) for i in range(spec.start, spec.end))
-        self.norm = self.lm_head = None
-        if spec.has_head:
-            self.norm = RMSNorm(as_tensor(weights["model.norm.weight"]), args.rms_norm_eps)
-            head = weights.get("lm_head.weight")
-            if head is None or args.tie_word_embeddings:
-                head = weights["model.embed_tokens.weight"]
-            self.lm_head = dense_or_quant_linear(head)
-
-    def shard(self, group: Any | None) -> "MixtralShard":
-        """Join an expert-parallel group: each MoE layer all-reduces its partial output over it."""
-        if self.embed_tokens is not None and self.vocab is not None:
-            self.embed_tokens.group = group
-        if self.experts.size > 1:
-            for layer in self.layers:
-                if isinstance(layer.mlp, SparseMoE):
-                    layer.mlp.group = group
-        return self
+        self.layers = nn.ModuleList(Block(args, weights, i, self.experts) for i in range(self.part.start, self.part.end))
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache(self.args.num_key_value_heads, self.args.head_dim) for _ in self.layers]
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(ids)
 
-    def run_layers(self, h: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
-        cos, sin = self.rope(layout.positions)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, layout, i)
-        return h
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h))
-
-    def forward(self, x: torch.Tensor, layout: BatchLayout, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """As `LlamaShard.forward`: ids or hidden states in; hidden states or logits out."""
-        h = self.embed(x) if self.embed_tokens is not None else x
-        h = self.run_layers(h, layout)
-        if self.lm_head is None:
-            return h
-        if logit_rows is None:
-            logit_rows = torch.tensor(np.cumsum(layout.lengths) - 1)
-        return self.logits(h[logit_rows])
+# ----------------------------------------------------------------------------- loading
 
 
-def required_weights(args: ModelArgs, spec: ShardSpec, available: list[str], experts: ExpertSlice | None = None) -> list[str]:
-    """The checkpoint tensors a shard needs: its layers (only the routed experts it holds),
-    embedding if first, norm and head if last."""
-    mine = None if experts is None else set(experts.experts)
-    need = llama.required_weights(args, spec, available)
+def required_weights(args: ModelArgs, part: Part, available: list[str]) -> list[str]:
+    """The checkpoint tensors a part needs: its layers (only the routed experts it holds),
+    embedding and head where it holds them."""
+    mine = None if part.experts is None else set(part.experts)
+    need = llama.required_weights(args, part, available)
     return [n for n in need if mine is None or (e := expert_of(n)) is None or e in mine]
 
 
-__all__ = ["ModelArgs", "MixtralShard", "required_weights"]
+def slice_weight(args: ModelArgs, part: Part, name: str, w: Weight) -> Weight:
+    """Only the embedding and head are cut (to the part's vocabulary rows): a rank's experts are
+    whole tensors, chosen by `required_weights`."""
+    return base.slice_ends(part, name, w)
+
+
+__all__ = ["ModelArgs", "MixtralShard", "required_weights", "slice_weight"]

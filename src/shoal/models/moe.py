@@ -3,52 +3,31 @@
 layer, and expert parallelism.
 
 Expert parallel: every rank of an expert group holds the whole attention (and the dense layers, the
-router, the embedding and head of its pipeline stage) but only some of the routed experts — an
-`ExpertSlice` — plus a column slice of the shared experts. Every rank routes every token (the
-router is tiny and replicated), computes only the (token, expert) pairs of its own experts, and the
-MoE layer's output is the *sum* of the ranks' partial outputs: exactly one all-reduce per MoE layer,
-in `SparseMoE.forward`, and nothing else crosses the network. With no group (one process) the layer
-is the whole model's.
+router, the embedding and head of its pipeline stage) but only some of the routed experts — its
+`Part.experts` — plus a column slice of the shared experts (`Part.shared`). Every rank routes every
+token (the router is tiny and replicated), computes only the (token, expert) pairs of its own
+experts, and the MoE layer's output is the *sum* of the ranks' partial outputs: exactly one
+all-reduce per MoE layer, in `SparseMoE.forward`, and nothing else crosses the network. With no
+group (one process) the layer is the whole model's.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoal.engine.activation import silu_mul
-from shoal.models.llama import ShardSpec, Weight, all_reduce, as_tensor, slice_cols, slice_rows
+from shoal.kernels.activation import silu_mul
+from shoal.models.base import Part, Weight, all_reduce, as_tensor
 from shoal.quant.linear import dense_or_quant_linear, fuse_rows
 
 # ----------------------------------------------------------------------------- expert placement
 
 
-@dataclass(frozen=True)
-class ExpertSlice:
-    """One rank's share of every MoE layer of its stage, in an expert group of `size` ranks.
-
-    `experts`: the routed experts held here (global ids, any subset). `shared`: the columns
-    [a, b) of the shared experts' intermediate dimension computed here (gate/up rows, down columns),
-    so the always-active shared experts are split like tensor parallelism and their partial sums ride
-    the same all-reduce as the routed experts'; (0, 0) when this rank holds none of them."""
-
-    rank: int
-    size: int
-    experts: tuple[int, ...]
-    shared: tuple[int, int] = (0, 0)
-
-    @classmethod
-    def whole(cls, num_experts: int, shared_size: int = 0) -> "ExpertSlice":
-        return cls(0, 1, tuple(range(num_experts)), (0, shared_size))
-
-
-def split_experts(num_experts: int, shares: list[float], shared_size: int = 0, align: int = 1) -> list[ExpertSlice]:
-    """Split the routed experts into contiguous runs proportional to `shares` (a rank's memory or
-    speed weight), every rank getting at least one; the shared experts' columns likewise, cut at
+def split_experts(num_experts: int, shares: list[float], shared_size: int = 0, align: int = 1) -> list[Part]:
+    """The expert group's ranks' parts of every layer (all layers; set `start`/`end` for a stage):
+    the routed experts in contiguous runs proportional to `shares` (a rank's memory or speed
+    weight), every rank getting at least one; the shared experts' columns likewise, cut at
     multiples of `align` (a quantized checkpoint's group size, so down_proj's column cut keeps whole
     groups)."""
     n = len(shares)
@@ -62,7 +41,7 @@ def split_experts(num_experts: int, shares: list[float], shared_size: int = 0, a
     cuts.append(num_experts)
     units = shared_size // align if align > 0 else 0
     scut = [0] + [round(units * sum(shares[:i]) / total) * align for i in range(1, n)] + [shared_size]
-    return [ExpertSlice(r, n, tuple(range(cuts[r], cuts[r + 1])), (scut[r], scut[r + 1])) for r in range(n)]
+    return [Part(rank=r, size=n, experts=tuple(range(cuts[r], cuts[r + 1])), shared=(scut[r], scut[r + 1])) for r in range(n)]
 
 
 # ----------------------------------------------------------------------------- routers
@@ -170,21 +149,6 @@ class SparseMoE(nn.Module):
         return all_reduce(y, self.group)
 
 
-def shared_expert_weights(w: dict[str, Weight], prefix: str, cols: tuple[int, int]) -> dict[str, Weight] | None:
-    """The slice [a, b) of a shared-experts MLP (`{prefix}.gate_proj/up_proj/down_proj.weight`), as a
-    new dict; None when the slice is empty."""
-    a, b = cols
-    if b <= a:
-        return None
-    out = {}
-    for name in ("gate_proj", "up_proj"):
-        full = w[f"{prefix}.{name}.weight"]
-        out[f"{prefix}.{name}.weight"] = full if (a, b) == (0, full.shape[0]) else slice_rows(full, a, b)
-    full = w[f"{prefix}.down_proj.weight"]
-    out[f"{prefix}.down_proj.weight"] = full if (a, b) == (0, full.shape[1]) else slice_cols(full, a, b)
-    return out
-
-
 def expert_of(name: str, marker: str = ".experts.") -> int | None:
     """The routed expert id in a tensor name (`...mlp.experts.17.up_proj.weight` -> 17), else None."""
     i = name.find(marker)
@@ -195,28 +159,4 @@ def expert_of(name: str, marker: str = ".experts.") -> int | None:
     return int(num) if num.isdigit() else None
 
 
-# ----------------------------------------------------------------------------- weights
-
-
-def load_expert_shard(path: str | Path, spec: ShardSpec, experts: ExpertSlice) -> nn.Module:
-    """Layers [spec.start, spec.end) of an MoE checkpoint holding only `experts`' routed experts:
-    only their tensors are read (safetensors are memory-mapped, so other experts' bytes are never
-    touched). The caller joins the expert group with `model.shard(group)`."""
-    from shoal.engine.loader import ARCHITECTURES, open_checkpoint
-
-    ckpt = open_checkpoint(Path(path))
-    try:
-        arch = ARCHITECTURES[ckpt.config["model_type"]]
-        args = arch.args.from_dict(ckpt.config)
-        weights = ckpt.load(arch.required_weights(args, spec, ckpt.tensor_names(), experts))
-    finally:
-        ckpt.close()
-    model = arch.model(args, spec, weights, experts)
-    model.eval()
-    return model
-
-
-__all__ = [
-    "ExpertSlice", "split_experts", "SoftmaxRouter", "GroupedSigmoidRouter", "RoutedExperts", "SparseMoE",
-    "shared_expert_weights", "expert_of", "as_tensor", "slice_rows", "slice_cols", "load_expert_shard",
-]
+__all__ = ["split_experts", "SoftmaxRouter", "GroupedSigmoidRouter", "RoutedExperts", "SparseMoE", "expert_of"]

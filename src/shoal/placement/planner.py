@@ -28,11 +28,15 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from shoal.cluster.topology import ClusterView
+from shoal.placement.contract import (
+    Placement,
+    PlacementError,
+    PlacementRequest,
+    Prediction,
+    ShardPlan,
+)
 from shoal.placement.cost import (
     CALIBRATION,
     Calibration,
@@ -47,96 +51,9 @@ from shoal.placement.cost import (
 )
 from shoal.placement.spec import ModelSpec
 
-Strategy = Literal["auto", "single", "pipeline", "tensor", "hybrid", "expert"]
 DEFAULT_CONTEXT = 2048
 MAX_ENUMERATED_NODES = 10  # beyond this, candidate node sets come from a heuristic
 MAX_PARTITIONED_NODES = 6  # hybrid: all set partitions up to this many nodes
-
-
-class PlacementRequest(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    strategy: Literal["auto", "pipeline", "tensor", "hybrid", "expert"] = "auto"
-    nodes: list[str] | None = None  # node ids, id prefixes or names, in stage order (the first is the entry)
-    node_count: int | None = Field(default=None, ge=1)
-    context: int | None = Field(default=None, ge=1)  # tokens of KV cache to provide for (default 2048)
-    tp_size: int | None = Field(default=None, ge=1)  # hybrid/tensor/expert: ranks per tensor (or expert) group
-    prompt_tokens: int = Field(default=128, ge=1)  # prompt length the TTFT prediction is for
-
-
-class ShardPlan(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    node_id: str
-    node_name: str
-    address: str
-    rank: int
-    stage: int
-    layers: tuple[int, int]  # [start, end)
-    tp_rank: int
-    tp_size: int
-    kv_heads: tuple[int, int]
-    ffn: tuple[int, int]
-    vocab: tuple[int, int] | None  # rows of embedding/head held here; None: none (not the entry stage)
-    weight_bytes: int
-    kv_bytes: int  # KV cache for the whole context, this rank's heads and layers
-    overhead_bytes: int
-    threads: int
-    device: str = "cpu"
-    experts: tuple[int, int] | None = None  # expert parallel: the routed experts [a, b) held here
-    shared: tuple[int, int] | None = None  # expert parallel: the shared experts' columns [a, b) held here
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.overhead_bytes
-
-    @property
-    def holds_entry(self) -> bool:
-        return self.vocab is not None
-
-
-class Prediction(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    decode_tokens_per_s: float
-    ttft_s: float
-    prompt_tokens: int
-    step_s: float  # one decode step of one sequence
-    comm_s: float  # of which messages and collectives
-
-
-class Placement(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    model: str
-    strategy: Strategy
-    context: int
-    shards: list[ShardPlan]
-    prediction: Prediction
-    reason: str
-
-    @property
-    def stages(self) -> list[list[ShardPlan]]:
-        out: list[list[ShardPlan]] = []
-        for s in self.shards:
-            if s.stage == len(out):
-                out.append([])
-            out[s.stage].append(s)
-        return out
-
-    def memory_by_node(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for s in self.shards:
-            out[s.node_id] = out.get(s.node_id, 0) + s.memory_bytes
-        return out
-
-
-class PlacementError(Exception):
-    """The model cannot be placed as asked; `missing_bytes` > 0 when memory is what is lacking."""
-
-    def __init__(self, message: str, missing_bytes: int = 0):
-        super().__init__(message)
-        self.missing_bytes = missing_bytes
 
 
 # ----------------------------------------------------------------------------------------------- plan
@@ -197,7 +114,8 @@ def plan_each_strategy(
 def _pick(nodes: list[NodeRes], wanted: list[str], view: ClusterView) -> list[NodeRes]:
     out = []
     for w in wanted:
-        hits = [n for n in nodes if n.id == w or n.name == w or n.id.startswith(w)]
+        # An exact id or name first: a short name ("a") can also be the start of a hex node id.
+        hits = [n for n in nodes if n.id == w or n.name == w] or [n for n in nodes if n.id.startswith(w)]
         if len(hits) != 1:
             known = view.node(w) or next((n for n in view.nodes if n.name == w or n.id.startswith(w)), None)
             if known is not None and known.status != "up":

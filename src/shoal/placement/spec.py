@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from shoal.catalog import CatalogEntry
 
-KV_BYTES_PER_VALUE = 4  # the KV cache is float32 (engine/cache.py)
+KV_BYTES_PER_VALUE = 4  # the KV cache is float32 (kernels/cache.py)
 MOE_TYPES = ("deepseek_v3", "kimi_k2", "qwen3_moe", "mixtral")
 Q4_BYTES_PER_PARAM = 0.75  # 4-bit codes + float32 scale and bias per 32: how INT4/MLX-4bit experts are held
 FP8_HELD_BYTES_PER_PARAM = 1.125  # FP8 weights are held as 8-bit codes + a float32 scale per 32

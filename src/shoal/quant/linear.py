@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shoal.engine.direct import DirectModule
+from shoal.kernels.direct import DirectModule
 
 from . import kernels as _k
 from .formats import QuantizedWeight
@@ -68,17 +68,9 @@ class QuantLinear(DirectModule):
             raise TypeError("QuantLinear needs a QuantizedWeight")
         self.qweight = weight
         self.out_features, self.in_features = weight.shape
-        kind = weight.kind
-        c, s, b = weight.codes, weight.scales, weight.biases
-        if kind == "q4_affine":
-            k = _k.matmul_q4_affine
-            self._mm = lambda x, o: k(x, c, s, b, o)
-        elif kind == "q8_sym":
-            k = _k.matmul_q8_sym
-            self._mm = lambda x, o: k(x, c, s, o)
-        else:
-            k = _k.matmul_q8_affine
-            self._mm = lambda x, o: k(x, c, s, b, o)
+        k = _k.MATMUL[weight.kind]
+        c, s, b = _k.operands(weight)
+        self._mm = lambda x, o: k(x, c, s, b, o)
         if bias is not None:
             bias = _as_f32_tensor(bias).reshape(self.out_features)
             self.register_buffer("bias", bias, persistent=False)

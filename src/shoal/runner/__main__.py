@@ -1,9 +1,9 @@
 """`python -m shoal.runner`: one rank of one instance, started and supervised by its node's daemon.
 
 The daemon writes a `RunnerConfig` as the first line of stdin (never on the command line: it holds
-the instance's secret), then, to the entry rank, commands. The runner answers with JSON lines on
-stdout: `port` (rank 0: the rendezvous port it bound), `loaded`, `ready`, then per request
-`accepted` / `ev` / `error`, and `fatal` before dying of an error. Logs go to stderr.
+the instance's secret), then commands; the runner answers with events on stdout — both typed in
+contract.py: `PortBound` (rank 0), `Loaded`, `Ready`, then per request `Accepted` or `Refused`,
+`Tokens`, `Failed`, and `Fatal` before dying of an error. Logs go to stderr.
 
 Life: bind (rank 0) -> load this rank's weights -> rendezvous and form the groups -> ready -> steps
 (rank 0 serves requests; the others follow its step messages) -> stop when the entry says so, or when
@@ -20,7 +20,16 @@ import threading
 import time
 
 from shoal.config import parse_hostport
-from shoal.runner.messages import RunnerConfig
+from shoal.runner.contract import (
+    COMMAND,
+    Fatal,
+    GetStats,
+    Loaded,
+    PortBound,
+    Ready,
+    RunnerConfig,
+    StageStats,
+)
 
 
 def _host(address: str) -> str:
@@ -33,14 +42,14 @@ def _host(address: str) -> str:
 
 
 def _follower_commands(out, worker) -> None:
-    """Followers read only `stats` requests; the end of input means the daemon is gone."""
-    import json
+    """Followers answer only `GetStats`; the end of input means the daemon is gone."""
+    from pydantic import ValidationError
 
     for line in sys.stdin:
         try:
-            if json.loads(line).get("op") == "stats":
-                out({"t": "stats", **worker.stats()})
-        except (ValueError, AttributeError):
+            if isinstance(COMMAND.validate_json(line), GetStats):
+                out(StageStats(**worker.stats()))
+        except ValidationError:
             pass
     os._exit(0)
 
@@ -74,10 +83,10 @@ def main() -> int:
             port = sock.getsockname()[1]
             store = dist.TCPStore(host, port, len(cfg.shards), True, _td(cfg.rendezvous_timeout_s),
                                   wait_for_workers=False, master_listen_fd=sock.detach(), use_libuv=True)
-            out({"t": "port", "port": port})
+            out(PortBound(port=port))
         stage = load_stage(cfg.model, me, cfg.num_layers, with_tokenizer=cfg.rank == 0)
         rss = psutil.Process().memory_info().rss
-        out({"t": "loaded", "seconds": round(time.perf_counter() - t0, 3), "rss": rss})
+        out(Loaded(seconds=round(time.perf_counter() - t0, 3), rss=rss))
         log.info("rank %d loaded layers %s (tp %d/%d) in %.1f s, rss %.0f MiB", cfg.rank, me.layers, me.tp_rank,
                  me.tp_size, time.perf_counter() - t0, rss / 2**20)
         if cfg.rank != 0:
@@ -87,20 +96,36 @@ def main() -> int:
         comm, tp = join_groups(store, cfg.token, cfg.rank, cfg.shards, host, cfg.timeout_s, stage.args.hidden_size,
                                cfg.rendezvous_timeout_s)
         worker = StageWorker(stage.model, comm, tp, cfg.shards)
-        out({"t": "ready", "rss": psutil.Process().memory_info().rss})
+        if cfg.rank == 0:
+            scheduler = entry_scheduler(cfg, DistributedModel(worker), stage)
+        out(Ready(rss=psutil.Process().memory_info().rss))
         if cfg.rank == 0:
             inbox: queue.SimpleQueue = queue.SimpleQueue()
             start_reader(inbox)
-            context = min(cfg.context, stage.args.max_context)
-            serve_entry(DistributedModel(worker), stage.tokenizer, context, inbox, out)
+            serve_entry(scheduler, scheduler.gen.model, stage.tokenizer, inbox, out)
         else:
             threading.Thread(target=_follower_commands, args=(out, worker), daemon=True).start()
             worker.follow()
         return 0
     except Exception as e:  # noqa: BLE001 - one line for the daemon, the traceback for the log
         log.exception("runner rank %d failed", cfg.rank)
-        out({"t": "fatal", "message": f"{type(e).__name__}: {e}"[:500]})
+        out(Fatal(message=f"{type(e).__name__}: {e}"[:500]))
         return 1
+
+
+def entry_scheduler(cfg: RunnerConfig, model, stage):
+    """The entry's scheduler: the same policy as a model in one process, with the instance's KV
+    cost per token (every rank's layers, as the plan counted them) against the entry's budget."""
+    import psutil
+
+    from shoal.engine.scheduler import Scheduler, SchedulerLimits
+    from shoal.runner.wire import WireError
+
+    context = min(cfg.context, stage.args.max_context)
+    kv_per_token = sum(s.kv_bytes for s in cfg.shards) // max(1, cfg.context)
+    budget = cfg.kv_budget_bytes or psutil.virtual_memory().available // 2
+    return Scheduler(model, stage.tokenizer, context, stage.args.vocab_size, kv_per_token, SchedulerLimits(), budget,
+                     name=cfg.model, fatal=(WireError,), prefix_keeper=model)
 
 
 def _td(seconds: float):

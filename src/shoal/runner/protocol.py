@@ -2,9 +2,9 @@
 
 Every step is described by one small int64 tensor from the entry (rank 0) — no pickle, numbers:
 
-    header  [op, n_seqs, n_tokens, n_rows, n_freed, payload_len, step, 0]
+    header  [op, n_seqs, n_tokens, n_rows, n_freed, payload_len, step, n_prefix_ops]
     payload seq_ids(n_seqs) lengths(n_seqs) positions(n_tokens) token_ids(n_tokens)
-            logit_rows(n_rows) freed_seq_ids(n_freed)
+            logit_rows(n_rows) freed_seq_ids(n_freed) prefix_ops(4 * n_prefix_ops)
 
 The message travels with the data, so a rank wakes once per step, when its input arrives: a step
 frame is the message followed by the step's hidden states (T, hidden) float32, if any.
@@ -19,23 +19,34 @@ through stage.TensorGroup, by `Wire.exchange`). Control steps (ping, stop) trave
 without data.
 
 Sequences are named by ids the entry allocates; a rank makes a sequence's KV caches the first time
-it sees its id and drops them when the id comes back in `freed`.
+it sees its id and drops them when the id comes back in `freed`. Reused prompt prefixes are kept
+the same way, every rank keeping its own layers' share: a prefix op (PREFIX_KEEP seq -> prefix,
+PREFIX_LOAD prefix -> seq, PREFIX_DROP prefix; each [kind, seq_id, prefix_id, n_tokens]) is applied
+by every rank, in order, before the step's compute and before `freed`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from shoal.runner.wire import TAG_FINAL, TAG_LOGITS, TAG_REDUCE, TAG_STEP, Wire, WireError
+from shoal.runner.wire import (
+    TAG_FINAL,
+    TAG_LOGITS,
+    TAG_REDUCE,
+    TAG_STEP,
+    Wire,
+    WireError,
+)
 
 __all__ = ["TAG_FINAL", "TAG_LOGITS", "TAG_REDUCE", "Comm", "StepMessage", "bind_listener", "store_prefix"]
 
 OP_STEP, OP_STOP, OP_PING = 1, 2, 3
+PREFIX_KEEP, PREFIX_LOAD, PREFIX_DROP = 1, 2, 3
 HEADER = 8
 
 
@@ -49,26 +60,29 @@ class StepMessage:
     logit_rows: torch.Tensor  # (R,) int64
     freed: list[int]
     step: int = 0
+    prefix_ops: list[tuple[int, int, int, int]] = field(default_factory=list)  # (kind, seq_id, prefix_id, n)
 
     def encode(self) -> np.ndarray:
         """The message as int64 numbers (numpy: a decode step's message is a few dozen numbers, and
         torch's per-op dispatch would cost more than the numbers)."""
         positions, tokens, rows = (_ints(x) for x in (self.positions, self.token_ids, self.logit_rows))
-        n = 2 * len(self.seq_ids) + 2 * len(positions) + len(rows) + len(self.freed)
-        head = [self.op, len(self.seq_ids), len(positions), len(rows), len(self.freed), n, self.step, 0]
-        return np.array(head + list(self.seq_ids) + list(self.lengths) + positions + tokens + rows + list(self.freed),
+        ops = [x for op in self.prefix_ops for x in op]
+        n = 2 * len(self.seq_ids) + 2 * len(positions) + len(rows) + len(self.freed) + len(ops)
+        head = [self.op, len(self.seq_ids), len(positions), len(rows), len(self.freed), n, self.step, len(self.prefix_ops)]
+        return np.array(head + list(self.seq_ids) + list(self.lengths) + positions + tokens + rows + list(self.freed) + ops,
                         dtype=np.int64)
 
     @staticmethod
     def decode(encoded: np.ndarray) -> "StepMessage":
-        op, s, t, r, f, n, step, _ = encoded[:HEADER].tolist()
-        if min(s, t, r, f) < 0 or s + s + t + t + r + f != n or encoded.shape[0] != HEADER + n:
+        op, s, t, r, f, n, step, k = encoded[:HEADER].tolist()
+        if min(s, t, r, f, k) < 0 or s + s + t + t + r + f + 4 * k != n or encoded.shape[0] != HEADER + n:
             raise WireError("a step message whose counts do not add up")
         p = encoded[HEADER:]
-        ends = np.cumsum([s, s, t, t, r, f]).tolist()
+        ends = np.cumsum([s, s, t, t, r, f, 4 * k]).tolist()
+        ops = p[ends[5] : ends[6]].reshape(k, 4).tolist()
         return StepMessage(op, p[: ends[0]].tolist(), p[ends[0] : ends[1]].tolist(), torch.from_numpy(p[ends[1] : ends[2]]),
                            torch.from_numpy(p[ends[2] : ends[3]]), torch.from_numpy(p[ends[3] : ends[4]]),
-                           p[ends[4] : ends[5]].tolist(), step)
+                           p[ends[4] : ends[5]].tolist(), step, [tuple(x) for x in ops])
 
 
 def _ints(x: torch.Tensor | list[int]) -> list[int]:

@@ -13,11 +13,25 @@ import torch
 import torch.distributed as dist
 
 from shoal.engine import threads
-from shoal.models.llama import BatchLayout, LlamaShard, ShardSpec, TensorSlice, required_weights, slice_rows, slice_weight
-from shoal.models.moe import ExpertSlice
-from shoal.placement.planner import ShardPlan
+from shoal.engine.loader import load_shard
+from shoal.engine.prefix import CopyKeeper
+from shoal.models.base import BatchLayout, Part
+from shoal.placement.contract import ShardPlan
 from shoal.runner import wire
-from shoal.runner.protocol import OP_PING, OP_STEP, OP_STOP, TAG_FINAL, TAG_LOGITS, TAG_REDUCE, Comm, StepMessage, store_prefix
+from shoal.runner.protocol import (
+    OP_PING,
+    OP_STEP,
+    OP_STOP,
+    PREFIX_DROP,
+    PREFIX_KEEP,
+    PREFIX_LOAD,
+    TAG_FINAL,
+    TAG_LOGITS,
+    TAG_REDUCE,
+    Comm,
+    StepMessage,
+    store_prefix,
+)
 from shoal.runner.wire import Wire, WireError
 
 log = logging.getLogger("shoal.runner")
@@ -31,49 +45,18 @@ class LoadedStage:
 
 
 def load_stage(ref: str, shard: ShardPlan, num_layers: int | None = None, with_tokenizer: bool = False) -> LoadedStage:
-    """Read this rank's tensors, one at a time, each cut to its tensor slice as it arrives: the
-    process never holds more than its share plus one whole tensor. An expert-parallel rank reads
-    only its routed experts (the others are never touched: safetensors are memory-mapped)."""
-    from shoal.engine.loader import ARCHITECTURES, load_tokenizer, open_checkpoint, resolve_model
-
-    ckpt = open_checkpoint(resolve_model(ref))
-    try:
-        arch = ARCHITECTURES.get(ckpt.config.get("model_type"))
-        if arch is None:
-            raise ValueError(f"unsupported architecture {ckpt.config.get('model_type')!r}")
-        args = arch.args.from_dict(ckpt.config)
-        n = args.num_hidden_layers
-        if num_layers is not None and num_layers != n:
-            raise ValueError(f"the placement was made for {num_layers} layers, the checkpoint has {n}")
-        entry = shard.vocab is not None
-        spec = ShardSpec(shard.layers[0], shard.layers[1], n, embed=entry, head=entry)
-        vocab = shard.vocab if shard.vocab is not None and shard.vocab != (0, args.vocab_size) else None
-        if shard.experts is not None:
-            experts = ExpertSlice(shard.tp_rank, shard.tp_size, tuple(range(*shard.experts)), tuple(shard.shared or (0, 0)))
-            weights = {}
-            for name in arch.required_weights(args, spec, ckpt.tensor_names(), experts):
-                w = ckpt.load([name])[name]
-                if vocab is not None and name in ("model.embed_tokens.weight", "lm_head.weight"):
-                    w = slice_rows(w, *vocab)
-                weights[name] = w
-            model = arch.model(args, spec, weights, experts, vocab)
-        else:
-            if arch.model is not LlamaShard:
-                raise ValueError(f"{args.model_type} is a mixture of experts: place it with strategy expert, pipeline or hybrid")
-            tp = TensorSlice(shard.tp_rank, shard.tp_size, tuple(shard.kv_heads), tuple(shard.ffn), vocab)
-            weights = {}
-            for name in required_weights(args, spec, ckpt.tensor_names()):
-                weights[name] = slice_weight(args, tp, name, ckpt.load([name])[name])
-            model = LlamaShard(args, spec, weights, tp)
-        del weights
-        rope_freqs = getattr(ckpt, "rope_freqs", None)
-        if rope_freqs is not None:
-            model.rope.rescale(torch.from_numpy(rope_freqs))
-        tokenizer = load_tokenizer(ckpt) if with_tokenizer else None
-    finally:
-        ckpt.close()
+    """Load this rank's part of the model (`load_shard`: only its tensors, each cut to its slice as
+    it arrives). A placement's rank holds the embedding and head iff it is on the entry stage."""
+    entry = shard.vocab is not None
+    tensor = shard.tp_size > 1 and shard.experts is None
+    part = Part(
+        shard.layers[0], shard.layers[1], num_layers, embed=entry, head=entry, rank=shard.tp_rank, size=shard.tp_size,
+        kv_heads=shard.kv_heads if tensor else None, ffn=shard.ffn if tensor else None,
+        experts=tuple(range(*shard.experts)) if shard.experts is not None else None, shared=shard.shared, vocab=shard.vocab,
+    )
+    loaded = load_shard(ref, part, with_tokenizer=with_tokenizer)
     _trim_heap()
-    return LoadedStage(model.eval(), args, tokenizer)
+    return LoadedStage(loaded.model, loaded.args, loaded.tokenizer)
 
 
 def _trim_heap() -> None:
@@ -149,6 +132,8 @@ class StageWorker:
         self.vocab_ranges = {s.rank: tuple(s.vocab) for s in shards if s.vocab is not None}
         self.hidden = model.args.hidden_size
         self.caches: dict[int, list] = {}  # sequence id -> its per-layer caches (KVCache, or MLACache)
+        self.prefixes: dict[int, list] = {}  # prefix id -> this rank's layers' share of a kept prompt
+        self._copier = CopyKeeper()
         self.steps = 0
         self.tokens = 0
         self.step_s = 0.0  # wall time inside steps
@@ -163,7 +148,7 @@ class StageWorker:
         if msg.op in (OP_STOP, OP_PING):
             if c.n_stages > 1:
                 c.send_step(encoded, None, c.stages[1])
-            self._free(msg)
+            self._apply(msg)
             return None
         self.wait_s += time.perf_counter() - t
         return self.run(msg, encoded, None, t)
@@ -181,13 +166,26 @@ class StageWorker:
                     c.send_step(encoded, None, c.stages[c.stage + 1])
                 if msg.op == OP_STOP:
                     return
-                self._free(msg)
+                self._apply(msg)
                 continue
             if msg.op != OP_STEP or (c.stage > 0) != (h is not None):
                 raise WireError(f"rank {src} sent a step that does not fit this stage (op {msg.op})")
             self.run(msg, encoded, h, t)
 
-    def _free(self, msg: StepMessage) -> None:
+    def _apply(self, msg: StepMessage) -> None:
+        """The message's prefix ops (in order), then its freed sequences: a prompt kept in the very
+        step that frees its sequence is still there to keep."""
+        for kind, sid, pid, n in msg.prefix_ops:
+            if kind == PREFIX_KEEP:
+                if sid in self.caches:
+                    self.prefixes[pid] = self._copier.keep(self.caches[sid], n)
+            elif kind == PREFIX_LOAD:
+                kept = self.prefixes.get(pid)
+                if kept is None:
+                    raise WireError(f"the entry asked to reuse prefix {pid}, which this rank does not hold")
+                self._copier.load(self.caches.setdefault(sid, self.model.make_cache()), kept, n)
+            elif kind == PREFIX_DROP:
+                self.prefixes.pop(pid, None)
         for sid in msg.freed:
             self.caches.pop(sid, None)
 
@@ -195,7 +193,7 @@ class StageWorker:
         """This rank's part of one step (`h`: the hidden states that came with the message, on
         stages after the first); on rank 0, the logits (R, vocab)."""
         wait = 0.0
-        self._free(msg)
+        self._apply(msg)
         m, c = self.model, self.comm
         caches = [self.caches.get(sid) or self.caches.setdefault(sid, m.make_cache()) for sid in msg.seq_ids]
         layout = BatchLayout(msg.lengths, msg.positions, caches)

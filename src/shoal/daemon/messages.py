@@ -1,36 +1,27 @@
-"""Messages about instances: the runner's start configuration and the signed node-to-node control
-messages (all pydantic, JSON on the wire, strict like the cluster's own messages)."""
+"""The signed node-to-node messages about instances (pydantic, JSON on the wire, strict like the
+cluster's own messages). A request travels inside them as the runner contract's own types, so it is
+one typed object from the API node to the entry runner and back."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shoal.cluster.messages import Message, NodeId, NonNeg, ShortStr
-from shoal.placement.planner import Placement, PlacementRequest, ShardPlan
+from shoal.placement.contract import Placement, PlacementRequest
+from shoal.runner.contract import (
+    Failure,
+    RequestId,
+    SeqStats,
+    StageStats,
+    Submit,
+    Token,
+)
 
 InstanceId = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
-RequestId = Annotated[str, Field(pattern=r"^[0-9A-Za-z_-]{1,64}$")]
-Status = Literal["reserving", "loading", "ready", "failed", "stopped"]
-
-
-class RunnerConfig(BaseModel):
-    """The first line a runner reads on stdin."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    instance_id: str
-    model: str
-    rank: int
-    shards: list[ShardPlan]
-    num_layers: int
-    context: int
-    master_port: int | None  # rank 0 binds its own; the others are told it
-    token: str  # the instance's rendezvous secret
-    threads: int
-    timeout_s: float = 120.0  # a collective that waits longer than this fails the instance
-    rendezvous_timeout_s: float = 600.0  # loading every rank's weights included
+Status = Literal["reserving", "loading", "ready", "recovering", "failed", "stopped"]
+Epoch = Annotated[int, Field(ge=0, le=1 << 30)]  # an instance's placement generation: +1 each recovery
 
 
 # -- peer messages -----------------------------------------------------------------------------------
@@ -55,6 +46,7 @@ class StartShard(Message):
     master_port: int | None = None
     token: Annotated[str, Field(min_length=32, max_length=128)]
     coordinator: NodeId
+    epoch: Epoch = 0
 
 
 class StartReply(Message):
@@ -74,10 +66,16 @@ class ShardState(Message):
     status: Status
     error: ShortStr = ""
     rss_bytes: NonNeg = 0
+    epoch: Epoch = 0  # the placement the shard belongs to: reports about an older one are stale
 
 
 class ListInstances(Message):
     pass
+
+
+class InstanceEvent(Message):
+    at: float  # unix time
+    text: Annotated[str, Field(max_length=512)]
 
 
 class InstanceRecord(Message):
@@ -91,8 +89,11 @@ class InstanceRecord(Message):
     entry: NodeId
     entry_address: ShortStr
     created_at: float
-    error: ShortStr = ""
+    ended_at: float | None = None  # when it stopped or failed
+    error: Annotated[str, Field(max_length=1024)] = ""
     placement: Placement
+    epoch: Epoch = 0
+    events: Annotated[list[InstanceEvent], Field(max_length=64)] = []  # what happened to it, oldest first
 
 
 class HostedShard(Message):
@@ -101,7 +102,7 @@ class HostedShard(Message):
     status: Status
     reserved_bytes: NonNeg
     rss_bytes: NonNeg = 0
-    stats: dict[str, float] = {}
+    stats: StageStats | None = None
 
 
 class ListReply(Message):
@@ -112,25 +113,33 @@ class ListReply(Message):
     shards: Annotated[list[HostedShard], Field(max_length=256)]  # the ones it runs
 
 
-class Submit(Message):
+class SubmitRequest(Message):
+    """A request for the entry of an instance on another node."""
+
     instance_id: InstanceId
-    rid: RequestId
-    prompt_ids: Annotated[list[int], Field(max_length=1 << 17)] | None = None
-    text: Annotated[str, Field(max_length=1 << 20)] | None = None
-    messages: Annotated[list[dict[str, Any]], Field(max_length=4096)] | None = None
-    params: dict[str, Any] = {}
+    request: Submit
+
+
+class SubmitReply(Message):
+    """Whether the entry's scheduler took the request (else why not: a 4xx, or 429 with Retry-After)."""
+
+    accepted: bool
+    prompt_tokens: NonNeg = 0
+    error: Failure | None = None
 
 
 class Poll(Message):
     instance_id: InstanceId
     rid: RequestId
-    after: NonNeg  # events already seen
+    after: NonNeg  # tokens already seen
     wait_s: Annotated[float, Field(ge=0.0, le=30.0)] = 10.0
 
 
 class PollReply(Message):
-    events: list[dict[str, Any]]
+    tokens: list[Token]
     done: bool
+    error: Failure | None = None  # the request ended without finishing
+    stats: SeqStats | None = None  # once done
 
 
 class Cancel(Message):
@@ -148,6 +157,7 @@ class CreateInstance(BaseModel):
     nodes: list[str] | int | None = None  # names/ids in stage order, or how many
     context: int | None = Field(default=None, ge=1)
     tp_size: int | None = Field(default=None, ge=1)
+    replica: bool = False  # place another instance even if the model already has a ready one
 
     def request(self) -> PlacementRequest:
         names = self.nodes if isinstance(self.nodes, list) else None

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from shoal.engine.attention import _exp_nonpositive
+from shoal.kernels.attention import _exp_nonpositive
 
 
 # error_model="numpy": a float division by zero gives inf instead of raising, as in numpy, so

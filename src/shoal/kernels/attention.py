@@ -30,7 +30,7 @@ from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
-from shoal.engine.cache import KVCache
+from shoal.kernels.cache import KVCache
 
 
 @intrinsic

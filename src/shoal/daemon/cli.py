@@ -1,4 +1,5 @@
-"""`shoal place` and `shoal generate --cluster`: clients of a node's /v1/instances routes.
+"""`shoal place`, `shoal instances`, `shoal stop` and `shoal generate --cluster`: clients of a node's
+/v1/instances routes.
 
 Plain urllib and json, so these commands import neither torch nor aiohttp.
 """
@@ -38,6 +39,8 @@ def add_place_arguments(p: argparse.ArgumentParser) -> None:
     add_cluster_placement_arguments(p, _default_cluster())
     p.add_argument("--dry-run", action="store_true", help="only show the plan and prediction of each strategy")
     p.add_argument("--no-wait", action="store_true", help="return once placed, without waiting for it to load")
+    p.add_argument("--replica", action="store_true",
+                   help="place another instance even if the model already has one (default: answer with that one)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -60,14 +63,18 @@ def _request(base: str, method: str, path: str, body: dict[str, Any] | None = No
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
-        try:
-            err = json.loads(e.read())["error"]
-            msg = err["message"] if isinstance(err, dict) else str(err)
-        except (ValueError, KeyError, TypeError):
-            msg = f"HTTP {e.code}"
-        raise ClusterError(msg) from None
+        raise ClusterError(_error_message(e)) from None
     except (urllib.error.URLError, OSError) as e:
         raise ClusterError(f"cannot reach {base}: {getattr(e, 'reason', e)}") from None
+
+
+def _error_message(e: urllib.error.HTTPError) -> str:
+    """What a node said when it refused (its JSON error), or what answered if it was not a node."""
+    try:
+        err = json.loads(e.read())["error"]
+        return err["message"] if isinstance(err, dict) else str(err)
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {e.code} {e.reason} from {e.url} (is it a shoal node?)"
 
 
 def _nodes(text: str | None) -> list[str] | int | None:
@@ -77,28 +84,31 @@ def _nodes(text: str | None) -> list[str] | int | None:
 
 
 def create_instance(base: str, model: str, strategy: str = "auto", nodes: str | None = None,
-                    context: int | None = None, tp_size: int | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "strategy": strategy}
+                    context: int | None = None, tp_size: int | None = None, replica: bool = False) -> dict[str, Any]:
+    """The model's live instance, or a new one (always a new one with `replica`)."""
+    body: dict[str, Any] = {"model": model, "strategy": strategy, "replica": replica}
     for k, v in (("nodes", _nodes(nodes)), ("context", context), ("tp_size", tp_size)):
         if v is not None:
             body[k] = v
     return _request(base, "POST", "/v1/instances", body, timeout_s=120.0)["instance"]
 
 
-def list_instances(base: str) -> list[dict[str, Any]]:
-    return _request(base, "GET", "/v1/instances")["instances"]
+def list_instances(base: str, ended: bool = False) -> list[dict[str, Any]]:
+    """The live instances (or the recently ended ones)."""
+    return _request(base, "GET", "/v1/instances")["ended" if ended else "instances"]
 
 
 def wait_ready(base: str, iid: str, timeout_s: float = READY_TIMEOUT_S, progress: bool = False) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        inst = next((i for i in list_instances(base) if i["id"] == iid), None)
+        listing = _request(base, "GET", "/v1/instances")
+        inst = next((i for i in listing["instances"] if i["id"] == iid), None)
         if inst is None:
-            raise ClusterError(f"instance {iid} disappeared")
+            gone = next((i for i in listing["ended"] if i["id"] == iid), None)
+            why = f"{gone['status']}: {gone.get('error') or 'no reason given'}" if gone else "disappeared"
+            raise ClusterError(f"instance {iid} {why}")
         if inst["status"] == "ready":
             return inst
-        if inst["status"] in ("failed", "stopped"):
-            raise ClusterError(f"instance {iid} {inst['status']}: {inst.get('error') or 'no reason given'}")
         if progress:
             print(".", end="", file=sys.stderr, flush=True)
         time.sleep(0.5)
@@ -141,7 +151,8 @@ def run_place(args: argparse.Namespace) -> int:
                     print(f"{kind:<9} {p['strategy']:<9} {p['prediction']['decode_tokens_per_s']:7.1f} tok/s  "
                           f"TTFT {p['prediction']['ttft_s'] * 1000:6.0f} ms  {p['reason']}")
             return 0
-        inst = create_instance(args.cluster, args.model, args.strategy, args.nodes, args.context, args.tp_size)
+        inst = create_instance(args.cluster, args.model, args.strategy, args.nodes, args.context, args.tp_size,
+                               args.replica)
         if not args.no_wait:
             inst = wait_ready(args.cluster, inst["id"], progress=not args.json)
             if not args.json:
@@ -182,14 +193,17 @@ def generate_on_cluster(args: argparse.Namespace, prompt: str, params: dict[str,
                                      data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
         stats = None
-        with urllib.request.urlopen(req, timeout=600) as r:
-            for line in r:
-                ev = json.loads(line)
-                if "error" in ev:
-                    raise ClusterError(ev["error"])
-                sys.stdout.write(ev.get("text", ""))
-                sys.stdout.flush()
-                stats = ev.get("stats") or stats
+        try:
+            with urllib.request.urlopen(req, timeout=600) as r:
+                for line in r:
+                    ev = json.loads(line)
+                    if "error" in ev:
+                        raise ClusterError(ev["error"]["message"])
+                    sys.stdout.write(ev.get("text", ""))
+                    sys.stdout.flush()
+                    stats = ev.get("stats") or stats
+        except urllib.error.HTTPError as e:
+            raise ClusterError(_error_message(e)) from None
         sys.stdout.write("\n")
         if stats:
             print(f"[{model} on {len(inst['shards'])} ranks, {inst['strategy']}] prompt {stats['prompt_tokens']} tokens, "
@@ -198,4 +212,53 @@ def generate_on_cluster(args: argparse.Namespace, prompt: str, params: dict[str,
         return 0
     except (ClusterError, urllib.error.URLError, OSError) as e:
         print(f"shoal generate: {e}", file=sys.stderr)
+        return 1
+
+
+# -------------------------------------------------------------------------------- instances, stop
+def add_instances_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", default=_default_cluster(), metavar="URL", help="any node of the cluster")
+    p.add_argument("--json", action="store_true", help="print the raw /v1/instances JSON")
+
+
+def instance_table(instances: list[dict[str, Any]], ended: list[dict[str, Any]]) -> str:
+    from shoal.cluster.status import instance_table as live_table
+
+    lines = [live_table(instances)]
+    if ended:
+        lines += ["", "recently ended:"]
+        for i in ended:
+            when = time.strftime("%H:%M:%S", time.localtime(i["ended_at"])) if i.get("ended_at") else "?"
+            lines.append(f"  {i['id']}  {i['model']}  {i['status']} at {when}" + (f": {i['error']}" if i.get("error") else ""))
+    return "\n".join(lines)
+
+
+def run_instances(args: argparse.Namespace) -> int:
+    try:
+        listing = _request(args.cluster, "GET", "/v1/instances")
+    except ClusterError as e:
+        print(f"shoal instances: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(listing, indent=2) if args.json else instance_table(listing["instances"], listing["ended"]))
+    return 0
+
+
+def add_stop_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", metavar="ID|MODEL", help="an instance id, or a model name (stops every instance of it)")
+    p.add_argument("--cluster", default=_default_cluster(), metavar="URL", help="any node of the cluster")
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    try:
+        live = list_instances(args.cluster)
+        chosen = [i for i in live if i["id"] == args.what] or [i for i in live if i["model"] == args.what]
+        if not chosen:
+            print(f"shoal stop: no running instance with id or model {args.what!r}", file=sys.stderr)
+            return 1
+        for inst in chosen:
+            out = _request(args.cluster, "DELETE", f"/v1/instances/{inst['id']}", timeout_s=60.0)
+            print(f"{inst['id']}  {inst['model']}  {out['status']}")
+        return 0
+    except ClusterError as e:
+        print(f"shoal stop: {e}", file=sys.stderr)
         return 1

@@ -1,7 +1,8 @@
-"""The daemon's side of one runner process: start it, read its JSON-line events, talk to it, stop it.
+"""The daemon's side of one runner process: start it, read its events, send it commands, stop it.
 
 A runner is a child process (`python -m shoal.runner`) with three pipes: its config and commands go
-in on stdin, events come out on stdout, its log goes to a file in the node's home. Whatever the
+in on stdin, events come out on stdout (both typed: runner/contract.py), its log goes to a file in
+the node's home. Whatever the
 runner does — crash, hang, get killed — the daemon only sees its pipes close or its process exit,
 so a runner never takes the daemon down.
 """
@@ -10,16 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from shoal.runner.messages import RunnerConfig
+from pydantic import ValidationError
+
+from shoal.runner.contract import (
+    RUNNER_EVENT,
+    Command,
+    Loaded,
+    PortBound,
+    Ready,
+    RunnerConfig,
+    RunnerEvent,
+    StageStats,
+    Stop,
+)
 
 log = logging.getLogger("shoal.instances")
 
@@ -33,7 +44,7 @@ RUNNER_ENV = {"GOMP_SPINCOUNT": "20000"}
 
 
 class RunnerProcess:
-    def __init__(self, config: RunnerConfig, log_path: Path, on_event: Callable[[dict[str, Any]], None],
+    def __init__(self, config: RunnerConfig, log_path: Path, on_event: Callable[[RunnerEvent], None],
                  on_exit: Callable[[int | None], None], env: dict[str, str] | None = None):
         self.config = config
         self.log_path = log_path
@@ -42,7 +53,7 @@ class RunnerProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.port: asyncio.Future[int] | None = None
         self.rss = 0
-        self.stats: dict[str, float] = {}
+        self.stats: StageStats | None = None
         self._reader: asyncio.Task[None] | None = None
 
     @property
@@ -76,17 +87,16 @@ class RunnerProcess:
                 if not line:
                     break
                 try:
-                    ev = json.loads(line)
-                except json.JSONDecodeError:
+                    ev = RUNNER_EVENT.validate_json(line)
+                except ValidationError:
                     log.warning("runner %s/%d: malformed event line", self.config.instance_id, self.config.rank)
                     continue
-                kind = ev.get("t")
-                if kind == "port" and self.port is not None and not self.port.done():
-                    self.port.set_result(int(ev["port"]))
-                if "rss" in ev:
-                    self.rss = int(ev["rss"])
-                if kind == "stats":
-                    self.stats = {k: v for k, v in ev.items() if k != "t"}
+                if isinstance(ev, PortBound) and self.port is not None and not self.port.done():
+                    self.port.set_result(ev.port)
+                if isinstance(ev, (Loaded, Ready)):
+                    self.rss = ev.rss
+                if isinstance(ev, StageStats):
+                    self.stats = ev
                 try:
                     self.on_event(ev)
                 except Exception:  # noqa: BLE001 - a consumer's bug must not stop the reader
@@ -96,14 +106,15 @@ class RunnerProcess:
         code = await self.proc.wait()
         if self.port is not None and not self.port.done():
             self.port.set_exception(RuntimeError(f"runner exited with {code} before binding its port"))
+            self.port.exception()  # whoever waits for the port sees it; nobody waiting is no error
         self.on_exit(code)
 
-    def send(self, command: dict[str, Any]) -> bool:
+    def send(self, command: Command) -> bool:
         """Write a command line; False if the runner is gone."""
         if not self.running or self.proc is None or self.proc.stdin is None:
             return False
         try:
-            self.proc.stdin.write((json.dumps(command, separators=(",", ":")) + "\n").encode())
+            self.proc.stdin.write(command.model_dump_json().encode() + b"\n")
         except (ConnectionError, RuntimeError):
             return False
         return True
@@ -113,7 +124,7 @@ class RunnerProcess:
         if self.proc is None:
             return
         if self.running:
-            self.send({"op": "stop"})
+            self.send(Stop())
             with contextlib.suppress(ConnectionError, RuntimeError, AttributeError):
                 self.proc.stdin.close()  # type: ignore[union-attr]
         for sig in (None, signal.SIGTERM, signal.SIGKILL):

@@ -1,0 +1,373 @@
+"""The coordinator role: the node that got POST /v1/instances places the instance and keeps its record.
+
+It plans, reserves memory on every chosen node (one at a time, in node-id order), starts the entry
+rank and then the others with its rendezvous port, and follows the instance through its life
+(loading -> ready -> stopped | failed). Ended instances leave the list of instances and stay in a
+short "recently ended" history. It also answers the cluster-wide questions: which instances exist,
+where a given one is, and what each node can still promise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from shoal.cluster.messages import Ack
+from shoal.cluster.peer import PeerError, spawn
+from shoal.cluster.topology import ClusterView
+from shoal.daemon.host import PORT_TIMEOUT_S, Host
+from shoal.daemon.messages import (
+    CreateInstance,
+    InstanceRecord,
+    InstanceRef,
+    ListInstances,
+    ListReply,
+    Reserve,
+    ReserveReply,
+    ShardState,
+    StartReply,
+    StartShard,
+)
+from shoal.daemon.peers import CALL_TIMEOUT_S, Peers
+from shoal.daemon.records import Coordinated, InstanceError
+from shoal.placement.contract import Placement, PlacementError, PlacementRequest
+from shoal.placement.planner import plan
+
+if TYPE_CHECKING:
+    from shoal.api.metrics import Metrics
+    from shoal.placement.spec import ModelSpec
+
+log = logging.getLogger("shoal.instances")
+
+LIST_TIMEOUT_S = 2.0
+PLACE_ATTEMPTS = 3
+KEEP_ENDED_INSTANCES = 16
+MAX_RECOVERIES_IN_ROW = 3  # re-placements that failed again before becoming ready: then the instance fails
+
+
+class Coordinator:
+    def __init__(self, node_id: str, peers: Peers, host: Host, list_reply: Callable[[], ListReply], metrics: Metrics):
+        self.node_id, self.peers, self.host, self.metrics = node_id, peers, host, metrics
+        self._list_reply = list_reply  # this node's own answer to /peer/instances/list
+        self.coordinated: dict[str, Coordinated] = {}  # live instances placed here
+        self.ended: collections.deque[Coordinated] = collections.deque(maxlen=KEEP_ENDED_INSTANCES)
+        self.cluster: list[InstanceRecord] = []  # the last cluster-wide listing
+        self._heard: dict[str, list[InstanceRecord]] = {}  # node id -> what it coordinates, as last heard
+        self._specs: dict[str, ModelSpec] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def view(self) -> ClusterView:
+        return self.peers.cluster_view()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+    def records(self) -> list[InstanceRecord]:
+        """The instances placed here, live and recently ended."""
+        return [c.record(self.node_id) for c in [*self.coordinated.values(), *self.ended]]
+
+    # -- listing ----------------------------------------------------------------------------------
+    async def gather_lists(self) -> dict[str, ListReply]:
+        out = {self.node_id: self._list_reply()}
+        others = [n for n in self.view.up_nodes() if not n.is_self]
+        results = await asyncio.gather(
+            *(self.peers.call(n.id, "/peer/instances/list", ListInstances(), ListReply, LIST_TIMEOUT_S) for n in others),
+            return_exceptions=True,
+        )
+        for n, r in zip(others, results):
+            if isinstance(r, ListReply):
+                out[n.id] = r
+            else:
+                log.debug("listing instances of %s: %s", n.name, r)
+        # What each node coordinates, as last heard: a node that stopped answering keeps its records
+        # here (a successor adopts them when it is found down) until it leaves the view.
+        members = {n.id for n in self.view.nodes}
+        self._heard = {nid: recs for nid, recs in self._heard.items() if nid in members}
+        self._heard.update({nid: reply.instances for nid, reply in out.items()})
+        newest: dict[str, InstanceRecord] = {}
+        for rec in (r for recs in self._heard.values() for r in recs):
+            if rec.id not in newest or rec.epoch > newest[rec.id].epoch:
+                newest[rec.id] = rec
+        self.cluster = list(newest.values())
+        return out
+
+    async def find(self, iid: str, fresh: bool = False) -> InstanceRecord:
+        """An instance's record, live or recently ended (`fresh`: asked of every node now)."""
+        inst = self.coordinated.get(iid) or next((c for c in self.ended if c.id == iid), None)
+        if inst is not None:
+            return inst.record(self.node_id)
+        cached = next((r for r in self.cluster if r.id == iid), None)
+        if cached is not None and cached.status == "ready" and not fresh:
+            return cached  # a request to an entry that moved fails there, and is retried with a fresh record
+        for reply in (await self.gather_lists()).values():
+            for rec in reply.instances:
+                if rec.id == iid:
+                    return rec
+        raise InstanceError(404, f"no instance {iid}")
+
+    def reserved_by_node(self, lists: dict[str, ListReply]) -> dict[str, int]:
+        """Bytes to subtract from each node's offer so the planner sees what each can still promise."""
+        out = {}
+        for n in self.view.up_nodes():
+            reply = lists.get(n.id)
+            out[n.id] = n.memory_offered_bytes - reply.free_bytes if reply is not None else n.memory_offered_bytes
+        return out
+
+    # -- placing ----------------------------------------------------------------------------------
+    async def spec_of(self, model: str) -> ModelSpec:
+        spec = self._specs.get(model)
+        if spec is None:
+            from shoal.engine.loader import ModelNotFound
+            from shoal.placement.spec import spec_for
+            from shoal.weights.errors import ModelFileError
+
+            try:
+                spec = await asyncio.to_thread(spec_for, model)
+            except (ModelNotFound, ModelFileError) as e:
+                raise InstanceError(404, str(e)) from None
+            self._specs[model] = spec
+        return spec
+
+    async def create(self, body: CreateInstance) -> tuple[InstanceRecord, bool]:
+        """(the instance, whether it is new): a model that already has a live instance gets that one
+        back unless a replica is asked for."""
+        spec = await self.spec_of(body.model)
+        request = body.request()
+        last_error = ""
+        for _ in range(PLACE_ATTEMPTS):
+            lists = await self.gather_lists()
+            if not body.replica:
+                live = [r for reply in lists.values() for r in reply.instances
+                        if r.model == body.model and r.ended_at is None]
+                if live:
+                    return min(live, key=lambda r: (r.status != "ready", r.created_at)), False
+            placement = plan(spec, self.view, request, self.reserved_by_node(lists))
+            iid = secrets.token_hex(8)
+            refused = await self._reserve_all(iid, placement)
+            if not refused:
+                inst = Coordinated(iid, body.model, placement, secrets.token_hex(32), time.time())
+                self.coordinated[iid] = inst
+                spawn(self._launch(inst), self._tasks, log)
+                log.info("placing %s as %s: %s", body.model, iid, placement.reason)
+                return inst.record(self.node_id), True
+            last_error = refused
+            log.info("placing %s: %s; planning again", body.model, refused)
+            await asyncio.sleep(0.05 + 0.2 * secrets.randbelow(100) / 100)
+        raise InstanceError(409, f"could not reserve memory for {body.model}: {last_error}")
+
+    async def _reserve_all(self, iid: str, placement: Placement) -> str:
+        """Reserve on every node of the placement; '' if all agreed, else why not (and none is kept).
+
+        One node at a time, in node-id order — like taking locks in a fixed order: two coordinators
+        racing for the same nodes meet at the first one they share, and the loser holds nothing
+        the winner needs (reserving everywhere at once can make both lose, again and again)."""
+        need = placement.memory_by_node()
+        taken: list[str] = []
+        refused = ""
+        for nid in sorted(need):
+            msg = Reserve(instance_id=iid, model=placement.model[:256], bytes=need[nid], coordinator=self.node_id)
+            try:
+                reply = await self._reserve_on(nid, msg)
+            except (PeerError, InstanceError) as e:
+                refused = f"{self.peers.name(nid)}: {e}"
+                break
+            if not reply.ok:
+                refused = f"{self.peers.name(nid)}: {reply.error}"
+                break
+            taken.append(nid)
+        if refused:
+            await asyncio.gather(*(self._release_on(nid, iid) for nid in taken), return_exceptions=True)
+        return refused
+
+    async def _reserve_on(self, node_id: str, msg: Reserve) -> ReserveReply:
+        if node_id == self.node_id:
+            return self.host.reserve(msg)
+        return await self.peers.call(node_id, "/peer/instances/reserve", msg, ReserveReply)
+
+    async def _release_on(self, node_id: str, iid: str) -> None:
+        if node_id == self.node_id:
+            self.host.release(iid)
+        else:
+            await self.peers.call(node_id, "/peer/instances/release", InstanceRef(instance_id=iid), Ack)
+
+    async def _launch(self, inst: Coordinated) -> None:
+        """Start the entry rank, learn its rendezvous port, start the others."""
+        shards = inst.placement.shards
+        try:
+            first = await self._start_on(inst, 0, None)
+            if first.port is None:
+                raise RuntimeError("the entry runner reported no rendezvous port")
+            replies = await asyncio.gather(*(self._start_on(inst, s.rank, first.port) for s in shards[1:]), return_exceptions=True)
+            for r in replies:
+                if isinstance(r, Exception):
+                    raise r
+        except Exception as e:  # noqa: BLE001 - any failure to start fails the instance
+            if inst.epoch == 0:
+                await self._fail(inst, f"starting the runners failed: {e}")
+            else:  # a recovery's placement: a node of it may have gone meanwhile
+                spawn(self._recover(inst, f"starting the runners failed: {e}"), self._tasks, log)
+
+    async def _start_on(self, inst: Coordinated, rank: int, port: int | None) -> StartReply:
+        msg = StartShard(instance_id=inst.id, model=inst.model[:256], rank=rank, placement=inst.placement,
+                         master_port=port, token=inst.token, coordinator=self.node_id, epoch=inst.epoch)
+        node_id = inst.placement.shards[rank].node_id
+        if node_id == self.node_id:
+            return await self.host.start(msg)
+        return await self.peers.call(node_id, "/peer/instances/start", msg, StartReply, PORT_TIMEOUT_S + 5)
+
+    # -- life -------------------------------------------------------------------------------------
+    async def _fail(self, inst: Coordinated, why: str) -> None:
+        if inst.ended:
+            return
+        log.warning("instance %s (%s) failed: %s", inst.id, inst.model, why)
+        self._end(inst, "failed", why)
+        await self._stop_everywhere(inst)
+
+    def _end(self, inst: Coordinated, status: str, why: str = "") -> None:
+        inst.end(status, why)  # type: ignore[arg-type]
+        self.coordinated.pop(inst.id, None)
+        self.ended.append(inst)
+
+    async def _stop_everywhere(self, inst: Coordinated, only: set[str] | None = None) -> None:
+        """Stop the instance's shards on every node of its placement (`only`: those of them)."""
+        nodes = [n for n in dict.fromkeys(s.node_id for s in inst.placement.shards) if only is None or n in only]
+        ref = InstanceRef(instance_id=inst.id)
+
+        async def stop_on(nid: str) -> None:
+            if nid == self.node_id:
+                await self.host.stop(inst.id)
+            else:
+                await self.peers.call(nid, "/peer/instances/stop", ref, Ack, CALL_TIMEOUT_S + 5)
+
+        results = await asyncio.gather(*(stop_on(n) for n in nodes), return_exceptions=True)
+        for nid, r in zip(nodes, results):
+            if isinstance(r, Exception):
+                log.warning("stopping %s on %s: %s", inst.id, self.peers.name(nid), r)
+
+    async def delete(self, iid: str) -> InstanceRecord:
+        inst = self.coordinated.get(iid)
+        if inst is None:
+            ended = next((c for c in self.ended if c.id == iid), None)
+            if ended is not None:
+                return ended.record(self.node_id)
+            raise InstanceError(404, f"no instance {iid} coordinated here")
+        log.info("stopping instance %s (%s)", iid, inst.model)
+        self._end(inst, "stopped")
+        await self._stop_everywhere(inst)
+        return inst.record(self.node_id)
+
+    def on_shard_state(self, msg: ShardState) -> None:
+        inst = self.coordinated.get(msg.instance_id)
+        if inst is None or msg.epoch != inst.epoch:
+            return  # a shard of a placement that a recovery already replaced
+        inst.shard_status[msg.rank] = msg.status
+        if msg.status == "failed":  # ("stopped" is only ever a shard this coordinator stopped)
+            why = f"rank {msg.rank} on {self.peers.name(inst.placement.shards[msg.rank].node_id)} failed: {msg.error or 'runner failed'}"
+            spawn(self._recover(inst, why), self._tasks, log)
+        elif msg.status == "ready" and msg.rank == 0 and inst.status in ("loading", "recovering"):
+            # The entry is ready only once every rank joined the group: the instance is.
+            if inst.status == "recovering":
+                took = time.monotonic() - inst.recovery_started
+                self.metrics.recovery.observe(took, model=inst.model)
+                inst.event(f"re-placed on {'+'.join(_node_names(inst.placement))} in {took:.1f} s")
+                log.info("instance %s (%s) recovered in %.1f s", inst.id, inst.model, took)
+            inst.status, inst.recoveries_in_row = "ready", 0
+            log.info("instance %s (%s) ready", inst.id, inst.model)
+
+    def shard_owner(self, iid: str, rank: int) -> str | None:
+        """The node that runs a shard of an instance placed here (only it may report on it)."""
+        inst = self.coordinated.get(iid)
+        return inst.placement.shards[rank].node_id if inst is not None and rank < len(inst.placement.shards) else None
+
+    def on_member(self, kind: str, node_id: str) -> None:
+        if kind not in ("down", "leave", "drop"):
+            return
+        lost = f"{self.peers.name(node_id)} is {'gone' if kind == 'leave' else kind}"
+        for inst in list(self.coordinated.values()):
+            if any(s.node_id == node_id for s in inst.placement.shards):
+                spawn(self._recover(inst, lost), self._tasks, log)
+        self._adopt_orphans(node_id, lost)
+
+    # -- recovery ---------------------------------------------------------------------------------
+    def _adopt_orphans(self, lost_id: str, why: str) -> None:
+        """The live instances a lost node coordinated are taken over by one successor: the up node
+        with the lowest id. Every node computes the same choice from its own view, so two nodes
+        never both re-place (a brief disagreement of views at worst delays the take-over)."""
+        up = [n.id for n in self.view.up_nodes() if n.id != lost_id]
+        if not up or min(up) != self.node_id:
+            return
+        for rec in self.cluster:
+            if rec.coordinator == lost_id and rec.ended_at is None and rec.id not in self.coordinated:
+                inst = Coordinated.adopt(rec)
+                self.coordinated[inst.id] = inst
+                inst.event(f"coordinator {self.peers.name(lost_id)} lost; {self.peers.name(self.node_id)} took over")
+                log.warning("taking over instance %s (%s) from %s", inst.id, inst.model, self.peers.name(lost_id))
+                spawn(self._recover(inst, why), self._tasks, log)
+
+    async def _recover(self, inst: Coordinated, why: str) -> None:
+        """Re-plan the instance on the nodes still up and answering (auto strategy, memory reserved,
+        the reason recorded), under the same id; fail it, saying what is missing, if it no longer fits."""
+        if inst.ended:
+            return
+        if inst.recovering:
+            inst.event(why)
+            inst.recover_again = True  # this loss may have come after the plan: look again when done
+            return
+        inst.recovering, inst.recover_again = True, False
+        try:
+            while True:
+                await self._recover_once(inst, why)
+                if inst.ended or not inst.recover_again:
+                    return
+                inst.recover_again, why = False, "another node was lost while re-placing"
+        finally:
+            inst.recovering = False
+
+    async def _recover_once(self, inst: Coordinated, why: str) -> None:
+        inst.recoveries_in_row += 1
+        if inst.recoveries_in_row > MAX_RECOVERIES_IN_ROW:
+            await self._fail(inst, f"{why}; it failed {MAX_RECOVERIES_IN_ROW} times in a row after re-placing")
+            return
+        if inst.status != "recovering":
+            inst.status, inst.recovery_started = "recovering", time.monotonic()
+            self.metrics.recoveries.inc(model=inst.model)
+        inst.event(f"{why}; re-placing")
+        log.warning("instance %s (%s): %s; re-placing", inst.id, inst.model, why)
+        lists = await self.gather_lists()  # who still answers: a node that does not is as good as lost
+        await self._stop_everywhere(inst, only=set(lists))
+        answering = set(lists)
+        lists = {nid: r for nid, r in (await self.gather_lists()).items() if nid in answering}  # their memory is free now
+        spec = await self.spec_of(inst.model)
+        request = PlacementRequest(context=inst.placement.context)
+        refused = ""
+        for _ in range(PLACE_ATTEMPTS):
+            view = self.view
+            view = view.model_copy(update={"nodes": [n for n in view.nodes if n.id in lists]})
+            try:
+                placement = plan(spec, view, request, self.reserved_by_node(lists))
+            except PlacementError as e:
+                await self._fail(inst, f"{why}; {inst.model} no longer fits on the nodes left: {e}")
+                return
+            refused = await self._reserve_all(inst.id, placement)
+            if not refused:
+                break
+            await asyncio.sleep(0.05 + 0.2 * secrets.randbelow(100) / 100)
+            lists = {nid: r for nid, r in (await self.gather_lists()).items() if nid in answering}
+        else:
+            await self._fail(inst, f"{why}; could not reserve memory to re-place it: {refused}")
+            return
+        inst.placement, inst.token, inst.epoch = placement, secrets.token_hex(32), inst.epoch + 1
+        inst.shard_status = {}
+        log.info("re-placing %s (%s) as epoch %d: %s", inst.id, inst.model, inst.epoch, placement.reason)
+        await self._launch(inst)
+
+
+def _node_names(p: Placement) -> list[str]:
+    return list(dict.fromkeys(s.node_name for s in p.shards))

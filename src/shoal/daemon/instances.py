@@ -1,0 +1,260 @@
+"""Instances on a node: the component that joins the three roles and serves their routes.
+
+* `Coordinator` (coordinator.py): places instances and keeps their records.
+* `Host` (host.py): memory reservations and runner processes for every shard on this node.
+* `EntryHost` (entry_host.py): requests of the instances whose entry runs here.
+
+Their inputs are narrow: the node's id and home, a cluster-view callable and a peer client getter
+(through `Peers`), and a membership subscription. Between nodes everything goes through the signed
+peer routes below; clients use the public routes (routes.py) on any node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import web
+
+from shoal.api.metrics import Metrics
+from shoal.cluster.messages import Ack, Message
+from shoal.cluster.peer import (
+    PEER_ID,
+    PeerClient,
+    PeerError,
+    peer_handler,
+    refuse,
+    spawn,
+)
+from shoal.cluster.topology import ClusterView
+from shoal.config import NodeConfig
+from shoal.daemon.coordinator import Coordinator
+from shoal.daemon.entry_host import EntryHost
+from shoal.daemon.host import Host
+from shoal.daemon.messages import (
+    Cancel,
+    InstanceRecord,
+    InstanceRef,
+    ListInstances,
+    ListReply,
+    Poll,
+    PollReply,
+    Reserve,
+    ShardState,
+    StartShard,
+    SubmitReply,
+    SubmitRequest,
+)
+from shoal.daemon.peers import Peers
+from shoal.daemon.records import Hosted, InstanceError, public_instance
+from shoal.runner.contract import Failure, Submit
+
+log = logging.getLogger("shoal.instances")
+
+REFRESH_EVERY_S = 3.0  # the cluster-wide listing a coordinator's successor adopts from
+# A poll returns as soon as there are new tokens, else after this: short, so that a node that
+# silently went away is noticed by the requests waiting on it within seconds.
+POLL_WAIT_S = 2.0
+
+
+class InstancesComponent:
+    name = "instances"
+
+    def __init__(self, config: NodeConfig, cluster_view: Callable[[], ClusterView],
+                 client: Callable[[], PeerClient | None], metrics: Metrics, runner_env: dict[str, str] | None = None):
+        self.node_id = config.node_id
+        self.peers = Peers(config.node_id, cluster_view, client)
+        self.host = Host(config.node_id, config.home, config.memory_limit_bytes, runner_env or {}, self._report,
+                         config.kv_budget_bytes)
+        self.entries = EntryHost(self.host.hosted)
+        self.host.on_request_event = self.entries.on_event
+        self.host.on_runner_gone = self.entries.on_runner_gone
+        self.coordinator = Coordinator(config.node_id, self.peers, self.host, self._list_reply, metrics)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- life
+    def routes(self) -> list[web.RouteDef]:
+        from shoal.daemon.routes import PublicRoutes
+
+        return [
+            *PublicRoutes(self).routes(),
+            web.post("/peer/instances/reserve", peer_handler(Reserve, self._on_reserve)),
+            web.post("/peer/instances/release", peer_handler(InstanceRef, self._on_release)),
+            web.post("/peer/instances/start", peer_handler(StartShard, self._on_start)),
+            web.post("/peer/instances/stop", peer_handler(InstanceRef, self._on_stop)),
+            web.post("/peer/instances/delete", peer_handler(InstanceRef, self._on_delete)),
+            web.post("/peer/instances/state", peer_handler(ShardState, self._on_state)),
+            web.post("/peer/instances/list", peer_handler(ListInstances, self._on_list)),
+            web.post("/peer/instances/submit", peer_handler(SubmitRequest, self._on_submit)),
+            web.post("/peer/instances/poll", peer_handler(Poll, self._on_poll)),
+            web.post("/peer/instances/cancel", peer_handler(Cancel, self._on_cancel)),
+        ]
+
+    def on_member(self, kind: str, node_id: str) -> None:
+        self.coordinator.on_member(kind, node_id)
+
+    async def start(self) -> None:
+        spawn(self._refresh_loop(), self._tasks, log)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self.coordinator.stop()
+        await self.host.stop_all()  # runners go with the node
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_EVERY_S)
+            with contextlib.suppress(Exception):
+                if len(self.peers.cluster_view().up_nodes()) > 1:
+                    await self.coordinator.gather_lists()
+
+    # -- views
+    def cluster_instances(self) -> list[dict[str, Any]]:
+        """For /v1/cluster: the live instances of the last cluster-wide listing, this node's fresher."""
+        recs = {r.id: r for r in self.coordinator.cluster}
+        recs.update({r.id: r for r in self.coordinator.records()})
+        local = {(h.instance_id, h.rank): self.host.shard(h) for h in self.host.hosted.values()}
+        live = (r for r in recs.values() if r.ended_at is None)
+        return [public_instance(r, local) for r in sorted(live, key=lambda r: r.created_at)]
+
+    async def instances(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(live instances, recently ended ones), cluster-wide."""
+        lists = await self.coordinator.gather_lists()
+        shards = {(s.instance_id, s.rank): s for reply in lists.values() for s in reply.shards}
+        recs = sorted((r for reply in lists.values() for r in reply.instances), key=lambda r: r.created_at)
+        live = [public_instance(r, shards) for r in recs if r.ended_at is None]
+        ended = [public_instance(r) for r in sorted((r for r in recs if r.ended_at is not None),
+                                                    key=lambda r: r.ended_at or 0, reverse=True)]
+        return live, ended
+
+    def _list_reply(self) -> ListReply:
+        return ListReply(node_id=self.node_id, free_bytes=self.host.free_bytes(), reserved_bytes=self.host.reserved_bytes(),
+                         instances=self.coordinator.records(), shards=self.host.shards())
+
+    def _report(self, h: Hosted, msg: ShardState) -> None:
+        """A shard's state, to its instance's coordinator."""
+        if h.coordinator == self.node_id:
+            self.coordinator.on_shard_state(msg)
+            return
+
+        async def send() -> None:
+            try:
+                await self.peers.call(h.coordinator, "/peer/instances/state", msg, Ack)
+            except (PeerError, InstanceError) as e:
+                log.warning("telling the coordinator of %s about rank %d: %s", h.instance_id, h.rank, e)
+
+        spawn(send(), self._tasks, log)
+
+    # -- requests, from any node ------------------------------------------------------------------
+    async def submit(self, rec: InstanceRecord, request: Submit) -> tuple[SubmitReply, AsyncIterator[PollReply]]:
+        """Hand a request to the instance's entry (here, or on another node). The reply says
+        whether its scheduler took it; if it did, the iterator yields what it streams until done
+        (closing the iterator early cancels the request)."""
+        if rec.entry == self.node_id:
+            req = await self.entries.submit(rec.id, request)
+            if req.error is not None:
+                return SubmitReply(accepted=False, error=req.error), _nothing()
+            reply = SubmitReply(accepted=True, prompt_tokens=len(req.prompt_ids or []))
+
+            async def poll_here(after: int) -> PollReply:
+                return await self.entries.poll(rec.id, request.rid, after, POLL_WAIT_S)
+
+            async def cancel_here() -> None:
+                self.entries.cancel(rec.id, request.rid)
+
+            return reply, _follow(poll_here, cancel_here)
+        reply = await self.peers.call(rec.entry, "/peer/instances/submit", SubmitRequest(instance_id=rec.id, request=request),
+                                      SubmitReply, 40.0)
+        if not reply.accepted:
+            return reply, _nothing()
+
+        async def poll_there(after: int) -> PollReply:
+            return await self.peers.call(rec.entry, "/peer/instances/poll",
+                                         Poll(instance_id=rec.id, rid=request.rid, after=after, wait_s=POLL_WAIT_S),
+                                         PollReply, POLL_WAIT_S + 3)
+
+        async def cancel_there() -> None:
+            await self.peers.call(rec.entry, "/peer/instances/cancel", Cancel(instance_id=rec.id, rid=request.rid), Ack)
+
+        return reply, _follow(poll_there, cancel_there)
+
+    # -- peer routes ------------------------------------------------------------------------------
+    async def _on_reserve(self, request: web.Request, msg: Reserve) -> Message:
+        return self.host.reserve(msg)
+
+    async def _on_release(self, request: web.Request, msg: InstanceRef) -> Message:
+        self.host.release(msg.instance_id)
+        return Ack()
+
+    async def _on_start(self, request: web.Request, msg: StartShard) -> Message | web.Response:
+        if request[PEER_ID] != msg.coordinator:
+            return refuse(request, 403, "only the coordinator starts its shards")
+        try:
+            return await self.host.start(msg)
+        except InstanceError as e:
+            return refuse(request, e.status, str(e))
+
+    async def _on_stop(self, request: web.Request, msg: InstanceRef) -> Message:
+        await self.host.stop(msg.instance_id)
+        self.entries.forget(msg.instance_id)
+        return Ack()
+
+    async def _on_delete(self, request: web.Request, msg: InstanceRef) -> Message | web.Response:
+        try:
+            await self.coordinator.delete(msg.instance_id)
+        except InstanceError as e:
+            return refuse(request, e.status, str(e))
+        return Ack()
+
+    async def _on_state(self, request: web.Request, msg: ShardState) -> Message:
+        # Only the node that runs a shard may say how it is doing.
+        if request[PEER_ID] == self.coordinator.shard_owner(msg.instance_id, msg.rank):
+            self.coordinator.on_shard_state(msg)
+        return Ack()
+
+    async def _on_list(self, request: web.Request, msg: ListInstances) -> Message:
+        return self._list_reply()
+
+    async def _on_submit(self, request: web.Request, msg: SubmitRequest) -> Message | web.Response:
+        try:
+            req = await self.entries.submit(msg.instance_id, msg.request)
+        except InstanceError as e:  # its entry is not (or no longer) here: it may be moving
+            return SubmitReply(accepted=False, error=Failure(status=503, message=str(e), code="model_unavailable",
+                                                             retry_after=1.0))
+        if req.error is not None:
+            return SubmitReply(accepted=False, error=req.error)
+        return SubmitReply(accepted=True, prompt_tokens=len(req.prompt_ids or []))
+
+    async def _on_poll(self, request: web.Request, msg: Poll) -> Message | web.Response:
+        try:
+            return await self.entries.poll(msg.instance_id, msg.rid, msg.after, msg.wait_s)
+        except InstanceError as e:
+            return refuse(request, e.status, str(e))
+
+    async def _on_cancel(self, request: web.Request, msg: Cancel) -> Message:
+        self.entries.cancel(msg.instance_id, msg.rid)
+        return Ack()
+
+
+async def _nothing() -> AsyncIterator[PollReply]:
+    return
+    yield  # an empty async generator
+
+
+async def _follow(poll: Callable[[int], Any], cancel: Callable[[], Any]) -> AsyncIterator[PollReply]:
+    """Poll a request until it is done; cancel it if the consumer stops early."""
+    after, done = 0, False
+    try:
+        while not done:
+            reply: PollReply = await poll(after)
+            after += len(reply.tokens)
+            done = reply.done
+            yield reply
+    finally:
+        if not done:
+            with contextlib.suppress(Exception):
+                await cancel()
