@@ -91,7 +91,7 @@ def bench_gemv(kinds, G, stream_mb, peak):
                 it[0] = i + 1 if i + 1 < copies else 0
             t_str = best_time(step, max(reps, copies), batches=5)
             del fns
-            W = torch.from_numpy(qw.dequantize())
+            W = torch.from_numpy(K.dequantize(qw))
             xt = torch.from_numpy(x)
             with torch.inference_mode():
                 t_torch = best_time(lambda: F.linear(xt, W), max(10, reps // 4))

@@ -138,13 +138,20 @@ if [ "$model" != "none" ]; then
   esac
 fi
 
-# Run until Ctrl-C, or until a node dies by itself.
+# Run until Ctrl-C. A node that dies (try `kill -9` on one) leaves the others running: its log tail
+# is shown, and what the cluster did about it (the model re-placed on the nodes left, its streams
+# resumed there) a few seconds later.
+gone=()
 while :; do
   for idx in "${!pids[@]}"; do
+    [[ " ${gone[*]-} " == *" $idx "* ]] && continue
     if ! kill -0 "${pids[$idx]}" 2>/dev/null; then
-      echo "demo: node pid ${pids[$idx]} exited; its log:" >&2
-      tail -n 20 "$work/node-${letters[$idx]}.log" >&2 || true
-      exit 1
+      gone+=("$idx")
+      echo "demo: node-${letters[$idx]} (pid ${pids[$idx]}) exited; the last lines of its log:" >&2
+      tail -n 5 "$work/node-${letters[$idx]}.log" >&2 || true
+      if [ ${#gone[@]} -ge ${#pids[@]} ]; then echo "demo: every node is gone" >&2; exit 1; fi
+      alive=$(for j in "${!pids[@]}"; do [[ " ${gone[*]} " == *" $j "* ]] || { echo "${urls[$j]}"; break; }; done)
+      ( sleep 8; echo "demo: the cluster now (from $alive):" >&2; "$shoal" instances --cluster "$alive" >&2 || true ) &
     fi
   done
   sleep 1

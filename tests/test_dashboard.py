@@ -310,7 +310,9 @@ def test_placement_ui_with_server_shapes(browser: Any, cluster: Cluster) -> None
         return {**real_inst["shards"][0], **{k: sh[k] for k in keep}}
 
     instance = {**real_inst, "id": "inst-stub-1", "strategy": "pipeline", "status": "loading", "error": None,
-                "shards": [inst_shard(sh) for sh in pipeline["shards"]], "prediction": prediction}
+                "shards": [inst_shard(sh) for sh in pipeline["shards"]], "prediction": prediction, "epoch": 1,
+                "events": [{"at": time.time() - 5, "text": "node-c (0a1b2c3d) is down; re-placing"},
+                           {"at": time.time() - 2, "text": "re-placed on node-a+node-b in 3.4 s"}]}
     failed = {**instance, "id": "inst-stub-0", "status": "failed", "error": "rank 1: runner failed",
               "ended_at": time.time() - 30}
     calls: list[str] = []
@@ -357,6 +359,8 @@ def test_placement_ui_with_server_shapes(browser: Any, cluster: Cluster) -> None
     expect(inst).to_have_attribute("data-status", "ready", timeout=15_000)
     expect(inst.locator(".layerbar > span")).to_have_count(2)
     expect(inst.locator(".meta").first).to_contain_text("predicted 48.2 tok/s")
+    expect(inst.locator(".events li")).to_have_count(2)  # what happened to it: a recovery
+    expect(inst.locator(".events")).to_contain_text("re-placed on node-a+node-b in 3.4 s")
     expect(node_card(pg, "node-b").locator(".chip")).to_contain_text("layers 16–29")
     # The failed instance is listed apart, with its error and no button.
     gone = pg.locator('#ended-list li.instance[data-instance-id="inst-stub-0"]')

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from shoal.synthetic import fp8_block_quantize, make_checkpoint, mlx_quantize, pack_int4
 from shoal.weights.hf import HFCheckpoint
 from shoal.weights.hf_quant import fp8_block_dequantize, pack_quantized_to_weight
+from shoal.quant.kernels import dequantize
 
 # ----------------------------------------------------------------------------- reference decoders
 
@@ -82,7 +83,7 @@ def test_fp8_is_held_as_8bit_codes_within_half_a_step():
     assert held.kind == "q8_sym" and held.group_size == 32
     assert held.codes.nbytes + held.scales.nbytes == 256 * 320 * 1.125  # not float32's 4 bytes/param
     step = np.repeat(held.scales, 32, axis=1)
-    assert np.all(np.abs(held.dequantize() - exact) <= step / 2 + 1e-7 * np.abs(exact))
+    assert np.all(np.abs(dequantize(held) - exact) <= step / 2 + 1e-7 * np.abs(exact))
     assert np.all(np.abs(held.codes.astype(np.int32)).reshape(256, 10, 32).max(axis=-1) == 127)  # each group's max is exact
     odd = fp8_block_dequantize(*fp8_block_quantize(torch.randn(8, 40)))
     assert isinstance(fp8_to_q8(odd), torch.Tensor)  # a width that is not a multiple of 32 stays float32
@@ -107,7 +108,7 @@ def test_int4_pack_quantized_symmetric(group):
     qw = pack_quantized_to_weight(p["weight_packed"], p["weight_scale"], tuple(p["weight_shape"].tolist()), 4)
     assert qw.kind == "q4_affine" and qw.group_size == group and qw.shape == (48, 256)
     want = ref_pack(p["weight_packed"], p["weight_scale"], 256, 4)
-    torch.testing.assert_close(torch.from_numpy(qw.dequantize()), want, atol=0, rtol=0)  # bf16 scales: exact
+    torch.testing.assert_close(torch.from_numpy(dequantize(qw)), want, atol=0, rtol=0)  # bf16 scales: exact
     assert float((want - w).abs().max()) <= float(p["weight_scale"].float().max()) * 0.5 + 1e-6
 
 
@@ -131,7 +132,7 @@ def test_pack_quantized_asymmetric_with_zero_point(bits):
     qw = pack_quantized_to_weight(packed, scale, (N, K), bits, zp)
     want = ref_pack(packed, scale, K, bits, zp)
     # scale*code + (-zero*scale) vs (code - zero)*scale: float32 rounding of terms up to 2^bits * scale
-    torch.testing.assert_close(torch.from_numpy(qw.dequantize()), want, atol=3e-7 * (1 << bits), rtol=0)
+    torch.testing.assert_close(torch.from_numpy(dequantize(qw)), want, atol=3e-7 * (1 << bits), rtol=0)
 
 
 def test_int4_matches_compressed_tensors():
@@ -142,7 +143,7 @@ def test_int4_matches_compressed_tensors():
     scale = (torch.rand(24, 3) + 0.5).to(torch.bfloat16)  # as checkpoints store them
     qw = pack_quantized_to_weight(packed, scale, (24, 96), 4)
     theirs = helpers.unpack_from_int32(packed, 4, torch.Size([24, 96])).float() * scale.float().repeat_interleave(32, dim=1)
-    torch.testing.assert_close(torch.from_numpy(qw.dequantize()), theirs, atol=0, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(dequantize(qw)), theirs, atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- MLX
@@ -172,7 +173,7 @@ def test_checkpoint_shows_plain_names_and_reads_one_stacked_expert(tmp_path):
     with safe_open(path / "model.safetensors", "pt") as f:
         parts = {p: f.get_tensor(f"{stacked}.{p}") for p in ("weight", "scales", "biases")}
     want = ref_mlx(parts["weight"], parts["scales"], parts["biases"], 4)[5]
-    torch.testing.assert_close(torch.from_numpy(one.dequantize()), want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(dequantize(one)), want, atol=1e-6, rtol=1e-6)
     assert ckpt.tensor_nbytes(name) * 8 == sum(t.numel() * t.element_size() for t in parts.values())
 
 

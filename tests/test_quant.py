@@ -15,6 +15,7 @@ from shoal.quant import kernels as K  # noqa: E402
 from shoal.quant import linear as L  # noqa: E402
 from shoal.quant.formats import QuantizedWeight, from_gguf, from_mlx, quantize_affine  # noqa: E402
 from shoal.quant.linear import QuantLinear, can_fuse_rows, dense_or_quant_linear, fuse_rows  # noqa: E402
+from shoal.quant.kernels import dequantize
 
 
 def rng(seed=0):
@@ -39,7 +40,7 @@ def _random_blocks(t, N, Kd, f16_offsets, r):
 
 
 def _as_dense(x):
-    return x if isinstance(x, np.ndarray) else x.dequantize()
+    return x if isinstance(x, np.ndarray) else dequantize(x)
 
 
 @pytest.mark.parametrize("qtype", QUANTIZABLE, ids=lambda t: t.name)
@@ -63,7 +64,7 @@ def test_from_gguf_exact_k_quants(qtype):
     ref = gguf.quants.dequantize(raw, qtype)
     qw = from_gguf(raw, qtype, (N, Kd))
     assert isinstance(qw, QuantizedWeight)
-    assert np.array_equal(qw.dequantize(), ref)
+    assert np.array_equal(dequantize(qw), ref)
 
 
 def test_from_gguf_kinds_and_group_sizes():
@@ -89,7 +90,7 @@ def test_from_gguf_q8_k():
     qs = b[..., 4:260].view(np.int8).astype(np.float32)
     ref = (d[..., None] * qs).reshape(N, Kd)
     assert qw.kind == "q8_sym" and qw.group_size == 256
-    assert np.array_equal(qw.dequantize(), ref)
+    assert np.array_equal(dequantize(qw), ref)
 
 
 def test_from_gguf_dense_views_and_errors():
@@ -146,7 +147,7 @@ KERNEL_CASES = [("q4_affine", 32), ("q4_affine", 64), ("q4_affine", 8),
 @pytest.mark.parametrize("kind,G", KERNEL_CASES)
 def test_dequantize_kernel_exact(kind, G):
     qw = _random_qw(kind, 37, 256, G, rng(6))
-    assert np.array_equal(qw.dequantize(), _numpy_dequant(qw))
+    assert np.array_equal(dequantize(qw), _numpy_dequant(qw))
 
 
 def _rel_err(got, ref):
@@ -158,7 +159,7 @@ def test_matmul_kernels(kind, G):
     r = rng(7)
     for N, Kd in [(37, 256), (1, 64), (5, 576)]:
         qw = _random_qw(kind, N, Kd, G, r)
-        W = qw.dequantize().astype(np.float64)
+        W = dequantize(qw).astype(np.float64)
         for M in (1, 3, 17, 64):
             x = r.standard_normal((M, Kd)).astype(np.float32)
             out = np.full((M, N), np.nan, np.float32)
@@ -182,7 +183,7 @@ def test_matmul_batches(kind, G):
     Kd = 384
     for N in (1, 2, 7, 38):
         qw = _random_qw(kind, N, Kd, G, r)
-        W = qw.dequantize().astype(np.float64)
+        W = dequantize(qw).astype(np.float64)
         for M in range(2, 18):
             x = r.standard_normal((M, Kd)).astype(np.float32)
             out = np.full((M, N), np.nan, np.float32)
@@ -219,12 +220,12 @@ def test_batch_tile_decode_paths_agree():
         run_lookup(qw.codes, qw.scales, qw.biases, x, a, 256 // G, G // 32, 10)
         run_convert(qw.codes, qw.scales, qw.biases, x, b, 256 // G, G // 32, 10)
         assert np.array_equal(a, b)
-        assert _rel_err(a, x.astype(np.float64) @ qw.dequantize().astype(np.float64).T) <= 1e-6
+        assert _rel_err(a, x.astype(np.float64) @ dequantize(qw).astype(np.float64).T) <= 1e-6
 
 
 def _assert_batch_close(out, x, qw):
     """The bound of test_matmul_batches: float32 summation error relative to sum |W x|."""
-    W = qw.dequantize().astype(np.float64)
+    W = dequantize(qw).astype(np.float64)
     ref = x.astype(np.float64) @ W.T
     scale = np.abs(x.astype(np.float64)) @ np.abs(W).T
     assert np.all(np.abs(out - ref) <= 5e-7 * scale)
@@ -318,7 +319,7 @@ def test_matmul_real_formats(qtype):
     N, Kd = 33, 576
     w = r.standard_normal((N, Kd)).astype(np.float32)
     qw = from_gguf(gguf.quants.quantize(w, qtype), qtype, (N, Kd))
-    W = qw.dequantize().astype(np.float64)
+    W = dequantize(qw).astype(np.float64)
     for M in (1, 3, 17, 64):
         x = r.standard_normal((M, Kd)).astype(np.float32)
         assert _rel_err(K.matmul(qw, x), x.astype(np.float64) @ W.T) <= 1e-5
@@ -328,7 +329,7 @@ def test_matmul_real_formats(qtype):
 def test_gather_rows(kind, G):
     qw = _random_qw(kind, 41, 128, G, rng(9))
     ids = np.array([3, 0, 40, 3, 17])
-    assert np.array_equal(K.gather_rows(qw, ids), qw.dequantize()[ids])
+    assert np.array_equal(K.gather_rows(qw, ids), dequantize(qw)[ids])
     assert K.gather_rows(qw, np.array([], np.int64)).shape == (0, 128)
     with pytest.raises(IndexError):
         K.gather_rows(qw, np.array([41]))
@@ -371,13 +372,13 @@ def test_from_mlx(bits, G):
     qw = from_mlx(packed, scales16, biases16, bits, G)
     assert qw.kind == {4: "q4_affine", 8: "q8_affine", 2: "q8_affine"}[bits]
     assert qw.shape == (N, Kd) and qw.group_size == G
-    assert np.array_equal(qw.dequantize(), ref)
+    assert np.array_equal(dequantize(qw), ref)
     # torch inputs (bf16 scales, int32 view of the words) give the same values for bf16-exact data
     sb = torch.from_numpy(scales16.astype(np.float32)).bfloat16()
     bb = torch.from_numpy(biases16.astype(np.float32)).bfloat16()
     qw2 = from_mlx(torch.from_numpy(packed.view(np.int32)), sb, bb, bits, G)
     ref2 = (np.repeat(sb.float().numpy(), G, 1) * q.astype(np.float32) + np.repeat(bb.float().numpy(), G, 1))
-    assert np.array_equal(qw2.dequantize(), ref2)
+    assert np.array_equal(dequantize(qw2), ref2)
 
 
 def test_from_mlx_errors():
@@ -397,7 +398,7 @@ def test_quantize_affine_error_bound(bits, G):
     w[3, :G] = 0.7                                    # constant group
     qw = quantize_affine(w, bits, G)
     assert qw.kind == ("q4_affine" if bits == 4 else "q8_affine")
-    dq = qw.dequantize()
+    dq = dequantize(qw)
     err = np.abs(dq - w).reshape(17, -1, G).max(-1)
     assert np.all(err <= qw.scales * 0.5 * (1 + 1e-4) + 1e-6 * np.abs(w).reshape(17, -1, G).max(-1))
     assert np.array_equal(dq[3, :G], w[3, :G])
@@ -414,7 +415,7 @@ def test_quantlinear_paths(kind, G, monkeypatch):
     N, Kd = 45, 192
     qw = _random_qw(kind, N, Kd, G, r)
     bias = torch.from_numpy(r.standard_normal(N).astype(np.float32))
-    Wt = torch.from_numpy(qw.dequantize())
+    Wt = torch.from_numpy(dequantize(qw))
     for b in (None, bias):
         mod = QuantLinear(qw, b)
         for shape in [(1, Kd), (3, Kd), (2, 1, Kd), (QuantLinear.small_m, Kd), (QuantLinear.small_m + 1, Kd),
@@ -465,7 +466,7 @@ def test_fuse_rows():
     ws = [_random_qw("q4_affine", n, 64, 32, r) for n in (8, 3, 5)]
     fz = fuse_rows(ws)
     assert fz.shape == (16, 64)
-    assert np.array_equal(fz.dequantize(), np.concatenate([w.dequantize() for w in ws]))
+    assert np.array_equal(dequantize(fz), np.concatenate([dequantize(w) for w in ws]))
     x = r.standard_normal((2, 64)).astype(np.float32)
     assert np.allclose(K.matmul(fz, x), np.concatenate([K.matmul(w, x) for w in ws], axis=1), rtol=1e-5, atol=1e-6)
     d = fuse_rows([np.ones((2, 4), np.float32), np.zeros((3, 4), np.float16)])
@@ -486,13 +487,13 @@ def test_fuse_rows_mixed():
     for parts, kind, G in [([a, b, c], "q8_affine", 16), ([a, d], "q4_affine", 32), ([b, _random_qw("q8_sym", 2, 64, 32, r)], "q8_sym", 16)]:
         fz = fuse_rows(parts)
         assert (fz.kind, fz.group_size) == (kind, G)
-        ref = np.concatenate([p.dequantize() for p in parts]).astype(np.float64)
-        assert np.allclose(fz.dequantize(), ref, rtol=1e-6, atol=1e-7)
+        ref = np.concatenate([dequantize(p) for p in parts]).astype(np.float64)
+        assert np.allclose(dequantize(fz), ref, rtol=1e-6, atol=1e-7)
         assert _rel_err(K.matmul(fz, x), x.astype(np.float64) @ ref.T) <= 1e-5
     # exact when no q8_sym -> affine shift is needed
-    assert np.array_equal(fuse_rows([a, d]).dequantize(), np.concatenate([a.dequantize(), d.dequantize()]))
+    assert np.array_equal(dequantize(fuse_rows([a, d])), np.concatenate([dequantize(a), dequantize(d)]))
     dense = fuse_rows([a, np.ones((2, 64), np.float32)])
-    assert isinstance(dense, np.ndarray) and np.array_equal(dense[:6], a.dequantize())
+    assert isinstance(dense, np.ndarray) and np.array_equal(dense[:6], dequantize(a))
 
 
 def test_kernels_check_shapes():

@@ -15,7 +15,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -251,3 +250,15 @@ def test_an_ollama_stream_goes_on_through_the_loss(launcher: NodeLauncher) -> No
     assert n > KILL_AFTER
     got, _, got_count = chat(lambda: machine_dies(c))
     assert got == want and got_count == want_count
+
+
+def test_a_node_that_leaves_moves_its_shards_first(launcher: NodeLauncher) -> None:
+    a, b, c = cluster(launcher, ["a", "b", "c"])
+    inst = place(a, ["a", "b", "c"])
+    want = uninterrupted(a)
+    got = Stream(a, lambda: os.kill(c.proc.pid, signal.SIGTERM)).run()
+    assert_same(got, want)
+    assert c.proc.wait(90) == 0
+    now = recovered(a, inst["id"], "c")
+    assert any("c (" in e["text"] and "is leaving" in e["text"] for e in now["events"]), now["events"]
+    assert "moving 1 shard(s) elsewhere first" in c.log() and "every shard moved" in c.log()

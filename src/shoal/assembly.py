@@ -40,6 +40,7 @@ def build(config: NodeConfig) -> Node:
     instances = InstancesComponent(config, node.cluster_view, lambda: node.membership.client, metrics)
     node.membership.subscribe(instances.on_member)
     node.add_component(instances)
+    node.add_drain(instances.drain)
     node.instances_view = instances.cluster_instances
 
     service_config = ServiceConfig()

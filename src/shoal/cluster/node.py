@@ -8,7 +8,8 @@ Order of life (each step bounded, so a stuck part cannot hang start or exit):
             4. start components in order: membership (hello to seeds), links, discovery
             5. log "ready"
     run     wait for SIGINT/SIGTERM (a second signal exits at once)
-    stop    1. announce leave to the members (≤ 1 s)
+    stop    0. drain: move this node's work elsewhere first (≤ 60 s; the instances it hosts)
+            1. announce leave to the members (≤ 1 s)
             2. stop components in reverse order (≤ 2 s each)
             3. close the HTTP server (≤ 3 s) and the session; unlock <home>
 
@@ -25,7 +26,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
 from typing import IO, Any, Protocol
 
@@ -47,6 +48,7 @@ log = logging.getLogger("shoal.node")
 
 PROFILE_BUDGET_S = 4.0
 LEAVE_TIMEOUT_S = 1.0
+DRAIN_TIMEOUT_S = 60.0  # a leaving node waits this long at most for its work to move elsewhere
 COMPONENT_TIMEOUT_S = 2.0
 SERVER_CLOSE_TIMEOUT_S = 3.0
 # Client bodies (future: prompts, uploads) may be larger than peer ones; /peer/* has its own limits.
@@ -96,6 +98,7 @@ class Node:
         self._runner: web.AppRunner | None = None
         self._started: list[Component] = []
         self._stop = asyncio.Event()
+        self._drains: list[Callable[[], Awaitable[None]]] = []
         self._lock_file: IO[str] | None = None
 
     # -- extension points ---------------------------------------------------------------------------
@@ -105,6 +108,11 @@ class Node:
     def add_component(self, component: Component) -> None:
         self.components.append(component)
         self.add_routes(component.routes())
+
+    def add_drain(self, drain: Callable[[], Awaitable[None]]) -> None:
+        """Work to move elsewhere before this node leaves (on SIGTERM): awaited, at most
+        DRAIN_TIMEOUT_S in all, while the node is still a member and still serves."""
+        self._drains.append(drain)
 
     def cluster_view(self) -> ClusterView:
         now = time.time()
@@ -179,6 +187,11 @@ class Node:
 
     async def shutdown(self) -> None:
         log.info("shutting down")
+        if self._drains and self._started:
+            try:
+                await asyncio.wait_for(asyncio.gather(*(d() for d in self._drains)), DRAIN_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - including TimeoutError: leave anyway
+                log.warning("draining: %s", e or type(e).__name__)
         with suppress(Exception):
             await asyncio.wait_for(self.membership.leave(LEAVE_TIMEOUT_S), LEAVE_TIMEOUT_S + 0.5)
         for c in reversed(self._started):

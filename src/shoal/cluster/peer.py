@@ -167,6 +167,14 @@ def _url(host: str, port: int, path: str) -> str:
     return f"http://{h}:{port}{path}"
 
 
+def _refusal_text(body: bytes) -> str:
+    """What a refusing peer said (its `Refusal`'s words), never a byte string."""
+    try:
+        return Refusal.model_validate_json(body).error
+    except ValidationError:
+        return body[:200].decode("utf-8", errors="replace")
+
+
 class PeerClient:
     """Signed requests to other nodes over one shared keep-alive session."""
 
@@ -190,7 +198,7 @@ class PeerClient:
                 except AuthError as e:
                     raise PeerError(f"{host}:{port}{path}: HTTP {resp.status}, {e.reason}") from None
                 if resp.status != 200:
-                    raise PeerError(f"{host}:{port}{path}: HTTP {resp.status} {out[:200]!r}")
+                    raise PeerError(f"{host}:{port}{path}: HTTP {resp.status}: {_refusal_text(out)}")
                 return out, replier
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise PeerError(f"{host}:{port}{path}: {type(e).__name__} {e}".strip()) from None

@@ -311,6 +311,13 @@ class Coordinator:
                 log.warning("taking over instance %s (%s) from %s", inst.id, inst.model, self.peers.name(lost_id))
                 spawn(self._recover(inst, why), self._tasks, log)
 
+    def drain(self, node_id: str) -> None:
+        """Move every instance placed here off a node that is leaving (it still serves meanwhile)."""
+        for inst in list(self.coordinated.values()):
+            if any(s.node_id == node_id for s in inst.placement.shards):
+                inst.exclude.add(node_id)
+                spawn(self._recover(inst, f"{self.peers.name(node_id)} is leaving"), self._tasks, log)
+
     async def _recover(self, inst: Coordinated, why: str) -> None:
         """Re-plan the instance on the nodes still up and answering (auto strategy, memory reserved,
         the reason recorded), under the same id; fail it, saying what is missing, if it no longer fits."""
@@ -349,7 +356,7 @@ class Coordinator:
         refused = ""
         for _ in range(PLACE_ATTEMPTS):
             view = self.view
-            view = view.model_copy(update={"nodes": [n for n in view.nodes if n.id in lists]})
+            view = view.model_copy(update={"nodes": [n for n in view.nodes if n.id in lists and n.id not in inst.exclude]})
             try:
                 placement = plan(spec, view, request, self.reserved_by_node(lists))
             except PlacementError as e:

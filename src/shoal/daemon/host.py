@@ -57,6 +57,7 @@ class Host:
         self.reservations: dict[str, Reservation] = {}
         self.on_request_event: Callable[[Hosted, RequestEvent], None] = lambda h, ev: None
         self.on_runner_gone: Callable[[Hosted], None] = lambda h: None
+        self.draining = False  # leaving: no new shards here
 
     # -- memory
     def free_bytes(self) -> int:
@@ -80,6 +81,8 @@ class Host:
 
     def reserve(self, msg: Reserve) -> ReserveReply:
         free = self.free_bytes()
+        if self.draining:
+            return ReserveReply(ok=False, free_bytes=0, error="this node is leaving")
         if msg.instance_id in self.reservations:
             return ReserveReply(ok=True, free_bytes=free)
         if msg.bytes > free:

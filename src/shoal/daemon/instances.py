@@ -36,6 +36,7 @@ from shoal.daemon.entry_host import EntryHost
 from shoal.daemon.host import Host
 from shoal.daemon.messages import (
     Cancel,
+    DrainNode,
     InstanceRecord,
     InstanceRef,
     ListInstances,
@@ -50,6 +51,7 @@ from shoal.daemon.messages import (
 )
 from shoal.daemon.peers import Peers
 from shoal.daemon.records import Hosted, InstanceError, public_instance
+from shoal.daemon.routes import PublicRoutes
 from shoal.runner.contract import Failure, Submit
 
 log = logging.getLogger("shoal.instances")
@@ -77,8 +79,6 @@ class InstancesComponent:
 
     # -- life
     def routes(self) -> list[web.RouteDef]:
-        from shoal.daemon.routes import PublicRoutes
-
         return [
             *PublicRoutes(self).routes(),
             web.post("/peer/instances/reserve", peer_handler(Reserve, self._on_reserve)),
@@ -91,6 +91,7 @@ class InstancesComponent:
             web.post("/peer/instances/submit", peer_handler(SubmitRequest, self._on_submit)),
             web.post("/peer/instances/poll", peer_handler(Poll, self._on_poll)),
             web.post("/peer/instances/cancel", peer_handler(Cancel, self._on_cancel)),
+            web.post("/peer/instances/drain", peer_handler(DrainNode, self._on_drain)),
         ]
 
     def on_member(self, kind: str, node_id: str) -> None:
@@ -111,6 +112,26 @@ class InstancesComponent:
             with contextlib.suppress(Exception):
                 if len(self.peers.cluster_view().up_nodes()) > 1:
                     await self.coordinator.gather_lists()
+
+    async def drain(self) -> None:
+        """Before this node leaves: have the coordinators of the instances it hosts re-place them
+        elsewhere (their streams resume there), and wait until its runners are stopped."""
+        self.host.draining = True
+        coordinators = {h.coordinator for h in self.host.hosted.values()}
+        if not coordinators:
+            return
+        log.info("leaving: moving %d shard(s) elsewhere first", len(self.host.hosted))
+        for nid in coordinators:
+            try:
+                if nid == self.node_id:
+                    self.coordinator.drain(self.node_id)
+                else:
+                    await self.peers.call(nid, "/peer/instances/drain", DrainNode(node_id=self.node_id), Ack)
+            except (PeerError, InstanceError) as e:
+                log.warning("asking %s to move its instances: %s", self.peers.name(nid), e)
+        while self.host.hosted:
+            await asyncio.sleep(0.2)
+        log.info("leaving: every shard moved")
 
     # -- views
     def cluster_instances(self) -> list[dict[str, Any]]:
@@ -234,6 +255,12 @@ class InstancesComponent:
             return await self.entries.poll(msg.instance_id, msg.rid, msg.after, msg.wait_s)
         except InstanceError as e:
             return refuse(request, e.status, str(e))
+
+    async def _on_drain(self, request: web.Request, msg: DrainNode) -> Message | web.Response:
+        if request[PEER_ID] != msg.node_id:
+            return refuse(request, 403, "only a node itself may say it is leaving")
+        self.coordinator.drain(msg.node_id)
+        return Ack()
 
     async def _on_cancel(self, request: web.Request, msg: Cancel) -> Message:
         self.entries.cancel(msg.instance_id, msg.rid)

@@ -142,6 +142,12 @@ class PollReply(Message):
     stats: SeqStats | None = None  # once done
 
 
+class DrainNode(Message):
+    """A node that is leaving asks the coordinators of the instances it hosts to move them."""
+
+    node_id: NodeId
+
+
 class Cancel(Message):
     instance_id: InstanceId
     rid: RequestId

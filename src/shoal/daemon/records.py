@@ -121,6 +121,7 @@ class Coordinated:
     recover_again: bool = False  # a node was lost while it ran
     recovery_started: float = 0.0  # monotonic
     recoveries_in_row: int = 0  # since it was last ready
+    exclude: set[str] = field(default_factory=set)  # nodes that are leaving: never placed on again
 
     KEEP_EVENTS = 32
 

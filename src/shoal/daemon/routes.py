@@ -7,21 +7,42 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shoal.cluster.messages import Ack
 from shoal.cluster.peer import PeerError
-from shoal.daemon.messages import CreateInstance, InstanceRef
+from shoal.daemon.coordinator import Coordinator
+from shoal.daemon.entry_host import EntryHost
+from shoal.daemon.host import Host
+from shoal.daemon.messages import (
+    CreateInstance,
+    InstanceRecord,
+    InstanceRef,
+    PollReply,
+    SubmitReply,
+)
+from shoal.daemon.peers import Peers
 from shoal.daemon.records import InstanceError, public_instance
 from shoal.placement.contract import PlacementError, PlacementRequest
 from shoal.placement.planner import plan, plan_each_strategy
 from shoal.runner.contract import MAX_PROMPT_IDS, MAX_TEXT, ChatTurn, Sampling, Submit
 
-if TYPE_CHECKING:
-    from shoal.daemon.instances import InstancesComponent
+
+class Instances(Protocol):
+    """What the routes use of the instances component (daemon/instances.py)."""
+
+    coordinator: Coordinator
+    host: Host
+    entries: EntryHost
+    peers: Peers
+
+    async def instances(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]: ...
+
+    async def submit(self, rec: InstanceRecord, request: Submit) -> tuple[SubmitReply, AsyncIterator[PollReply]]: ...
 
 
 class GenerateBody(BaseModel):
@@ -42,7 +63,7 @@ def _first_error(e: ValidationError) -> str:
 
 
 class PublicRoutes:
-    def __init__(self, component: InstancesComponent):
+    def __init__(self, component: Instances):
         self.c = component
 
     def routes(self) -> list[web.RouteDef]:

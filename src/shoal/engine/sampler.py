@@ -42,9 +42,14 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return g
 
 
+# Below this, dividing the logits by the temperature overflows float32 (inf - inf = NaN): such a
+# temperature means "the most likely token", which is what greedy gives.
+MIN_TEMPERATURE = 1e-4
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """logits (vocab,) float32 -> token id."""
-    if params.temperature == 0:
+    if params.temperature < MIN_TEMPERATURE:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:

@@ -192,7 +192,7 @@ def slice_cols(w: Weight, a: int, b: int) -> Weight:
 def as_tensor(w: Weight) -> torch.Tensor:
     """A float32 tensor of any weight (quantized ones dequantized: only for small ones, norms and biases)."""
     if isinstance(w, QuantizedWeight):
-        return torch.from_numpy(w.dequantize())
+        return torch.from_numpy(dequantize(w))
     if isinstance(w, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
     return w.float()

@@ -80,11 +80,6 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return self.codes.nbytes + self.scales.nbytes + (0 if self.biases is None else self.biases.nbytes)
 
-    def dequantize(self) -> np.ndarray:
-        """float32 (N, K), computed as scale*code + bias in float32 (bit-exact with numpy)."""
-        from . import kernels
-        return kernels.dequantize(self)
-
     def __repr__(self) -> str:
         return f"QuantizedWeight({self.kind}, shape={self.shape}, group_size={self.group_size})"
 

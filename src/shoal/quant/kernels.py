@@ -316,7 +316,7 @@ def operands(qw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def matmul(qw, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """out = x @ qw.dequantize().T for x float32 (M, K) (made C-contiguous float32 if needed)."""
+    """out = x @ dequantize(qw).T for x float32 (M, K) (made C-contiguous float32 if needed)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != qw.shape[1]:
         raise ValueError("x must be (M, %d), got %s" % (qw.shape[1], x.shape))

@@ -223,6 +223,6 @@ def fuse_rows(ws):
             None if kind == "q8_sym" else np.concatenate([w.biases for w in ws], axis=0),
             G,
         )
-    return np.concatenate([w.dequantize() if isinstance(w, QuantizedWeight)
+    return np.concatenate([_k.dequantize(w) if isinstance(w, QuantizedWeight)
                            else w.detach().cpu().float().numpy() if isinstance(w, torch.Tensor)
                            else np.asarray(w, dtype=np.float32) for w in ws], axis=0)

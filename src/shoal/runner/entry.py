@@ -210,7 +210,7 @@ def serve_entry(scheduler: Scheduler, model: DistributedModel, tokenizer: Tokeni
                 continue
         while cmd is not None:
             if isinstance(cmd, Stop):
-                gone = RequestRefused(503, f"model {scheduler.name!r} was stopped", "model_unloaded", retry_after=1.0)
+                gone = RequestRefused(503, f"model {scheduler.name!r} was stopped", "model_unavailable", retry_after=1.0)
                 write_outcomes(out, scheduler.fail_all(gone))
                 out.flush()
                 model.stop()

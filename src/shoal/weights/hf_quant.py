@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from shoal.quant.formats import QuantizedWeight, from_mlx, quantize_sym8
+from shoal.quant.kernels import dequantize
 
 # Stored beside a weight and read with it; never a tensor of their own.
 _CT_PARTS = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point", ".weight_g_idx")
@@ -217,7 +218,7 @@ def read_tensor(store: TensorStore, name: str, config: dict[str, Any]) -> torch.
     # A 3-D quantized tensor (mlx-lm's MultiLinear: embed_q / unembed_out): dense float32.
     lead = w.shape[:-1]
     q = from_mlx(w.reshape(-1, w.shape[-1]).numpy(), s.reshape(-1, s.shape[-1]), b.reshape(-1, b.shape[-1]), bits, group)
-    return torch.from_numpy(q.dequantize()).reshape(*lead, -1)
+    return torch.from_numpy(dequantize(q)).reshape(*lead, -1)
 
 
 def stored_nbytes(store: TensorStore, name: str) -> int | None:

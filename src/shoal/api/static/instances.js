@@ -1,15 +1,16 @@
 // The Instances panel: GET /v1/instances every 1.5 s, Stop (DELETE /v1/instances/{id}).
 //
 // The answer is {"instances": [...], "ended": [...]}, each instance in the shape of
-// `public_instance` (records.py). Live ones (reserving, loading, ready, ...) get a Stop
-// button; ended ones ("stopped", "failed", with `error` and `ended_at`) are listed apart, without.
+// `public_instance` (daemon/records.py). Live ones (reserving, loading, ready, recovering) get a
+// Stop button and their latest events ("b (1a2b3c4d) is down; re-placing", "re-placed on a+c in
+// 3.4 s"); ended ones ("stopped", "failed", with `error` and `ended_at`) are listed apart, without.
 
 import { api } from "./api.js";
 import { $, h, replaceIfChanged } from "./dom.js";
 import { colorFor, fmtTps, instColor, layersText, plural } from "./format.js";
 
 const POLL_MS = 1500;
-const ENDED = new Set(["stopped", "failed"]);
+const SHOWN_EVENTS = 3;
 
 let live = [];
 let ended = [];
@@ -31,9 +32,8 @@ async function poll() {
 async function refresh() {
   try {
     const data = await api("/v1/instances");
-    // A server without the `ended` list keeps ended instances in `instances`: sort them by status.
-    live = data.instances.filter((i) => !ENDED.has(i.status));
-    ended = [...(data.ended ?? []), ...data.instances.filter((i) => ENDED.has(i.status))];
+    live = data.instances;
+    ended = data.ended;
     render();
     onChange();
   } catch (e) {
@@ -93,12 +93,13 @@ function liveItem(inst) {
     h("p", { class: "meta" },
       [`strategy: ${inst.strategy}`, nodesText(inst), `predicted ${fmtTps(inst.prediction.decode_tokens_per_s)} tok/s`, `id ${inst.id.slice(0, 12)}`].join(" · ")),
     layerBar(inst.model, inst.shards),
-    inst.error ? h("p", { class: "meta error-text" }, inst.error) : null);
+    inst.error ? h("p", { class: "meta error-text" }, inst.error) : null,
+    inst.events.length ? h("ul", { class: "events" }, inst.events.slice(-SHOWN_EVENTS).map((e) =>
+      h("li", {}, `${new Date(e.at * 1000).toLocaleTimeString()} ${e.text}`))) : null);
 }
 
 function endedItem(inst) {
-  // An ended instance still listed in `instances` (see refresh) has no `ended_at`.
-  const when = inst.ended_at === undefined ? null : `ended ${new Date(inst.ended_at * 1000).toLocaleTimeString()}`;
+  const when = `ended ${new Date(inst.ended_at * 1000).toLocaleTimeString()}`;
   return h("li", { class: "instance ended", "data-instance-id": inst.id, "data-status": inst.status, style: { "--inst-color": instColor(inst.id) } },
     h("div", { class: "instance-head" },
       h("h3", {}, inst.model),
@@ -108,7 +109,7 @@ function endedItem(inst) {
 }
 
 // What a card shows, without the shards' live counters (which change on every poll).
-const shown = (inst) => [inst.id, inst.model, inst.strategy, inst.status, inst.error, inst.ended_at,
+const shown = (inst) => [inst.id, inst.model, inst.strategy, inst.status, inst.error, inst.ended_at, inst.epoch, inst.events,
   inst.prediction.decode_tokens_per_s, inst.shards.map((sh) => [sh.node_id, sh.node_name, sh.layers, sh.tp_rank, sh.tp_size])];
 
 function render() {
