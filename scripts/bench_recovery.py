@@ -116,6 +116,8 @@ def trial(nodes: list[Node], tokens: int, kill_after: int) -> dict[str, float]:
             if not line.startswith(b"data: {"):
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"the stream failed: {chunk['error']['message']}")
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 times.append(time.monotonic())
                 if len(times) == kill_after:
@@ -156,7 +158,7 @@ def main() -> int:
         print(f"\nkill -> first resumed token over {len(stalls)} trials: p50 {statistics.median(stalls):.2f} s, "
               f"max {stalls[-1]:.2f} s")
         print(f"decode: {statistics.median(r['before_tps'] for r in results):.1f} tok/s before (pipeline over 3), "
-              f"{statistics.median(r['after_tps'] for r in results):.1f} after (re-placed on 2)")
+              f"{statistics.median(r['after_tps'] for r in results):.1f} after (re-placed, strategy auto, on the two left)")
         return 0
     finally:
         for n in nodes:

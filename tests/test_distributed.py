@@ -5,8 +5,8 @@ Equivalence: the greedy continuation through pipeline-3, tensor-2 (3 KV heads ov
 tensor-3 and hybrid 2x2 placements equals the single-process output token for token, on the bundled
 model and on tiny random Llama and Qwen3 checkpoints. Plus: a model that no node can hold alone runs
 split with each runner's resident memory close to its planned share; two placements racing for
-the same memory never over-commit; a runner crash fails its instance, not the daemon; the CLI and
-the OpenAI API reach split models.
+the same memory never over-commit; a runner crash is recovered (the instance re-placed under its
+id), never the daemon's end; the CLI and the OpenAI API reach split models.
 """
 
 from __future__ import annotations

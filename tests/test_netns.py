@@ -309,3 +309,63 @@ def test_pipeline_across_namespaces_equals_one_process(net: Net, nslauncher: Nod
     want = [ev.token for ev, _ in stream_generate(lm.model, lm.tokenizer, prompt, SamplingParams(max_tokens=24, ignore_eos=True), 256)
             if ev.token is not None]
     assert len(got) == 24 and got == want
+
+
+def _ns_stream(netns: str, url: str, body: dict[str, Any]) -> subprocess.Popen[str]:
+    """A streaming chat made from inside `netns`: its stdout gives one JSON line per SSE event as
+    it arrives (the client's view, unbuffered)."""
+    code = (
+        "import json, sys, urllib.request\n"
+        "req = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(), headers={'Content-Type': 'application/json'})\n"
+        "with urllib.request.urlopen(req, timeout=300) as r:\n"
+        "    for line in r:\n"
+        "        if line.startswith(b'data: {'):\n"
+        "            sys.stdout.write(line[6:].decode().strip() + '\\n'); sys.stdout.flush()\n"
+    )
+    return subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-u", "-c", code, url, json.dumps(body)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.skipif(bundled_path(CATALOG[DEFAULT_MODEL]) is None, reason="the bundled model is not installed")
+def test_a_machine_lost_across_namespaces_loses_no_token(net: Net, nslauncher: NodeLauncher) -> None:
+    """Three nodes with addresses of their own, the bundled model as a pipeline over them, and the
+    last one killed (daemon and runners) 30 tokens into a greedy stream: the stream, read from the
+    first node's namespace, goes on and equals the uninterrupted one."""
+    import psutil
+
+    nodes = _start_three(nslauncher, net)
+    wait_for(lambda: sum(x["status"] == "up" for x in nodes[0].cluster()["nodes"]) == 3, timeout_s=30, interval_s=0.2,
+             what="three nodes up")
+    ns0 = net.names[0]
+    (placed,) = _ns_request(ns0, "POST", nodes[0].url + "/v1/instances",
+                            {"model": DEFAULT_MODEL, "strategy": "pipeline", "nodes": ["n0", "n1", "n2"], "context": 256})
+    iid = placed["instance"]["id"]
+    wait_for(lambda: next(i for i in _ns_request(ns0, "GET", nodes[0].url + "/v1/instances", timeout_s=10)[0]["instances"]
+                          if i["id"] == iid)["status"] == "ready", timeout_s=240, interval_s=0.5, what="instance ready")
+    body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}],
+            "max_tokens": 120, "temperature": 0, "stream": True, "ignore_eos": True}
+
+    def run(kill_after: int | None) -> str:
+        proc = _ns_stream(ns0, nodes[0].url + "/v1/chat/completions", body)
+        assert proc.stdout is not None
+        text, pieces = "", 0
+        for line in proc.stdout:
+            chunk = json.loads(line)
+            assert "error" not in chunk, chunk
+            content = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+            if content:
+                text += content
+                pieces += 1
+                if pieces == kill_after:
+                    victim = psutil.Process(nodes[2].proc.pid)
+                    for p in [victim, *victim.children(recursive=True)]:
+                        p.kill()
+        assert proc.wait(60) == 0
+        return text
+
+    want = run(None)
+    got = run(30)
+    assert got == want
+    (listing,) = _ns_request(ns0, "GET", nodes[0].url + "/v1/instances", timeout_s=10)
+    inst = next(i for i in listing["instances"] if i["id"] == iid)
+    assert inst["epoch"] >= 1 and nodes[2].node_id not in [s["node_id"] for s in inst["shards"]]

@@ -129,7 +129,8 @@ def assert_same(got: Stream, want: Stream) -> None:
     assert got.text == want.text
     assert got.finish == want.finish == "length"
     assert got.usage.completion_tokens == TOKENS and got.usage.prompt_tokens == want.usage.prompt_tokens
-    print(f"longest stall after the loss (detection + re-placing + prefill): {got.stall:.2f} s")
+    if got.acted_at is not None:
+        print(f"longest stall after the loss (detection + re-placing + prefill): {got.stall:.2f} s")
 
 
 def recovered(node: NodeProc, iid: str, lost: str) -> dict[str, Any]:
@@ -262,3 +263,36 @@ def test_a_node_that_leaves_moves_its_shards_first(launcher: NodeLauncher) -> No
     now = recovered(a, inst["id"], "c")
     assert any("c (" in e["text"] and "is leaving" in e["text"] for e in now["events"]), now["events"]
     assert "moving 1 shard(s) elsewhere first" in c.log() and "every shard moved" in c.log()
+
+
+def test_an_idle_instance_moves_back_when_a_faster_node_returns(launcher: NodeLauncher) -> None:
+    """A node measured three times faster holds the model; it dies and the model recovers on a slower
+    one (degraded from then on, once the fast node is back); when it is back and the instance idle,
+    the instance is re-placed onto it, and serves the same text."""
+    a, b = cluster(launcher, ["a", "b"])
+    fast_home = launcher.root / "f"
+    fast_home.mkdir()
+    profile = json.loads((a.home / "profile.json").read_text())
+    profile.update(q4_read_gbps=3 * profile["q4_read_gbps"], layer_overhead_us=profile["layer_overhead_us"] / 3,
+                   memory_bandwidth_gbps=3 * profile["memory_bandwidth_gbps"], gflops_fp32=3 * profile["gflops_fp32"])
+    (fast_home / "profile.json").write_text(json.dumps(profile))
+    f = launcher.start("f", peers=[a])
+    wait_for(lambda: sum(x["status"] == "up" for x in a.cluster()["nodes"]) == 3, 30, what="three up")
+    status, out, _ = call(a, "POST", "/v1/instances", {"model": DEFAULT_MODEL, "context": CONTEXT})
+    assert status == 202, out
+    iid = out["instance"]["id"]
+    wait_for(lambda: (find(a, iid) or {}).get("status") == "ready", 240, interval_s=0.3, what="instance ready")
+    assert [s["node_name"] for s in find(a, iid)["shards"]] == ["f"]  # the fastest node alone
+    want = uninterrupted(a)
+    machine_dies(f)
+    wait_for(lambda: find(a, iid)["epoch"] == 1 and find(a, iid)["status"] == "ready", 60, interval_s=0.3, what="recovered")
+    assert "f" not in [s["node_name"] for s in find(a, iid)["shards"]]
+    f.start()
+    f.wait_ready()
+    wait_for(lambda: find(a, iid)["epoch"] == 2 and find(a, iid)["status"] == "ready", 90, interval_s=0.3,
+             what="moved back to the fast node")
+    now = find(a, iid)
+    assert [s["node_name"] for s in now["shards"]] == ["f"] and not now["degraded"]
+    texts = [e["text"] for e in now["events"]]
+    assert any(t.startswith("degraded:") for t in texts) and any("rebalancing while idle" in t for t in texts), texts
+    assert_same(uninterrupted(a), want)

@@ -183,8 +183,8 @@ class GenerationStream:
             return
         self._queue.put_nowait(TokenEvent(-1, None, "", "cancelled"))
         self.request.finish_reason = "cancelled"
+        self._on_cancel(self)  # first: the instance still knows the stream (closing forgets it)
         self._close()
-        self._on_cancel(self)
 
 
 class LocalInstance:

@@ -44,10 +44,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shoal.instances")
 
+
+class StaleLaunch(Exception):
+    """The placement being started was stopped or replaced meanwhile."""
+
 LIST_TIMEOUT_S = 2.0
 PLACE_ATTEMPTS = 3
 KEEP_ENDED_INSTANCES = 16
 MAX_RECOVERIES_IN_ROW = 3  # re-placements that failed again before becoming ready: then the instance fails
+REBALANCE_GAIN = 1.2  # a plan predicted this much faster makes a running instance degraded
+IDLE_BEFORE_REBALANCE_S = 2.0
 
 
 class Coordinator:
@@ -199,20 +205,27 @@ class Coordinator:
 
     async def _launch(self, inst: Coordinated) -> None:
         """Start the entry rank, learn its rendezvous port, start the others."""
-        shards = inst.placement.shards
+        shards, epoch = inst.placement.shards, inst.epoch
         try:
             first = await self._start_on(inst, 0, None)
             if first.port is None:
                 raise RuntimeError("the entry runner reported no rendezvous port")
+            if inst.ended or inst.epoch != epoch:  # stopped, or replaced, while the entry started
+                raise StaleLaunch
             replies = await asyncio.gather(*(self._start_on(inst, s.rank, first.port) for s in shards[1:]), return_exceptions=True)
             for r in replies:
                 if isinstance(r, Exception):
                     raise r
+        except StaleLaunch:
+            if inst.ended:
+                await self._stop_everywhere(inst)
         except Exception as e:  # noqa: BLE001 - any failure to start fails the instance
-            if inst.epoch == 0:
+            if inst.ended or inst.epoch != epoch:
+                return  # what it started belongs to a placement that is gone
+            if epoch == 0:
                 await self._fail(inst, f"starting the runners failed: {e}")
             else:  # a recovery's placement: a node of it may have gone meanwhile
-                spawn(self._recover(inst, f"starting the runners failed: {e}"), self._tasks, log)
+                spawn(self._recover(inst, f"starting the runners failed: {e}", epoch=epoch), self._tasks, log)
 
     async def _start_on(self, inst: Coordinated, rank: int, port: int | None) -> StartReply:
         msg = StartShard(instance_id=inst.id, model=inst.model[:256], rank=rank, placement=inst.placement,
@@ -270,7 +283,7 @@ class Coordinator:
         inst.shard_status[msg.rank] = msg.status
         if msg.status == "failed":  # ("stopped" is only ever a shard this coordinator stopped)
             why = f"rank {msg.rank} on {self.peers.name(inst.placement.shards[msg.rank].node_id)} failed: {msg.error or 'runner failed'}"
-            spawn(self._recover(inst, why), self._tasks, log)
+            spawn(self._recover(inst, why, epoch=msg.epoch), self._tasks, log)
         elif msg.status == "ready" and msg.rank == 0 and inst.status in ("loading", "recovering"):
             # The entry is ready only once every rank joined the group: the instance is.
             if inst.status == "recovering":
@@ -292,8 +305,48 @@ class Coordinator:
         lost = f"{self.peers.name(node_id)} is {'gone' if kind == 'leave' else kind}"
         for inst in list(self.coordinated.values()):
             if any(s.node_id == node_id for s in inst.placement.shards):
-                spawn(self._recover(inst, lost), self._tasks, log)
+                spawn(self._recover(inst, lost, node=node_id), self._tasks, log)
         self._adopt_orphans(node_id, lost)
+
+    # -- rebalancing ------------------------------------------------------------------------------
+    async def rebalance(self, lists: dict[str, ListReply]) -> None:
+        """Mark instances whose best plan on the cluster as it is now is predicted REBALANCE_GAIN
+        faster than the one they run as degraded, and re-place those that are idle (no request at
+        their entry for IDLE_BEFORE_REBALANCE_S): never mid-stream."""
+        entries = {s.instance_id: s for reply in lists.values() for s in reply.shards if s.rank == 0}
+        for inst in list(self.coordinated.values()):
+            if inst.status != "ready" or inst.recovering:
+                continue
+            best = await self._best_plan(inst, lists)
+            now = inst.placement.prediction.decode_tokens_per_s
+            was = inst.degraded
+            inst.degraded = best is not None and best.prediction.decode_tokens_per_s >= REBALANCE_GAIN * now
+            if not inst.degraded:
+                continue
+            assert best is not None
+            inst.better = best.prediction.decode_tokens_per_s
+            if not was:
+                inst.event(f"degraded: {now:.1f} tok/s predicted where {'+'.join(_node_names(best))} would give {inst.better:.1f}")
+            entry = entries.get(inst.id)
+            if entry is not None and entry.active_requests == 0 and entry.idle_s >= IDLE_BEFORE_REBALANCE_S:
+                why = f"rebalancing while idle: {inst.better:.1f} tok/s predicted against {now:.1f}"
+                log.info("instance %s (%s): %s", inst.id, inst.model, why)
+                inst.degraded = False
+                spawn(self._recover(inst, why), self._tasks, log)
+
+    async def _best_plan(self, inst: Coordinated, lists: dict[str, ListReply]) -> Placement | None:
+        """The plan a fresh placement of this instance would get now (its own memory counted free)."""
+        try:
+            spec = await self.spec_of(inst.model)
+            view = self.view
+            view = view.model_copy(update={"nodes": [n for n in view.nodes if n.id in lists and n.id not in inst.exclude]})
+            reserved = self.reserved_by_node(lists)
+            for nid, b in inst.placement.memory_by_node().items():
+                if nid in reserved:
+                    reserved[nid] -= b
+            return plan(spec, view, PlacementRequest(context=inst.placement.context), reserved)
+        except (PlacementError, InstanceError):
+            return None
 
     # -- recovery ---------------------------------------------------------------------------------
     def _adopt_orphans(self, lost_id: str, why: str) -> None:
@@ -318,14 +371,23 @@ class Coordinator:
                 inst.exclude.add(node_id)
                 spawn(self._recover(inst, f"{self.peers.name(node_id)} is leaving"), self._tasks, log)
 
-    async def _recover(self, inst: Coordinated, why: str) -> None:
+    async def _recover(self, inst: Coordinated, why: str, epoch: int | None = None, node: str | None = None) -> None:
         """Re-plan the instance on the nodes still up and answering (auto strategy, memory reserved,
-        the reason recorded), under the same id; fail it, saying what is missing, if it no longer fits."""
-        if inst.ended:
+        the reason recorded), under the same id; fail it, saying what is missing, if it no longer fits.
+
+        `epoch`: the placement the trigger is about (a shard's failure), `node`: the node it lost.
+        One loss is often heard several times (every rank of the group fails with it, and the node
+        is found down seconds later): a trigger about a placement already being replaced, or about
+        a node the running recovery planned without, changes nothing."""
+        if inst.ended or (epoch is not None and epoch != inst.epoch):
             return
         if inst.recovering:
+            if epoch is not None and epoch == inst.replacing:
+                return
+            if node is not None and (inst.planned_on is None or node not in inst.planned_on):
+                return
             inst.event(why)
-            inst.recover_again = True  # this loss may have come after the plan: look again when done
+            inst.recover_again = True  # this loss came after the plan: look again when done
             return
         inst.recovering, inst.recover_again = True, False
         try:
@@ -344,14 +406,19 @@ class Coordinator:
             return
         if inst.status != "recovering":
             inst.status, inst.recovery_started = "recovering", time.monotonic()
-            self.metrics.recoveries.inc(model=inst.model)
+            if not why.startswith("rebalancing"):
+                self.metrics.recoveries.inc(model=inst.model)
         inst.event(f"{why}; re-placing")
         log.warning("instance %s (%s): %s; re-placing", inst.id, inst.model, why)
+        inst.replacing, inst.planned_on = inst.epoch, None
         lists = await self.gather_lists()  # who still answers: a node that does not is as good as lost
         await self._stop_everywhere(inst, only=set(lists))
         answering = set(lists)
         lists = {nid: r for nid, r in (await self.gather_lists()).items() if nid in answering}  # their memory is free now
+        inst.planned_on = set(lists) - inst.exclude
         spec = await self.spec_of(inst.model)
+        if inst.ended:
+            return
         request = PlacementRequest(context=inst.placement.context)
         refused = ""
         for _ in range(PLACE_ATTEMPTS):
@@ -363,6 +430,10 @@ class Coordinator:
                 await self._fail(inst, f"{why}; {inst.model} no longer fits on the nodes left: {e}")
                 return
             refused = await self._reserve_all(inst.id, placement)
+            if inst.ended:  # stopped meanwhile: give back what was just reserved
+                await asyncio.gather(*(self._release_on(n, inst.id) for n in placement.memory_by_node()),
+                                     return_exceptions=True)
+                return
             if not refused:
                 break
             await asyncio.sleep(0.05 + 0.2 * secrets.randbelow(100) / 100)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from shoal.daemon.messages import PollReply
 from shoal.daemon.records import Hosted, InstanceError, RequestLog
@@ -32,6 +33,7 @@ class EntryHost:
     def __init__(self, hosted: dict[tuple[str, int], Hosted]):
         self.hosted = hosted  # the host's table of running shards (shared, read only here)
         self.requests: dict[str, dict[str, RequestLog]] = {}  # instance id -> request id -> log
+        self.last_done: dict[str, float] = {}  # instance id -> monotonic time its last request ended
 
     def _entry(self, iid: str) -> Hosted:
         h = self.hosted.get((iid, 0))
@@ -53,6 +55,9 @@ class EntryHost:
             req.fail(Failure(status=503, message="the entry runner is gone", code="model_unavailable", retry_after=1.0))
         try:
             refusal = await asyncio.wait_for(asyncio.shield(req.answered), ACCEPT_TIMEOUT_S)
+        except asyncio.CancelledError:  # whoever submitted it is gone: nobody would read it
+            self.cancel(iid, request.rid)
+            raise
         except TimeoutError:
             h.runner.send(Cancel(rid=request.rid))
             refusal = Failure(status=503, message=f"the entry of instance {iid} did not answer in {ACCEPT_TIMEOUT_S:.0f} s",
@@ -81,6 +86,12 @@ class EntryHost:
     def list(self, iid: str) -> list[RequestLog]:
         return list(self.requests.get(iid, {}).values())
 
+    def activity(self, iid: str) -> tuple[int, float]:
+        """(requests running now, seconds since the last one ended) at this instance's entry."""
+        active = sum(not r.done for r in self.requests.get(iid, {}).values())
+        since = time.monotonic() - self.last_done.get(iid, 0.0) if iid in self.last_done else float(1 << 30)
+        return active, 0.0 if active else since
+
     # -- from the host
     def on_event(self, h: Hosted, ev: Accepted | Refused | Tokens | Failed) -> None:
         req = self.requests.get(h.instance_id, {}).get(ev.rid)
@@ -93,6 +104,7 @@ class EntryHost:
         else:
             req.fail(ev.error)
         if req.done:
+            self.last_done[h.instance_id] = time.monotonic()
             self._trim(h.instance_id)
 
     def on_runner_gone(self, h: Hosted) -> None:
@@ -104,8 +116,12 @@ class EntryHost:
                              code="model_unavailable", retry_after=1.0))
 
     def forget(self, iid: str) -> None:
-        """The instance is gone: drop what was kept of its requests."""
-        self.requests.pop(iid, None)
+        """The instance stopped here: drop what was kept of its requests (a client still polling
+        one gets 404, and resumes elsewhere)."""
+        for req in self.requests.pop(iid, {}).values():
+            req.fail(Failure(status=503, message=f"the entry of instance {iid} stopped", code="model_unavailable",
+                             retry_after=1.0))
+        self.last_done.pop(iid, None)
 
     def _trim(self, iid: str) -> None:
         logs = self.requests.get(iid, {})

@@ -57,6 +57,7 @@ class Host:
         self.reservations: dict[str, Reservation] = {}
         self.on_request_event: Callable[[Hosted, RequestEvent], None] = lambda h, ev: None
         self.on_runner_gone: Callable[[Hosted], None] = lambda h: None
+        self.on_instance_stopped: Callable[[str], None] = lambda iid: None
         self.draining = False  # leaving: no new shards here
 
     # -- memory
@@ -83,7 +84,12 @@ class Host:
         free = self.free_bytes()
         if self.draining:
             return ReserveReply(ok=False, free_bytes=0, error="this node is leaving")
-        if msg.instance_id in self.reservations:
+        held = self.reservations.get(msg.instance_id)
+        if held is not None:  # a re-placement of the same instance: its new share replaces the old
+            free += held.bytes
+            if msg.bytes > free:
+                return ReserveReply(ok=False, free_bytes=free, error=f"needs {mib(msg.bytes)}, {mib(max(free, 0))} free")
+            held.bytes, held.coordinator = msg.bytes, msg.coordinator
             return ReserveReply(ok=True, free_bytes=free)
         if msg.bytes > free:
             return ReserveReply(ok=False, free_bytes=free, error=f"needs {mib(msg.bytes)}, {mib(max(free, 0))} free")
@@ -98,14 +104,16 @@ class Host:
     # -- runners
     async def start(self, msg: StartShard) -> StartReply:
         key = (msg.instance_id, msg.rank)
+        res = self.reservations.get(msg.instance_id)
+        if res is None:
+            raise InstanceError(409, "no memory is reserved here for this instance (expired?)")
+        if res.coordinator != msg.coordinator:
+            raise InstanceError(403, "this instance's memory was reserved by another coordinator")
         old = self.hosted.get(key)
         if old is not None and old.epoch < msg.epoch:  # a recovery's new placement: the old shard goes first
             old.stopping = True
             await old.runner.stop(grace_s=0.5)
             self.hosted.pop(key, None)
-        res = self.reservations.get(msg.instance_id)
-        if res is None:
-            raise InstanceError(409, "no memory is reserved here for this instance (expired?)")
         if key in self.hosted:
             raise InstanceError(409, "this shard is already running")
         res.expires_at = None
@@ -128,7 +136,11 @@ class Host:
         runner = RunnerProcess(cfg, log_path, on_event, on_exit, self.runner_env)
         hosted = Hosted(msg.instance_id, msg.rank, msg.placement, msg.coordinator, runner, msg.epoch)
         self.hosted[key] = hosted
-        await runner.start()
+        try:
+            await runner.start()
+        except OSError as e:
+            self.hosted.pop(key, None)
+            raise InstanceError(500, f"the runner could not be started: {e}") from None
         log.info("started rank %d of %s (%s, layers %s, tp %d/%d), pid %s", msg.rank, msg.instance_id, msg.model,
                  shard.layers, shard.tp_rank, shard.tp_size, runner.pid)
         if msg.rank != 0:
@@ -175,6 +187,7 @@ class Host:
             h.stopping = True
         await asyncio.gather(*(h.runner.stop() for h in mine), return_exceptions=True)
         self.reservations.pop(iid, None)
+        self.on_instance_stopped(iid)
 
     async def stop_all(self) -> None:
         hosted = sorted(self.hosted.values(), key=lambda h: h.rank)

@@ -74,6 +74,7 @@ class InstancesComponent:
         self.entries = EntryHost(self.host.hosted)
         self.host.on_request_event = self.entries.on_event
         self.host.on_runner_gone = self.entries.on_runner_gone
+        self.host.on_instance_stopped = self.entries.forget
         self.coordinator = Coordinator(config.node_id, self.peers, self.host, self._list_reply, metrics)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -109,9 +110,11 @@ class InstancesComponent:
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(REFRESH_EVERY_S)
-            with contextlib.suppress(Exception):
+            try:
                 if len(self.peers.cluster_view().up_nodes()) > 1:
-                    await self.coordinator.gather_lists()
+                    await self.coordinator.rebalance(await self.coordinator.gather_lists())
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("refreshing the cluster's instances")
 
     async def drain(self) -> None:
         """Before this node leaves: have the coordinators of the instances it hosts re-place them
@@ -153,8 +156,14 @@ class InstancesComponent:
         return live, ended
 
     def _list_reply(self) -> ListReply:
+        shards = []
+        for s in self.host.shards():
+            if s.rank == 0:
+                active, idle = self.entries.activity(s.instance_id)
+                s = s.model_copy(update={"active_requests": active, "idle_s": idle})
+            shards.append(s)
         return ListReply(node_id=self.node_id, free_bytes=self.host.free_bytes(), reserved_bytes=self.host.reserved_bytes(),
-                         instances=self.coordinator.records(), shards=self.host.shards())
+                         instances=self.coordinator.records(), shards=shards)
 
     def _report(self, h: Hosted, msg: ShardState) -> None:
         """A shard's state, to its instance's coordinator."""
@@ -221,7 +230,6 @@ class InstancesComponent:
 
     async def _on_stop(self, request: web.Request, msg: InstanceRef) -> Message:
         await self.host.stop(msg.instance_id)
-        self.entries.forget(msg.instance_id)
         return Ack()
 
     async def _on_delete(self, request: web.Request, msg: InstanceRef) -> Message | web.Response:

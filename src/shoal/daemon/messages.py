@@ -94,6 +94,7 @@ class InstanceRecord(Message):
     placement: Placement
     epoch: Epoch = 0
     events: Annotated[list[InstanceEvent], Field(max_length=64)] = []  # what happened to it, oldest first
+    degraded: bool = False  # runs on a plan predicted much slower than the best the cluster now allows
 
 
 class HostedShard(Message):
@@ -103,6 +104,8 @@ class HostedShard(Message):
     reserved_bytes: NonNeg
     rss_bytes: NonNeg = 0
     stats: StageStats | None = None
+    active_requests: NonNeg = 0  # rank 0: requests its entry is serving now
+    idle_s: float = 0.0  # rank 0: seconds since its last request ended (0 while one runs)
 
 
 class ListReply(Message):

@@ -129,7 +129,8 @@ class RemoteInstance:
                     raise from_refusal(reply.error.error())
                 feed = None
         stream = GenerationStream(request, self._cancel, self._closed)
-        self._open_streams[stream] = asyncio.ensure_future(self._pump(stream, feed))
+        task = asyncio.ensure_future(self._pump(stream, feed))
+        self._open_streams[stream] = task
         return stream
 
     async def _open(self, request: GenerationRequest, attempt: int) -> tuple[SubmitReply, AsyncIterator[PollReply]]:
@@ -137,7 +138,7 @@ class RemoteInstance:
         the tokens the client already has."""
         rid = re.sub(r"[^0-9A-Za-z_-]", "_", request.id)[:56] + (f"-r{attempt}" if attempt else "")
         params = Sampling.of(request.params)
-        if attempt:
+        if request.output_ids:
             params = params.model_copy(update={"prompt_logprobs": None})  # sent with the first token already
         sub = Submit(rid=rid, prompt_ids=list(request.prompt_ids), params=params, resume_ids=list(request.output_ids))
         return await self.instances.submit(self.rec, sub)
@@ -190,12 +191,18 @@ class RemoteInstance:
             try:
                 rec = await self.instances.coordinator.find(self.rec.id, fresh=True)
             except (InstanceError, PeerError):
-                rec = None  # its coordinator was lost too and no successor has it yet
+                rec = None  # its coordinator was lost too and no successor has it yet (or it is long gone)
+            if rec is None and time.monotonic() - t0 > SAME_EPOCH_RETRY_S:
+                other = await self._another_instance()
+                rec, lost_epoch = (other, -1) if other is not None else (None, lost_epoch)
             if rec is not None and rec.ended_at is not None:
-                self.alive = False
-                stream.fail(ApiError(503, f"model {self.name!r} could not go on: {rec.error or rec.status}", "server_error",
-                                     None, "model_unavailable", retry_after=RETRY_AFTER_LOST_S))
-                return None
+                other = await self._another_instance()  # the request can go on on any instance of the model
+                if other is None:
+                    self.alive = False
+                    stream.fail(ApiError(503, f"model {self.name!r} could not go on: {rec.error or rec.status}",
+                                         "server_error", None, "model_unavailable", retry_after=RETRY_AFTER_LOST_S))
+                    return None
+                rec, lost_epoch = other, -1
             # A ready record of the same placement is worth a try only once the coordinator had time
             # to notice a loss (it may have been the link between this node and the entry).
             if rec is not None and rec.status == "ready" and (rec.epoch > lost_epoch or time.monotonic() - t0 > SAME_EPOCH_RETRY_S):
@@ -217,6 +224,13 @@ class RemoteInstance:
         stream.fail(ApiError(503, f"model {self.name!r} did not recover within {RECOVERY_DEADLINE_S:.0f} s", "server_error",
                              None, "model_unavailable", retry_after=RETRY_AFTER_LOST_S))
         return None
+
+    async def _another_instance(self) -> InstanceRecord | None:
+        """A ready instance of the same model (a replica, or one placed since), if the cluster has one."""
+        lists = await self.instances.coordinator.gather_lists()
+        ready = [r for reply in lists.values() for r in reply.instances
+                 if r.model == self.name and r.status == "ready" and r.ended_at is None]
+        return min(ready, key=lambda r: r.created_at) if ready else None
 
     def _cancel(self, stream: GenerationStream) -> None:
         task = self._open_streams.get(stream)

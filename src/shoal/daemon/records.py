@@ -119,9 +119,13 @@ class Coordinated:
     shard_status: dict[int, Status] = field(default_factory=dict)
     recovering: bool = False  # a recovery task runs
     recover_again: bool = False  # a node was lost while it ran
+    replacing: int = -1  # the epoch the running recovery replaces
+    planned_on: set[str] | None = None  # the nodes the running recovery plans on (None: not planned yet)
     recovery_started: float = 0.0  # monotonic
     recoveries_in_row: int = 0  # since it was last ready
     exclude: set[str] = field(default_factory=set)  # nodes that are leaving: never placed on again
+    degraded: bool = False
+    better: float = 0.0  # the best plan's predicted decode tokens/s, when degraded
 
     KEEP_EVENTS = 32
 
@@ -140,7 +144,7 @@ class Coordinated:
         return InstanceRecord(id=self.id, model=self.model, strategy=self.placement.strategy, status=self.status,
                               coordinator=node_id, entry=entry.node_id, entry_address=entry.address,
                               created_at=self.created_at, ended_at=self.ended_at, error=self.error[:1024],
-                              placement=self.placement, epoch=self.epoch, events=self.events)
+                              placement=self.placement, epoch=self.epoch, events=self.events, degraded=self.degraded)
 
     @classmethod
     def adopt(cls, rec: InstanceRecord) -> Coordinated:
@@ -167,6 +171,6 @@ def public_instance(rec: InstanceRecord, shards: dict[tuple[str, int], HostedSha
     return {
         "id": rec.id, "model": rec.model, "strategy": rec.strategy, "status": rec.status, "shards": out_shards,
         "error": rec.error or None, "entry": rec.entry, "coordinator": rec.coordinator, "created_at": rec.created_at,
-        "ended_at": rec.ended_at, "epoch": rec.epoch, "events": [e.model_dump() for e in rec.events],
+        "ended_at": rec.ended_at, "epoch": rec.epoch, "degraded": rec.degraded, "events": [e.model_dump() for e in rec.events],
         "context": rec.placement.context, "prediction": rec.placement.prediction.model_dump(), "reason": rec.placement.reason,
     }

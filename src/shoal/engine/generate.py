@@ -18,7 +18,7 @@ import torch
 
 from shoal.engine import threads
 from shoal.engine.prefix import PrefixKeeper, PrefixStore
-from shoal.engine.sampler import SamplingParams, make_generator, sample, skip_samples, token_logprobs
+from shoal.engine.sampler import SamplingParams, is_greedy, make_generator, sample, skip_samples, token_logprobs
 from shoal.engine.tokenizer import StreamingDetokenizer, Tokenizer
 from shoal.kernels.cache import KVCache
 from shoal.models.base import BatchLayout
@@ -201,14 +201,14 @@ class BatchGenerator:
             for seq in prefilled:
                 self.prefixes.store(seq.prompt, seq.caches)
         self._score_prompts(scored, logits[len(sampled) :])
-        greedy = _argmax_rows(logits[: len(sampled)]) if any(s.params.temperature == 0 for s, _ in sampled) else []
+        greedy = _argmax_rows(logits[: len(sampled)]) if any(is_greedy(s.params) for s, _ in sampled) else []
         for i, ((seq, _), row_logits) in enumerate(zip(sampled, logits)):
             if seq.params.max_tokens == 0:  # scoring only: the prompt is read, nothing is generated
                 ev = self._finish(seq, "length")
                 ev.prompt_logprobs = seq.prompt_logprobs
                 events.append(ev)
                 continue
-            new = self._advance(seq, row_logits, greedy[i] if seq.params.temperature == 0 else None, now)
+            new = self._advance(seq, row_logits, greedy[i] if is_greedy(seq.params) else None, now)
             if len(seq.output) == 1:
                 new[0].prompt_logprobs = seq.prompt_logprobs
             events.extend(new)

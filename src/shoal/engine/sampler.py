@@ -34,22 +34,26 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
 
 
+# Below this, dividing the logits by the temperature overflows float32 (inf - inf = NaN): such a
+# temperature means "the most likely token", which is what greedy gives.
+MIN_TEMPERATURE = 1e-4
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < MIN_TEMPERATURE
+
+
 def make_generator(params: SamplingParams) -> torch.Generator | None:
-    if params.temperature == 0 or params.seed is None:
+    if is_greedy(params) or params.seed is None:
         return None
     g = torch.Generator()
     g.manual_seed(params.seed)
     return g
 
 
-# Below this, dividing the logits by the temperature overflows float32 (inf - inf = NaN): such a
-# temperature means "the most likely token", which is what greedy gives.
-MIN_TEMPERATURE = 1e-4
-
-
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """logits (vocab,) float32 -> token id."""
-    if params.temperature < MIN_TEMPERATURE:
+    if is_greedy(params):
         return int(torch.argmax(logits))
     logits = logits / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:

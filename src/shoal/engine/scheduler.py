@@ -249,6 +249,13 @@ class Scheduler:
             except ValueError as e:
                 failed.append(self._end(job, RequestRefused(400, str(e))))
                 continue
+            except self.fatal:
+                raise
+            except Exception:
+                log.exception("model %s: admitting request %s failed", self.name, job.rid)
+                failed.append(self._end(job, RequestRefused(500, f"model {self.name!r} could not take this request",
+                                                            "internal_error")))
+                continue
             job.stats = self.gen.sequences[job.uid].stats
             self._running[job.uid] = job
             self._reserved += job.kv_need

@@ -57,6 +57,7 @@ from shoal.runner.protocol import (
     StepMessage,
 )
 from shoal.runner.stage import StageWorker
+from shoal.runner.wire import WireError
 
 log = logging.getLogger("shoal.runner")
 
@@ -94,7 +95,14 @@ class DistributedModel:
         self._step += 1
         msg = StepMessage(OP_STEP, [h.seq_id for h in layout.caches], list(layout.lengths), layout.positions, ids,
                           logit_rows, self._drain_freed(), self._step, self._drain_prefix_ops())
-        out = self.worker.lead(msg)
+        try:
+            out = self.worker.lead(msg)
+        except WireError:
+            raise
+        except Exception as e:
+            # The other ranks ran (or wait in) their part of this step: the group is out of step,
+            # which only a new placement mends. Fatal, like a broken link.
+            raise WireError(f"rank 0 failed inside a step: {type(e).__name__}: {e}") from e
         assert out is not None
         return out
 

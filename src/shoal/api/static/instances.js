@@ -89,6 +89,7 @@ function liveItem(inst) {
     h("div", { class: "instance-head" },
       h("h3", {}, inst.model),
       h("span", { class: `pill ${inst.status}` }, inst.status),
+      inst.degraded ? h("span", { class: "pill degraded", title: "a better plan exists; it is re-placed when idle" }, "degraded") : null,
       stopButton),
     h("p", { class: "meta" },
       [`strategy: ${inst.strategy}`, nodesText(inst), `predicted ${fmtTps(inst.prediction.decode_tokens_per_s)} tok/s`, `id ${inst.id.slice(0, 12)}`].join(" · ")),
@@ -109,7 +110,7 @@ function endedItem(inst) {
 }
 
 // What a card shows, without the shards' live counters (which change on every poll).
-const shown = (inst) => [inst.id, inst.model, inst.strategy, inst.status, inst.error, inst.ended_at, inst.epoch, inst.events,
+const shown = (inst) => [inst.id, inst.model, inst.strategy, inst.status, inst.degraded, inst.error, inst.ended_at, inst.epoch, inst.events,
   inst.prediction.decode_tokens_per_s, inst.shards.map((sh) => [sh.node_id, sh.node_name, sh.layers, sh.tp_rank, sh.tp_size])];
 
 function render() {
