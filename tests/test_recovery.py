@@ -148,7 +148,8 @@ def test_killing_a_non_entry_node_mid_stream_loses_nothing(launcher: NodeLaunche
     want = uninterrupted(a)
     got = Stream(a, lambda: machine_dies(c)).run()
     assert_same(got, want)
-    recovered(a, inst["id"], "c")
+    # Heard three times (both other ranks' links break, then c's heartbeats stop), re-placed once.
+    assert recovered(a, inst["id"], "c")["epoch"] == 1
     metrics = urllib.request.urlopen(a.url + "/metrics", timeout=10).read().decode()
     assert 'shoal_requests_resumed_total{model="smollm2-135m"} 1' in metrics
     assert 'shoal_instance_recoveries_total{model="smollm2-135m"} 1' in metrics
@@ -296,3 +297,26 @@ def test_an_idle_instance_moves_back_when_a_faster_node_returns(launcher: NodeLa
     texts = [e["text"] for e in now["events"]]
     assert any(t.startswith("degraded:") for t in texts) and any("rebalancing while idle" in t for t in texts), texts
     assert_same(uninterrupted(a), want)
+
+
+def test_shoal_drain_moves_a_nodes_shards_then_it_leaves(launcher: NodeLauncher) -> None:
+    import subprocess
+    import sys
+
+    a, b, c = cluster(launcher, ["a", "b", "c"])
+    inst = place(a, ["a", "b", "c"])
+    want = uninterrupted(a)
+    out: list[subprocess.CompletedProcess[str]] = []
+
+    def drain() -> None:
+        out.append(subprocess.run([sys.executable, "-m", "shoal.cli", "drain", "b", "--cluster", c.url],
+                                  capture_output=True, text=True, timeout=60))
+
+    got = Stream(a, drain).run()
+    assert_same(got, want)
+    assert out[0].returncode == 0 and "b is moving its shards elsewhere" in out[0].stdout, out[0].stderr
+    assert b.proc.wait(90) == 0
+    recovered(a, inst["id"], "b")
+    missing = subprocess.run([sys.executable, "-m", "shoal.cli", "drain", "nobody", "--cluster", a.url],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "no up node named 'nobody'" in missing.stderr

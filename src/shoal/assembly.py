@@ -41,6 +41,7 @@ def build(config: NodeConfig) -> Node:
     node.membership.subscribe(instances.on_member)
     node.add_component(instances)
     node.add_drain(instances.drain)
+    instances.request_leave = node.request_stop
     node.instances_view = instances.cluster_instances
 
     service_config = ServiceConfig()

@@ -41,6 +41,7 @@ SUBCOMMANDS = {
     "place": ("place a model on the cluster (split over nodes as the planner decides) and show the plan", _daemon_cli),
     "instances": ("list the cluster's model instances (and the recently ended ones)", _daemon_cli),
     "stop": ("stop a model instance, by its id or its model's name", _daemon_cli),
+    "drain": ("have a node move its model shards elsewhere, then leave the cluster", _daemon_cli),
 }
 
 

@@ -262,3 +262,18 @@ def run_stop(args: argparse.Namespace) -> int:
     except ClusterError as e:
         print(f"shoal stop: {e}", file=sys.stderr)
         return 1
+
+
+def add_drain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("node", metavar="NODE", help="the node's name or id")
+    p.add_argument("--cluster", default=_default_cluster(), metavar="URL", help="any node of the cluster")
+
+
+def run_drain(args: argparse.Namespace) -> int:
+    try:
+        out = _request(args.cluster, "POST", f"/v1/nodes/{urllib.request.quote(args.node)}/drain", {}, timeout_s=30.0)
+    except ClusterError as e:
+        print(f"shoal drain: {e}", file=sys.stderr)
+        return 1
+    print(f"{out['node']} is moving its shards elsewhere, then leaving")
+    return 0

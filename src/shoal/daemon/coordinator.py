@@ -159,6 +159,7 @@ class Coordinator:
             refused = await self._reserve_all(iid, placement)
             if not refused:
                 inst = Coordinated(iid, body.model, placement, secrets.token_hex(32), time.time())
+                inst.planner_chose = request.strategy == "auto" and not request.nodes and not request.node_count
                 self.coordinated[iid] = inst
                 spawn(self._launch(inst), self._tasks, log)
                 log.info("placing %s as %s: %s", body.model, iid, placement.reason)
@@ -312,10 +313,11 @@ class Coordinator:
     async def rebalance(self, lists: dict[str, ListReply]) -> None:
         """Mark instances whose best plan on the cluster as it is now is predicted REBALANCE_GAIN
         faster than the one they run as degraded, and re-place those that are idle (no request at
-        their entry for IDLE_BEFORE_REBALANCE_S): never mid-stream."""
+        their entry for IDLE_BEFORE_REBALANCE_S): never mid-stream. Only where the planner chose
+        the placement: one asked for by strategy or nodes stays as asked."""
         entries = {s.instance_id: s for reply in lists.values() for s in reply.shards if s.rank == 0}
         for inst in list(self.coordinated.values()):
-            if inst.status != "ready" or inst.recovering:
+            if inst.status != "ready" or inst.recovering or not inst.planner_chose:
                 continue
             best = await self._best_plan(inst, lists)
             now = inst.placement.prediction.decode_tokens_per_s
@@ -442,6 +444,7 @@ class Coordinator:
             await self._fail(inst, f"{why}; could not reserve memory to re-place it: {refused}")
             return
         inst.placement, inst.token, inst.epoch = placement, secrets.token_hex(32), inst.epoch + 1
+        inst.planner_chose = True
         inst.shard_status = {}
         log.info("re-placing %s (%s) as epoch %d: %s", inst.id, inst.model, inst.epoch, placement.reason)
         await self._launch(inst)

@@ -39,6 +39,7 @@ from shoal.daemon.messages import (
     DrainNode,
     InstanceRecord,
     InstanceRef,
+    Leave,
     ListInstances,
     ListReply,
     Poll,
@@ -77,6 +78,7 @@ class InstancesComponent:
         self.host.on_instance_stopped = self.entries.forget
         self.coordinator = Coordinator(config.node_id, self.peers, self.host, self._list_reply, metrics)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.request_leave: Callable[[], None] = lambda: None  # the node's own stop (drain, then leave)
 
     # -- life
     def routes(self) -> list[web.RouteDef]:
@@ -93,6 +95,7 @@ class InstancesComponent:
             web.post("/peer/instances/poll", peer_handler(Poll, self._on_poll)),
             web.post("/peer/instances/cancel", peer_handler(Cancel, self._on_cancel)),
             web.post("/peer/instances/drain", peer_handler(DrainNode, self._on_drain)),
+            web.post("/peer/node/leave", peer_handler(Leave, self._on_leave)),
         ]
 
     def on_member(self, kind: str, node_id: str) -> None:
@@ -269,6 +272,18 @@ class InstancesComponent:
             return refuse(request, 403, "only a node itself may say it is leaving")
         self.coordinator.drain(msg.node_id)
         return Ack()
+
+    async def _on_leave(self, request: web.Request, msg: Leave) -> Message:
+        log.info("asked by %s to leave: draining, then stopping", self.peers.name(request[PEER_ID]))
+        self.request_leave()
+        return Ack()
+
+    async def leave(self, node_id: str) -> None:
+        """Have a node (this one or another) drain and leave the cluster."""
+        if node_id == self.node_id:
+            self.request_leave()
+        else:
+            await self.peers.call(node_id, "/peer/node/leave", Leave(), Ack)
 
     async def _on_cancel(self, request: web.Request, msg: Cancel) -> Message:
         self.entries.cancel(msg.instance_id, msg.rid)

@@ -145,6 +145,10 @@ class PollReply(Message):
     stats: SeqStats | None = None  # once done
 
 
+class Leave(Message):
+    """Asks a node to drain (move the shards it hosts elsewhere) and exit, as SIGTERM would."""
+
+
 class DrainNode(Message):
     """A node that is leaving asks the coordinators of the instances it hosts to move them."""
 

@@ -44,6 +44,8 @@ class Instances(Protocol):
 
     async def submit(self, rec: InstanceRecord, request: Submit) -> tuple[SubmitReply, AsyncIterator[PollReply]]: ...
 
+    async def leave(self, node_id: str) -> None: ...
+
 
 class GenerateBody(BaseModel):
     """Body of POST /v1/instances/{id}/generate: exactly one of prompt_ids, prompt and messages."""
@@ -74,6 +76,7 @@ class PublicRoutes:
             web.post("/v1/instances/{id}/generate", self._generate),
             web.get("/v1/instances/{id}/requests", self._get_requests),
             web.get("/v1/placement", self._get_placement),
+            web.post("/v1/nodes/{node}/drain", self._drain_node),
         ]
 
     async def _get_instances(self, request: web.Request) -> web.Response:
@@ -110,6 +113,19 @@ class PublicRoutes:
         except PeerError as e:
             return _error(502, f"the coordinator of instance {iid} did not answer: {e}")
         return _json({"id": iid, "status": "stopped"})
+
+    async def _drain_node(self, request: web.Request) -> web.Response:
+        """A node (by name or id) moves the shards it hosts elsewhere, then leaves the cluster."""
+        want = request.match_info["node"]
+        view = self.c.coordinator.view
+        hits = [n for n in view.up_nodes() if n.id == want or n.name == want]
+        if len(hits) != 1:
+            return _error(404 if not hits else 409, f"no up node named {want!r}" if not hits else f"{want!r} names several nodes")
+        try:
+            await self.c.leave(hits[0].id)
+        except (InstanceError, PeerError) as e:
+            return _error(502, f"{hits[0].name} did not answer: {e}")
+        return _json({"node": hits[0].name, "id": hits[0].id, "status": "draining"}, status=202)
 
     async def _get_requests(self, request: web.Request) -> web.Response:
         """The requests this entry keeps (prompt and tokens so far): what a replay would resend."""
