@@ -102,6 +102,14 @@ class Coordinator:
             if rec.id not in newest or rec.epoch > newest[rec.id].epoch:
                 newest[rec.id] = rec
         self.cluster = list(newest.values())
+        for rec in self.cluster:
+            mine = self.coordinated.get(rec.id)
+            if mine is not None and rec.coordinator != self.node_id and rec.epoch > mine.epoch:
+                log.warning("instance %s (%s) is coordinated by %s now (epoch %d): letting go of it", rec.id, rec.model,
+                            self.peers.name(rec.coordinator), rec.epoch)
+                mine.event(f"taken over by {self.peers.name(rec.coordinator)}")
+                self._end(mine, "stopped", f"taken over by {self.peers.name(rec.coordinator)}")
+                spawn(self._stop_everywhere(mine), self._tasks, log)  # its older shards only: see Host.stop
         return out
 
     async def find(self, iid: str, fresh: bool = False) -> InstanceRecord:
@@ -252,11 +260,11 @@ class Coordinator:
     async def _stop_everywhere(self, inst: Coordinated, only: set[str] | None = None) -> None:
         """Stop the instance's shards on every node of its placement (`only`: those of them)."""
         nodes = [n for n in dict.fromkeys(s.node_id for s in inst.placement.shards) if only is None or n in only]
-        ref = InstanceRef(instance_id=inst.id)
+        ref = InstanceRef(instance_id=inst.id, epoch=inst.epoch)
 
         async def stop_on(nid: str) -> None:
             if nid == self.node_id:
-                await self.host.stop(inst.id)
+                await self.host.stop(inst.id, inst.epoch)
             else:
                 await self.peers.call(nid, "/peer/instances/stop", ref, Ack, CALL_TIMEOUT_S + 5)
 

@@ -180,9 +180,14 @@ class Host:
         self.report_to_coordinator(h, ShardState(instance_id=h.instance_id, rank=h.rank, status=h.status,
                                                  error=h.error[:256], rss_bytes=h.runner.rss, epoch=h.epoch))
 
-    async def stop(self, iid: str) -> None:
-        """Stop this node's shards of an instance (the entry first: it stops its group) and free its memory."""
+    async def stop(self, iid: str, epoch: int | None = None) -> None:
+        """Stop this node's shards of an instance (the entry first: it stops its group) and free its
+        memory; with `epoch`, only the shards of that placement or older ones."""
         mine = sorted((h for h in self.hosted.values() if h.instance_id == iid), key=lambda h: h.rank)
+        if epoch is not None and any(h.epoch > epoch for h in mine):
+            log.warning("not stopping instance %s: this node runs a newer placement of it (epoch %d > %d)", iid,
+                        max(h.epoch for h in mine), epoch)
+            return
         for h in mine:
             h.stopping = True
         await asyncio.gather(*(h.runner.stop() for h in mine), return_exceptions=True)

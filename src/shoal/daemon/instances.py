@@ -232,7 +232,7 @@ class InstancesComponent:
             return refuse(request, e.status, str(e))
 
     async def _on_stop(self, request: web.Request, msg: InstanceRef) -> Message:
-        await self.host.stop(msg.instance_id)
+        await self.host.stop(msg.instance_id, msg.epoch)
         return Ack()
 
     async def _on_delete(self, request: web.Request, msg: InstanceRef) -> Message | web.Response:

@@ -56,6 +56,9 @@ class StartReply(Message):
 
 class InstanceRef(Message):
     instance_id: InstanceId
+    # With a stop: the placement it is about. Shards of a newer one (a successor coordinator's,
+    # after a partition healed) are not the sender's to stop.
+    epoch: Epoch | None = None
 
 
 class ShardState(Message):

@@ -112,6 +112,8 @@ class RemoteInstance:
         self.loaded_at, self.load_seconds = time.time(), load_seconds
         self.alive = True  # False once its entry is found gone: the service then places the model again
         self._open_streams: dict[GenerationStream, asyncio.Task[None]] = {}
+        self._look: asyncio.Future[InstanceRecord | None] | None = None  # the record being fetched, shared
+        self._look_at, self._look_id = 0.0, ""
 
     async def submit(self, request: GenerationRequest) -> GenerationStream:
         """The request's stream, or its refusal. An instance whose entry cannot be reached right now
@@ -188,10 +190,7 @@ class RemoteInstance:
             if time.monotonic() - last_keepalive >= KEEPALIVE_EVERY_S:
                 stream.keepalive()
                 last_keepalive = time.monotonic()
-            try:
-                rec = await self.instances.coordinator.find(self.rec.id, fresh=True)
-            except (InstanceError, PeerError):
-                rec = None  # its coordinator was lost too and no successor has it yet (or it is long gone)
+            rec = await self._fresh_record()
             if rec is None and time.monotonic() - t0 > SAME_EPOCH_RETRY_S:
                 other = await self._another_instance()
                 rec, lost_epoch = (other, -1) if other is not None else (None, lost_epoch)
@@ -224,6 +223,22 @@ class RemoteInstance:
         stream.fail(ApiError(503, f"model {self.name!r} did not recover within {RECOVERY_DEADLINE_S:.0f} s", "server_error",
                              None, "model_unavailable", retry_after=RETRY_AFTER_LOST_S))
         return None
+
+    async def _fresh_record(self) -> InstanceRecord | None:
+        """The instance's record as its coordinator has it now; None if no node has it (its
+        coordinator was lost too and no successor took it yet, or it is long gone). The streams
+        waiting on one recovery share each look, at most one every RESUME_POLL_S."""
+        stale = self._look_id != self.rec.id or time.monotonic() - self._look_at >= RESUME_POLL_S
+        if self._look is None or (self._look.done() and stale):
+            self._look_at, self._look_id = time.monotonic(), self.rec.id
+            self._look = asyncio.ensure_future(self._find(self.rec.id))
+        return await asyncio.shield(self._look)
+
+    async def _find(self, iid: str) -> InstanceRecord | None:
+        try:
+            return await self.instances.coordinator.find(iid, fresh=True)
+        except (InstanceError, PeerError):
+            return None
 
     async def _another_instance(self) -> InstanceRecord | None:
         """A ready instance of the same model (a replica, or one placed since), if the cluster has one."""
