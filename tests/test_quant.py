@@ -249,15 +249,15 @@ def test_batch_tiles_both_widths(kind):
     x in L1 and in blocks (K = 2048: T*K > X_L1 for T >= 4)."""
     r = rng(23)
     q4 = kind == "q4_affine"
-    for T in (3, 4, 8):
-        wide, narrow = (_tile_runner(codegen.make_batch_tile(kind, T, permute=False, lanes=w)) for w in (16, 8))
+    for rows in (3, 4, 8):
+        wide, narrow = (_tile_runner(codegen.make_batch_tile(kind, rows, permute=False, lanes=w)) for w in (16, 8))
         for Kd, C in [(256, 1), (2048, 1), (256, 2), (2048, 4)]:
             G = (32 if q4 else 16) * C
             qw = _random_qw(kind, 6, Kd, G, r)
             b = qw.scales if qw.biases is None else qw.biases
-            x = r.standard_normal((T, Kd)).astype(np.float32)
+            x = r.standard_normal((rows, Kd)).astype(np.float32)
             for run, xin in [(wide, x), (narrow, K._pack_x(x, C, q4))]:
-                out = np.full((T, 6), np.nan, np.float32)
+                out = np.full((rows, 6), np.nan, np.float32)
                 run(qw.codes, qw.scales, b, xin, out, Kd // G, C, 6)
                 _assert_batch_close(out, x, qw)
 

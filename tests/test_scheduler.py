@@ -33,8 +33,8 @@ def lm():
 
 def scheduler(lm, budget_tokens: int = 4096, model=None, **limits) -> Scheduler:
     per_token = sum(c.bytes_per_token for c in lm.model.make_cache())
-    return Scheduler(model or lm.model, lm.tokenizer, CONTEXT, lm.args.vocab_size, per_token, SchedulerLimits(**limits),
-                     budget_tokens * per_token, name="smol")
+    return Scheduler(model or lm.model, lm.tokenizer, CONTEXT, lm.args.vocab_size, per_token,
+                     SchedulerLimits(kv_budget_bytes=budget_tokens * per_token, **limits), name="smol")
 
 
 def run_all(s: Scheduler) -> dict[str, list[Outcome]]:

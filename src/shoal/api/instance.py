@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import psutil
-
 from shoal.api.device import DeviceWorker
 from shoal.api.errors import from_refusal
 from shoal.api.metrics import Metrics
@@ -201,9 +199,7 @@ class LocalInstance:
         self.alive = True
         # Bytes of K and V per token across the model's layers.
         kv_per_token = sum(c.bytes_per_token for c in lm.model.make_cache())
-        budget = limits.kv_budget_bytes or psutil.virtual_memory().available // 2
-        self.scheduler = Scheduler(lm.model, lm.tokenizer, self.max_context, lm.args.vocab_size, kv_per_token, limits,
-                                   budget, name=name)
+        self.scheduler = Scheduler(lm.model, lm.tokenizer, self.max_context, lm.args.vocab_size, kv_per_token, limits, name=name)
         self._loop = asyncio.get_running_loop()
         self._streams: dict[str, GenerationStream] = {}  # loop side: open requests by id
         device.attach(self)

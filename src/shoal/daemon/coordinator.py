@@ -334,12 +334,12 @@ class Coordinator:
             if not inst.degraded:
                 continue
             assert best is not None
-            inst.better = best.prediction.decode_tokens_per_s
+            better = best.prediction.decode_tokens_per_s
             if not was:
-                inst.event(f"degraded: {now:.1f} tok/s predicted where {'+'.join(_node_names(best))} would give {inst.better:.1f}")
+                inst.event(f"degraded: {now:.1f} tok/s predicted where {'+'.join(_node_names(best))} would give {better:.1f}")
             entry = entries.get(inst.id)
             if entry is not None and entry.active_requests == 0 and entry.idle_s >= IDLE_BEFORE_REBALANCE_S:
-                why = f"rebalancing while idle: {inst.better:.1f} tok/s predicted against {now:.1f}"
+                why = f"rebalancing while idle: {better:.1f} tok/s predicted against {now:.1f}"
                 log.info("instance %s (%s): %s", inst.id, inst.model, why)
                 inst.degraded = False
                 spawn(self._recover(inst, why), self._tasks, log)

@@ -183,14 +183,14 @@ class InstancesComponent:
         spawn(send(), self._tasks, log)
 
     # -- requests, from any node ------------------------------------------------------------------
-    async def submit(self, rec: InstanceRecord, request: Submit) -> tuple[SubmitReply, AsyncIterator[PollReply]]:
+    async def submit(self, rec: InstanceRecord, request: Submit) -> tuple[SubmitReply, AsyncIterator[PollReply] | None]:
         """Hand a request to the instance's entry (here, or on another node). The reply says
         whether its scheduler took it; if it did, the iterator yields what it streams until done
         (closing the iterator early cancels the request)."""
         if rec.entry == self.node_id:
             req = await self.entries.submit(rec.id, request)
             if req.error is not None:
-                return SubmitReply(accepted=False, error=req.error), _nothing()
+                return SubmitReply(accepted=False, error=req.error), None
             reply = SubmitReply(accepted=True, prompt_tokens=len(req.prompt_ids or []))
 
             async def poll_here(after: int) -> PollReply:
@@ -203,7 +203,7 @@ class InstancesComponent:
         reply = await self.peers.call(rec.entry, "/peer/instances/submit", SubmitRequest(instance_id=rec.id, request=request),
                                       SubmitReply, 40.0)
         if not reply.accepted:
-            return reply, _nothing()
+            return reply, None
 
         async def poll_there(after: int) -> PollReply:
             return await self.peers.call(rec.entry, "/peer/instances/poll",
@@ -288,11 +288,6 @@ class InstancesComponent:
     async def _on_cancel(self, request: web.Request, msg: Cancel) -> Message:
         self.entries.cancel(msg.instance_id, msg.rid)
         return Ack()
-
-
-async def _nothing() -> AsyncIterator[PollReply]:
-    return
-    yield  # an empty async generator
 
 
 async def _follow(poll: Callable[[int], Any], cancel: Callable[[], Any]) -> AsyncIterator[PollReply]:

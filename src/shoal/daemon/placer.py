@@ -74,9 +74,9 @@ class ClusterPlacer:
         while time.monotonic() < deadline:
             lists = await self.instances.coordinator.gather_lists()
             recs = [r for reply in lists.values() for r in reply.instances if r.model == name]
-            ready = [r for r in recs if r.status == "ready"]
-            if ready:
-                return min(ready, key=lambda r: r.created_at)
+            ready = oldest_ready(recs)
+            if ready is not None:
+                return ready
             if created is not None and any(r.id == created and r.status == "failed" for r in recs):
                 err = next(r.error for r in recs if r.id == created)
                 raise internal(f"model {name!r} could not be placed: {err}")
@@ -89,6 +89,12 @@ class ClusterPlacer:
                     raise ApiError(e.status if e.status >= 400 else 500, str(e)) from None
             await asyncio.sleep(0.5)
         raise internal(f"model {name!r} did not become ready within {READY_TIMEOUT_S:.0f} s")
+
+
+def oldest_ready(recs: list[InstanceRecord]) -> InstanceRecord | None:
+    """The instance a model's requests go to: its oldest ready one (every node picks the same)."""
+    ready = [r for r in recs if r.status == "ready"]
+    return min(ready, key=lambda r: r.created_at) if ready else None
 
 
 def _tokenizer(card: ModelCard):
@@ -135,7 +141,7 @@ class RemoteInstance:
         self._open_streams[stream] = task
         return stream
 
-    async def _open(self, request: GenerationRequest, attempt: int) -> tuple[SubmitReply, AsyncIterator[PollReply]]:
+    async def _open(self, request: GenerationRequest, attempt: int) -> tuple[SubmitReply, AsyncIterator[PollReply] | None]:
         """Hand the request to the instance's entry; after a loss (`attempt` > 0), resumed after
         the tokens the client already has."""
         rid = re.sub(r"[^0-9A-Za-z_-]", "_", request.id)[:56] + (f"-r{attempt}" if attempt else "")
@@ -243,9 +249,7 @@ class RemoteInstance:
     async def _another_instance(self) -> InstanceRecord | None:
         """A ready instance of the same model (a replica, or one placed since), if the cluster has one."""
         lists = await self.instances.coordinator.gather_lists()
-        ready = [r for reply in lists.values() for r in reply.instances
-                 if r.model == self.name and r.status == "ready" and r.ended_at is None]
-        return min(ready, key=lambda r: r.created_at) if ready else None
+        return oldest_ready([r for reply in lists.values() for r in reply.instances if r.model == self.name])
 
     def _cancel(self, stream: GenerationStream) -> None:
         task = self._open_streams.get(stream)

@@ -125,7 +125,6 @@ class Coordinated:
     recoveries_in_row: int = 0  # since it was last ready
     exclude: set[str] = field(default_factory=set)  # nodes that are leaving: never placed on again
     degraded: bool = False
-    better: float = 0.0  # the best plan's predicted decode tokens/s, when degraded
     # Placed by the planner's own choice (strategy auto, no nodes named), or re-placed by a recovery:
     # only then may a better plan replace it. A placement someone asked for stays as asked.
     planner_chose: bool = True

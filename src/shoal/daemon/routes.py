@@ -42,7 +42,7 @@ class Instances(Protocol):
 
     async def instances(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]: ...
 
-    async def submit(self, rec: InstanceRecord, request: Submit) -> tuple[SubmitReply, AsyncIterator[PollReply]]: ...
+    async def submit(self, rec: InstanceRecord, request: Submit) -> tuple[SubmitReply, AsyncIterator[PollReply] | None]: ...
 
     async def leave(self, node_id: str) -> None: ...
 
@@ -200,6 +200,7 @@ class PublicRoutes:
             err = accepted.error
             headers = {"Retry-After": str(max(1, round(err.retry_after)))} if err.retry_after is not None else None
             return _error(err.status, err.message, code=err.code, param=err.param, headers=headers)
+        assert feed is not None  # accepted
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         try:

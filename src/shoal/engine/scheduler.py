@@ -27,6 +27,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import psutil
+
 from shoal.engine.generate import (
     BatchGenerator,
     SequenceStats,
@@ -100,16 +102,16 @@ class _Job:
 
 class Scheduler:
     def __init__(self, model: ShardedModel, tokenizer: Tokenizer, max_context: int, vocab_size: int,
-                 kv_bytes_per_token: int, limits: SchedulerLimits, kv_budget_bytes: int, name: str = "model",
+                 kv_bytes_per_token: int, limits: SchedulerLimits, name: str = "model",
                  fatal: tuple[type[BaseException], ...] = (), prefix_keeper: PrefixKeeper | None = None):
         """`fatal`: exception types a step may raise that end the whole model (a broken link to
         another rank), re-raised instead of failing only the step's sequences. `prefix_keeper`:
         where reused prompt prefixes are kept (default: copies in this process)."""
         self.name, self.limits, self.max_context, self.vocab_size = name, limits, max_context, vocab_size
         self.kv_bytes_per_token = max(1, kv_bytes_per_token)
-        self.kv_budget = kv_budget_bytes
+        self.kv_budget = limits.kv_budget_bytes or psutil.virtual_memory().available // 2
         self.fatal = fatal
-        prefix_tokens = min(limits.prefix_cache_bytes, kv_budget_bytes // 4) // self.kv_bytes_per_token
+        prefix_tokens = min(limits.prefix_cache_bytes, self.kv_budget // 4) // self.kv_bytes_per_token
         self.gen = BatchGenerator(model, tokenizer, max_context, limits.prefill_chunk, limits.max_batch_tokens,
                                   prefix_tokens, prefix_keeper)
         self._lock = threading.Lock()  # guards the queue and the open set against offer/cancel
@@ -190,8 +192,8 @@ class Scheduler:
 
     def step(self) -> list[Outcome]:
         """Drop cancelled requests, admit what fits, and run one step of the batch."""
-        out = self._reap_cancelled()
-        out += self._admit()
+        self._reap_cancelled()
+        out = self._admit()
         gen, lim = self.gen, self.limits
         if gen.has_work:
             decoding = sum(not seq.in_prefill for seq in gen.sequences.values())
@@ -220,10 +222,11 @@ class Scheduler:
         self._publish()
         return [Outcome(j.rid, error=error) for j in jobs]
 
-    def _reap_cancelled(self) -> list[Outcome]:
+    def _reap_cancelled(self) -> None:
+        """Forget cancelled requests (their clients already know) and free what they held."""
         with self._lock:
             if not self._cancelled:
-                return []
+                return
             gone, self._cancelled = self._cancelled, set()
             self._waiting = collections.deque(j for j in self._waiting if j.rid not in gone)
             self._queued_kv = sum(j.kv_need for j in self._waiting)
@@ -231,7 +234,6 @@ class Scheduler:
             if job.rid in gone:
                 self.gen.cancel(uid)
                 self._release(uid)
-        return []
 
     def _admit(self) -> list[Outcome]:
         failed: list[Outcome] = []

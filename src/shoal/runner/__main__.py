@@ -116,16 +116,14 @@ def main() -> int:
 def entry_scheduler(cfg: RunnerConfig, model, stage):
     """The entry's scheduler: the same policy as a model in one process, with the instance's KV
     cost per token (every rank's layers, as the plan counted them) against the entry's budget."""
-    import psutil
-
     from shoal.engine.scheduler import Scheduler, SchedulerLimits
     from shoal.runner.wire import WireError
 
     context = min(cfg.context, stage.args.max_context)
     kv_per_token = sum(s.kv_bytes for s in cfg.shards) // max(1, cfg.context)
-    budget = cfg.kv_budget_bytes or psutil.virtual_memory().available // 2
-    return Scheduler(model, stage.tokenizer, context, stage.args.vocab_size, kv_per_token, SchedulerLimits(), budget,
-                     name=cfg.model, fatal=(WireError,), prefix_keeper=model)
+    return Scheduler(model, stage.tokenizer, context, stage.args.vocab_size, kv_per_token,
+                     SchedulerLimits(kv_budget_bytes=cfg.kv_budget_bytes), name=cfg.model, fatal=(WireError,),
+                     prefix_keeper=model)
 
 
 def _td(seconds: float):
