@@ -54,7 +54,8 @@ def call(url: str, method: str = "GET", body: Any = None, timeout: float = 120) 
 
 def generate(url: str, iid: str, prompt: list[int], tokens: int) -> dict[str, Any]:
     body = {"prompt_ids": prompt, "params": {"max_tokens": tokens, "ignore_eos": True}}
-    req = urllib.request.Request(f"{url}/v1/instances/{iid}/generate", data=json.dumps(body).encode(), method="POST")
+    req = urllib.request.Request(f"{url}/v1/instances/{iid}/generate", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
     stats = {}
     with urllib.request.urlopen(req, timeout=600) as r:
         for line in r:

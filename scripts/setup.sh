@@ -17,9 +17,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_WARN_SCRIPT_LOCATION=1
 
 # The pinned CPU build of PyTorch first: shoal's own torch requirement is open-ended (Macs and CUDA
 # boxes bring their own build), and installed first it would pull several GB of CUDA packages.
-if ! python -c "import torch" 2>/dev/null; then
-  pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-  python -c "import torch" || { echo "setup: installing torch failed" >&2; exit 1; }
+# NumPy comes in the same step: torch does not depend on it, and imported without it torch warns
+# "Failed to initialize NumPy".
+if ! python -c "import torch, numpy" 2>/dev/null; then
+  pip install -q "torch==2.13.0" "numpy>=1.26" 2>&1 | grep -v "^WARNING: Location" || true
+  python -c "import torch, numpy" || { echo "setup: installing torch failed" >&2; exit 1; }
 fi
 
 pip install -q -e ".${extras}" 2>&1 | grep -v "^WARNING: Location" || true

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 TEST_KEY = "test-cluster-key-0123456789abcdef"
+TEST_API_KEY = "test-api-key-0123456789abcdef"  # what test nodes ask clients on other addresses for
 NODE_CMD = [sys.executable, "-m", "shoal.cli", "node"]
 
 
@@ -31,13 +32,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def http_json(url: str, timeout_s: float = 2.0, netns: str | None = None) -> Any:
     """GET url and parse JSON; inside `netns` through a tiny python run there (our root namespace
-    has no route into the test's namespaces)."""
+    has no route into the test's namespaces). With the test nodes' API key: a client in a
+    namespace has an address of its own, and a node may ask loopback clients for it too."""
     if netns is None:
-        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {TEST_API_KEY}"})
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
             return json.loads(r.read())
     code = (
         "import sys, urllib.request; "
-        "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])).read().decode())"
+        f"req = urllib.request.Request(sys.argv[1], headers={{'Authorization': 'Bearer {TEST_API_KEY}'}}); "
+        "sys.stdout.write(urllib.request.urlopen(req, timeout=float(sys.argv[2])).read().decode())"
     )
     out = subprocess.run(
         ["ip", "netns", "exec", netns, sys.executable, "-c", code, url, str(timeout_s)],
@@ -55,9 +59,11 @@ class NodeProc:
     """One `shoal node` process. Restartable with the same home and port (same node id)."""
 
     def __init__(
-        self, name: str, host: str, port: int, home: Path, args: Sequence[str], log_dir: Path, netns: str | None = None
+        self, name: str, host: str, port: int, home: Path, args: Sequence[str], log_dir: Path, netns: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name, self.host, self.port, self.home = name, host, port, home
+        self.env = dict(env or {})
         self.args = list(args)
         self.netns = netns
         self.log_path = log_dir / f"{name}.log"
@@ -88,8 +94,9 @@ class NodeProc:
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]  # ip execs the node: the pid is the node's
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         env.pop("SHOAL_CLUSTER_KEY", None)
+        env.pop("SHOAL_API_KEY", None)
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         return self
@@ -151,12 +158,14 @@ class NodeLauncher:
         name: str,
         peers: Sequence[NodeProc | str] = (),
         key: str = TEST_KEY,
+        api_key: str | None = TEST_API_KEY,  # None: the node makes its own (<home>/api.key)
         extra: Sequence[str] = (),
         host: str = "127.0.0.1",
         port: int | None = None,
         netns: str | None = None,
         discovery: bool = False,
         wait: bool = True,
+        env: dict[str, str] | None = None,
     ) -> NodeProc:
         home = self.root / name
         home.mkdir(parents=True, exist_ok=True)
@@ -164,12 +173,12 @@ class NodeLauncher:
             # One measurement per test session: nodes start in a fraction of a second and do not
             # all benchmark the same two cores at once.
             shutil.copy(self.profile_file, home / "profile.json")
-        args = ["--cluster-key", key, "--log-level", "DEBUG"]
+        args = ["--cluster-key", key, "--log-level", "DEBUG", *(["--api-key", api_key] if api_key else [])]
         for p in peers:
             args += ["--peer", p.address if isinstance(p, NodeProc) else p]
         if not discovery:
             args.append("--no-discovery")
-        node = NodeProc(name, host, port or free_port(), home, [*args, *extra], self.root, netns)
+        node = NodeProc(name, host, port or free_port(), home, [*args, *extra], self.root, netns, env)
         self.nodes.append(node)
         node.start()
         if wait:
@@ -197,6 +206,20 @@ class NodeLauncher:
                     n.proc.wait(10)
                 except subprocess.TimeoutExpired:
                     n.kill()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def models_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The models folder of every node a test starts is the session's temporary root, so the tiny
+    checkpoints tests make in their tmp_path are files a reference from the network may name."""
+    base = tmp_path_factory.getbasetemp()
+    old = os.environ.get("SHOAL_MODELS")
+    os.environ["SHOAL_MODELS"] = str(base)
+    yield base
+    if old is None:
+        os.environ.pop("SHOAL_MODELS", None)
+    else:
+        os.environ["SHOAL_MODELS"] = old
 
 
 @pytest.fixture(scope="session")

@@ -117,7 +117,8 @@ def test_huge_bodies_are_refused(server):
     # Chunked (no Content-Length): refused while reading.
     host, port = urlsplit(server.url).hostname, urlsplit(server.url).port
     with socket.create_connection((host, port), timeout=30) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n" % (host.encode(), port))
         chunk = b"b" * (1 << 20)
         try:
             for _ in range(20):

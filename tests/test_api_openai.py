@@ -277,7 +277,9 @@ def test_api_key_required(tight):
     assert e.value.body["code"] == "invalid_api_key"
     status, _, _ = http("POST", f"{tight.url}/api/chat", {"model": TIGHT_MODEL})
     assert status == 401
-    assert http("GET", f"{tight.url}/healthz")[0] == 200 and http("GET", f"{tight.url}/openapi.json")[0] == 200
+    # Only /healthz is open; loopback clients need the key too (this server gives them no exemption).
+    assert http("GET", f"{tight.url}/healthz")[0] == 200 and http("GET", f"{tight.url}/openapi.json")[0] == 401
+    assert http("GET", f"{tight.url}/openapi.json", headers={"x-api-key": KEY})[0] == 200
     good = openai.OpenAI(base_url=f"{tight.url}/v1", api_key=KEY, max_retries=0)
     r = good.chat.completions.create(model=TIGHT_MODEL, messages=CHAT, max_tokens=3, temperature=0)
     assert r.usage.completion_tokens == 3

@@ -108,3 +108,29 @@ def test_unknown_model_id():
 def test_prompt_longer_than_context(tmp_path):
     r = shoal("generate", "--raw", "--max-tokens", "4", "-", input="word " * 9000)
     _assert_clean_error(r, "context")
+
+
+def test_generate_flags_all_say_what_they_do():
+    import argparse
+
+    from shoal.engine.cli import add_generate_arguments
+
+    p = argparse.ArgumentParser()
+    add_generate_arguments(p)
+    assert [a.dest for a in p._actions if not a.help] == []
+
+
+def test_commands_say_when_what_answered_is_not_a_node():
+    import http.server
+    import threading
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        for args in (["status"], ["instances"], ["place", DEFAULT_MODEL], ["generate", "hi"]):
+            r = shoal(*args, "--cluster", url, timeout=60)
+            said = r.stdout + r.stderr
+            assert r.returncode == 1 and url in said and "not a shoal node" in said and "52600" in said, (args, said)
+    finally:
+        httpd.shutdown()

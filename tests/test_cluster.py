@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import socket
 import stat
 import subprocess
@@ -18,9 +19,10 @@ from typing import Any
 import pytest
 from conftest import TEST_KEY, NodeLauncher, NodeProc, free_port, wait_for
 
-from shoal.cluster.auth import H_NONCE, AuthError, NonceCache, Signer
+from shoal.cluster.auth import H_NODE, H_TIME, H_TO, AuthError, NonceCache, PeerCipher
+from shoal.cluster.identity import NodeIdentity, node_id_of
 from shoal.cluster.links import LinkTable
-from shoal.cluster.membership import Membership, Timings
+from shoal.cluster.membership import Membership, Timings, record_bytes, record_problem
 from shoal.cluster.messages import Gossip, LinkRecord, MemberRecord
 from shoal.config import NodeConfig, parse_hostport, parse_size
 
@@ -48,8 +50,12 @@ def test_config_home_id_and_key(tmp_path: Path) -> None:
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert c1.peers == (("a", 1), ("b", 52600)) and c1.memory_limit_bytes == 2 * 2**30
     assert c1.cluster_key not in repr(c1)  # the key never lands in a log through repr
+    node_key = tmp_path / "h" / "node.key"
+    assert stat.S_IMODE(node_key.stat().st_mode) == 0o600
     c2 = NodeConfig.from_args(args, environ={})
     assert (c2.node_id, c2.cluster_key, c2.key_source) == (c1.node_id, c1.cluster_key, "home")
+    # the id is the key's: derived, not stored
+    assert c1.node_id == NodeIdentity.from_seed(bytes.fromhex(node_key.read_text().strip())).node_id
     c3 = NodeConfig.from_args(args, environ={"SHOAL_CLUSTER_KEY": "x" * 20})
     assert (c3.cluster_key, c3.key_source) == ("x" * 20, "env")
     args.cluster_key = "y" * 20
@@ -59,34 +65,52 @@ def test_config_home_id_and_key(tmp_path: Path) -> None:
         NodeConfig.from_args(args, environ={})
 
 
-def test_auth_sign_verify_replay_and_skew() -> None:
-    a = Signer.from_cluster_key("a" * 32, TEST_KEY)
-    b = Signer.from_cluster_key("b" * 32, TEST_KEY)
+def test_auth_seal_open_replay_and_skew() -> None:
+    a = PeerCipher.from_cluster_key("a" * 32, TEST_KEY)
+    b = PeerCipher.from_cluster_key("b" * 32, TEST_KEY)
     body = b'{"x": 1}'
-    h = a.sign_request("POST", "/peer/gossip", body)
-    assert b.verify_request("POST", "/peer/gossip", h, body) == "a" * 32
+    h, sealed = a.seal_request("POST", "/peer/gossip", "b" * 32, body)
+    assert body not in sealed and len(sealed) == len(body) + 28
+    assert b.open_request("POST", "/peer/gossip", h, sealed) == ("a" * 32, body)
     with pytest.raises(AuthError, match="replayed"):
-        b.verify_request("POST", "/peer/gossip", h, body)
-    for method, path, data in (
-        ("POST", "/peer/gossip", b'{"x": 2}'),
-        ("POST", "/peer/leave", body),
-        ("GET", "/peer/gossip", body),
+        b.open_request("POST", "/peer/gossip", h, sealed)
+    # the method, the path and every header are bound to the body; so is every byte of it
+    h, sealed = a.seal_request("POST", "/peer/gossip", "b" * 32, body)
+    flipped = sealed[:-1] + bytes([sealed[-1] ^ 1])
+    for method, path, headers, data in (
+        ("POST", "/peer/leave", h, sealed),
+        ("GET", "/peer/gossip", h, sealed),
+        ("POST", "/peer/gossip", {**h, H_NODE: "c" * 32}, sealed),
+        ("POST", "/peer/gossip", {**h, H_TIME: f"{float(h[H_TIME]) + 1:.3f}"}, sealed),
+        ("POST", "/peer/gossip", {**h, H_TO: "c" * 32}, sealed),
+        ("POST", "/peer/gossip", h, flipped),
+        ("POST", "/peer/gossip", h, sealed[:10]),
     ):
-        with pytest.raises(AuthError, match="bad signature"):
-            b.verify_request(method, path, a.sign_request("POST", "/peer/gossip", body), data)
-    stale = a.sign_request("POST", "/peer/gossip", body, now=time.time() - 120)
+        with pytest.raises(AuthError, match="bad tag"):
+            b.open_request(method, path, headers, data)
+    assert b.open_request("POST", "/peer/gossip", h, sealed)[1] == body  # none of that spent the nonce
+    # addressed to another node: refused even though it authenticates
+    h, sealed = a.seal_request("POST", "/peer/gossip", "c" * 32, body)
+    with pytest.raises(AuthError, match="not addressed"):
+        b.open_request("POST", "/peer/gossip", h, sealed)
+    stale = a.seal_request("POST", "/peer/gossip", "b" * 32, body, now=time.time() - 120)
     with pytest.raises(AuthError, match="skew"):
-        b.verify_request("POST", "/peer/gossip", stale, body)
-    other = Signer.from_cluster_key("c" * 32, "another-cluster-key-0000")
-    with pytest.raises(AuthError, match="bad signature"):
-        b.verify_request("POST", "/peer/gossip", other.sign_request("POST", "/peer/gossip", body), body)
+        b.open_request("POST", "/peer/gossip", *stale)
+    other = PeerCipher.from_cluster_key("c" * 32, "another-cluster-key-0000")
+    with pytest.raises(AuthError, match="bad tag"):
+        b.open_request("POST", "/peer/gossip", *other.seal_request("POST", "/peer/gossip", "b" * 32, body))
     with pytest.raises(AuthError, match="unsigned"):
-        b.verify_request("POST", "/peer/gossip", {}, body)
-    # replies are bound to the request's nonce
-    rh = b.sign_reply(h[H_NONCE], 200, b"{}")
-    assert a.verify_reply(h[H_NONCE], 200, rh, b"{}") == "b" * 32
-    with pytest.raises(AuthError):
-        a.verify_reply("another-nonce", 200, rh, b"{}")
+        b.open_request("POST", "/peer/gossip", {}, body)
+    # replies are bound to the request (its nonce, path, sender, recipient) and to their status
+    h, sealed = a.seal_request("POST", "/peer/gossip", "b" * 32, body)
+    rh, rsealed = b.seal_reply("POST", "/peer/gossip", h, 200, b"{}")
+    assert a.open_reply("POST", "/peer/gossip", h, 200, rh, rsealed) == ("b" * 32, b"{}")
+    h2, _ = a.seal_request("POST", "/peer/gossip", "b" * 32, body)
+    for path, req, status in (("/peer/gossip", h2, 200), ("/peer/leave", h, 200), ("/peer/gossip", h, 400)):
+        with pytest.raises(AuthError, match="bad reply tag"):
+            a.open_reply("POST", path, req, status, rh, rsealed)
+    with pytest.raises(AuthError, match="unsigned reply"):
+        a.open_reply("POST", "/peer/gossip", h, 200, {}, rsealed)
     cache = NonceCache(ttl_s=10, max_entries=2)
     cache.check_and_add("n1", now=0)
     cache.check_and_add("n2", now=1)
@@ -96,12 +120,21 @@ def test_auth_sign_verify_replay_and_skew() -> None:
 
 
 def _membership(tmp_path: Path, clock: list[float]) -> Membership:
-    cfg = NodeConfig(home=tmp_path, node_id="0" * 32, name="me", cluster_key=TEST_KEY)
-    return Membership(cfg, LinkTable(), Timings(), clock=lambda: clock[0])
+    me = NodeIdentity.from_seed(os.urandom(32))
+    cfg = NodeConfig(home=tmp_path, node_id=me.node_id, name="me", cluster_key=TEST_KEY)
+    return Membership(cfg, LinkTable(), Timings(), clock=lambda: clock[0], identity=me)
+
+
+IDENTITIES = [NodeIdentity.from_seed(bytes([i]) * 32) for i in range(4)]
+BY_ID = {i.node_id: i for i in IDENTITIES}
 
 
 def _rec(nid: str, inc: int = 1, hb: int = 1, age: float = 0.0, host: str = "10.0.0.9") -> MemberRecord:
-    return MemberRecord(node_id=nid, name=nid[:4], host=host, port=1000, incarnation=inc, heartbeat=hb, age_s=age)
+    """A record signed by its node, one of IDENTITIES."""
+    me = BY_ID[nid]
+    rec = MemberRecord(node_id=nid, public_key=me.public_key, name=nid[:4], host=host, port=1000,
+                       incarnation=inc, heartbeat=hb, age_s=age, signature="0" * 128)
+    return rec.model_copy(update={"signature": me.sign(record_bytes(rec))})
 
 
 def test_membership_rules(tmp_path: Path) -> None:
@@ -109,33 +142,47 @@ def test_membership_rules(tmp_path: Path) -> None:
     m = _membership(tmp_path, clock)
     events: list[tuple[str, str]] = []
     m.subscribe(lambda kind, nid: events.append((kind, nid)))
-    x, y = "1" * 32, "2" * 32
-    m.merge(Gossip(sender=x, members=[_rec(x, host="")]), sender_host="10.0.0.7")
-    assert m.members[x].status == "up" and m.members[x].record.host == "10.0.0.7"  # seen-from address
+    x, y, z = (i.node_id for i in IDENTITIES[1:])
+    assert node_id_of(IDENTITIES[1].public_key) == x
+    # a record with no host takes the address we dialled its node at (a sealed reply to us) ...
+    m.merge(Gossip(sender=x, members=[_rec(x, host="")]), dialled_host="10.0.0.7")
+    assert m.members[x].status == "up" and m.members[x].record.host == "10.0.0.7"
+    assert m.members[x].wire.host == ""  # ... locally: what it relays is the record as signed
     # a second-hand record of a long-silent node arrives as down; a very old one not at all
-    m.merge(Gossip(sender=x, members=[_rec(x, hb=2), _rec(y, age=4.0), _rec("3" * 32, age=40.0)]), None)
-    assert m.members[y].status == "down" and "3" * 32 not in m.members
+    m.merge(Gossip(sender=x, members=[_rec(x, hb=2, host=""), _rec(y, age=4.0), _rec(z, age=40.0)]))
+    assert m.members[y].status == "down" and z not in m.members
+    assert m.members[x].record.host == "10.0.0.7"  # kept while the node still advertises none
     assert events == [("join", x)]
     clock[0] += 3.2
     m.detect()
     assert m.members[x].status == "down" and ("down", x) in events
-    m.merge(Gossip(sender=y, members=[_rec(x, hb=3)]), None)  # relayed heartbeat: x is alive
+    m.merge(Gossip(sender=y, members=[_rec(x, hb=3)]))  # relayed heartbeat: x is alive
     assert m.members[x].status == "up"
-    m.links.merge(LinkRecord(a=x, b=y, rtt_ms=1.0, measured_at=1.0))
+    assert m.links.merge(LinkRecord(a=min(x, y), b=max(x, y), rtt_ms=1.0, measured_at=1.0))
     clock[0] += 31
     m.detect()
     assert not m.members and not m.links.records()  # dropped, with their links
-    m.merge(Gossip(sender=y, members=[_rec(x, hb=3)]), None)
+    m.merge(Gossip(sender=y, members=[_rec(x, hb=3)]))
     assert x not in m.members  # the tombstone stops old gossip from reviving it
-    m.merge(Gossip(sender=x, members=[_rec(x, inc=2, hb=1)]), "10.0.0.7")
+    m.merge(Gossip(sender=x, members=[_rec(x, inc=2, hb=1)]))
     assert m.members[x].status == "up"  # a restart (new incarnation) rejoins
     # links with an unknown end are not taken; non-canonical links are refused
-    m.merge(
-        Gossip(sender=x, members=[_rec(x, inc=2, hb=2)], links=[LinkRecord(a=x, b="9" * 32, rtt_ms=1, measured_at=2)]),
-        None,
-    )
+    stray = LinkRecord(a=x, b="9" * 32, rtt_ms=1, measured_at=2)
+    m.merge(Gossip(sender=x, members=[_rec(x, inc=2, hb=2)], links=[stray]))
     assert not m.links.records()
-    assert not m.links.merge(LinkRecord(a=y, b=x, rtt_ms=1, measured_at=3))
+    lo, hi = sorted((x, y))
+    assert not m.links.merge(LinkRecord(a=hi, b=lo, rtt_ms=1, measured_at=3))
+    # a record altered on the way (another host, same signature) or made by another key is not taken
+    moved = _rec(x, inc=2, hb=9).model_copy(update={"host": "10.6.6.6"})
+    stolen = _rec(x, inc=2, hb=9).model_copy(update={"public_key": IDENTITIES[0].public_key})
+    m.merge(Gossip(sender=y, members=[moved, stolen]))
+    assert m.members[x].record.host == "10.0.0.9" and m.members[x].version == (2, 2)
+    # our own record is signed, and verifies; a newer "us" that we did not sign moves nothing
+    me = m.self_record()
+    assert me.node_id == m.node_id and record_problem(me) is None
+    fake_me = me.model_copy(update={"incarnation": me.incarnation + 5})
+    m.merge(Gossip(sender=y, members=[fake_me]))
+    assert m.incarnation == me.incarnation
 
 
 def test_cli_modules_import_light() -> None:
@@ -243,13 +290,11 @@ def test_wrong_key_is_refused(launcher: NodeLauncher) -> None:
     for n in (a, b):
         wait_for(lambda n=n: _sees(n, good), timeout_s=5.0, what=f"{n.name} sees a and b")
     # let several hellos and gossip rounds pass, then check again: never a member anywhere
+    wait_for(lambda: "refused POST /peer/hello from 127.0.0.1: bad tag" in a.log(), 10.0, what="refusal logged on a")
     wait_for(
-        lambda: "refused POST /peer/hello from 127.0.0.1: bad signature" in a.log(), 10.0, what="refusal logged on a"
-    )
-    wait_for(
-        lambda: "bad reply signature" in b.log() or "unsigned reply" in b.log(),
+        lambda: f"hello to {intruder.address} failed" in b.log() and "HTTP 401 (unauthenticated): bad tag" in b.log(),
         10.0,
-        what="intruder's reply refused by b",
+        what="b's hello refused by the intruder",
     )
     time.sleep(1.0)
     for n in (a, b):
@@ -258,13 +303,12 @@ def test_wrong_key_is_refused(launcher: NodeLauncher) -> None:
     assert set(_view(intruder)) == {intruder.node_id}
 
 
-def _post(node: NodeProc, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+def _post(node: NodeProc, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection(node.host, node.port, timeout=10)
     try:
         conn.request("POST", path, body=body, headers=headers)
         r = conn.getresponse()
-        data = r.read()
-        return r.status, json.loads(data) if data else {}
+        return r.status, dict(r.getheaders()), r.read()
     finally:
         conn.close()
 
@@ -272,36 +316,44 @@ def _post(node: NodeProc, path: str, body: bytes, headers: dict[str, str]) -> tu
 def test_bad_peer_messages_are_refused(launcher: NodeLauncher) -> None:
     a = launcher.start("a")
     me = uuid.uuid4().hex
-    signer = Signer.from_cluster_key(me, TEST_KEY)
+    cipher = PeerCipher.from_cluster_key(me, TEST_KEY)
 
-    def signed(path: str, body: bytes) -> dict[str, str]:
-        return {**signer.sign_request("POST", path, body), "Content-Type": "application/json"}
+    def sealed(path: str, body: bytes, now: float | None = None) -> tuple[dict[str, str], bytes]:
+        return cipher.seal_request("POST", path, a.node_id, body, now=now)
 
     ping = b'{"seq": 1}'
-    ok_headers = signed("/peer/ping", ping)
-    assert _post(a, "/peer/ping", ping, ok_headers)[0] == 200
+    ok = sealed("/peer/ping", ping)
+    assert _post(a, "/peer/ping", ok[1], ok[0])[0] == 200
+    tampered = sealed("/peer/ping", ping)
+    guesser = PeerCipher.from_cluster_key(me, "wrong-key-0123456789")
     cases = {
-        "unsigned": (401, "/peer/gossip", b'{"sender": "x", "members": []}', {}),
-        "replayed": (401, "/peer/ping", ping, ok_headers),
-        "wrong key": (
-            401,
-            "/peer/ping",
-            ping,
-            Signer.from_cluster_key(me, "wrong-key-0123456789").sign_request("POST", "/peer/ping", ping),
+        "unsigned": (401, "/peer/gossip", {}, b'{"sender": "x", "members": []}'),
+        "replayed": (401, "/peer/ping", *ok),
+        "wrong key": (401, "/peer/ping", *guesser.seal_request("POST", "/peer/ping", a.node_id, ping)),
+        "stale": (401, "/peer/ping", *sealed("/peer/ping", ping, now=time.time() - 300)),
+        "tampered": (401, "/peer/ping", tampered[0], tampered[1][:-1] + bytes([tampered[1][-1] ^ 1])),
+        "misaddressed": (401, "/peer/ping", *cipher.seal_request("POST", "/peer/ping", "f" * 32, ping)),
+        "not json": (400, "/peer/gossip", *sealed("/peer/gossip", b"\x00\xffnot json")),
+        "wrong shape": (400, "/peer/gossip", *sealed("/peer/gossip", b'{"sender": "zz", "members": "no"}')),
+        "extra field": (400, "/peer/ping", *sealed("/peer/ping", b'{"seq": 1, "evil": true}')),
+        "forged sender": (
+            400,
+            "/peer/leave",
+            *sealed("/peer/leave", json.dumps({"sender": "f" * 32, "incarnation": 1, "signature": "0" * 128}).encode()),
         ),
-        "stale": (401, "/peer/ping", ping, signer.sign_request("POST", "/peer/ping", ping, now=time.time() - 300)),
-        "tampered": (401, "/peer/ping", b'{"seq": 2}', signed("/peer/ping", ping)),
-        "not json": (400, "/peer/gossip", b"\x00\xffnot json", None),
-        "wrong shape": (400, "/peer/gossip", b'{"sender": "zz", "members": "no"}', None),
-        "extra field": (400, "/peer/ping", b'{"seq": 1, "evil": true}', None),
-        "forged sender": (400, "/peer/leave", json.dumps({"sender": "f" * 32, "incarnation": 1}).encode(), None),
-        "oversized": (413, "/peer/gossip", b"{" + b" " * (2 << 20) + b"}", None),
-        "oversized probe": (413, "/peer/probe", b"x" * (17 << 20), None),
+        "unknown path": (404, "/peer/nothing", *sealed("/peer/nothing", b"{}")),
+        "oversized": (413, "/peer/gossip", *sealed("/peer/gossip", b"{" + b" " * (2 << 20) + b"}")),
+        "oversized probe": (413, "/peer/probe", *sealed("/peer/probe", b"x" * (17 << 20))),
     }
-    for name, (status, path, body, headers) in cases.items():
-        got, reply = _post(a, path, body, signed(path, body) if headers is None else headers)
+    for name, (status, path, headers, body) in cases.items():
+        got, reply_headers, reply = _post(a, path, body, headers)
         assert got == status, (name, got, reply)
-        assert reply.get("error"), (name, reply)
+        if status in (400, 404):  # refused after the request proved the key: the refusal is sealed
+            assert b"error" not in reply, name
+            _, plain = cipher.open_reply("POST", path, headers, got, reply_headers, reply)
+            assert json.loads(plain)["error"], name
+        else:  # refused before: plaintext, and only which check failed
+            assert H_NODE not in reply_headers and json.loads(reply)["error"], (name, reply)
 
     # junk that is not HTTP at all, and a client that hangs up mid-body
     with socket.create_connection((a.host, a.port), timeout=5) as s:
@@ -315,7 +367,7 @@ def test_bad_peer_messages_are_refused(launcher: NodeLauncher) -> None:
     view = a.cluster()
     assert [n["id"] for n in view["nodes"]] == [a.node_id]
     log = a.log()
-    for reason in ("unsigned", "replayed nonce", "bad signature", "clock skew", "malformed", "larger than"):
+    for reason in ("unsigned", "replayed nonce", "bad tag", "clock skew", "not addressed", "malformed", "larger than"):
         assert reason in log, reason
     assert "refused POST /peer/gossip from 127.0.0.1" in log
 

@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
-from conftest import NodeLauncher, NodeProc, wait_for
+from conftest import TEST_API_KEY, NodeLauncher, NodeProc, wait_for
 
 from shoal.catalog import CATALOG, DEFAULT_MODEL, bundled_path
 
@@ -46,9 +46,11 @@ LAYOUTS = {  # name -> (strategy, nodes, tp_size, expected stage sizes)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def call(node: NodeProc, method: str, path: str, body: Any = None, timeout_s: float = 60.0) -> tuple[int, Any]:
+def call(node: NodeProc, method: str, path: str, body: Any = None, timeout_s: float = 60.0,
+         key: str | None = None) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(node.url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(node.url + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
             return r.status, json.loads(r.read())
@@ -91,7 +93,8 @@ def wait_ready(node: NodeProc, iid: str, timeout_s: float = 240.0) -> dict[str, 
 
 def generate(node: NodeProc, iid: str, prompt_ids: list[int], max_tokens: int, **params: Any) -> list[int]:
     body = {"prompt_ids": prompt_ids, "params": {"max_tokens": max_tokens, **params}}
-    req = urllib.request.Request(node.url + f"/v1/instances/{iid}/generate", data=json.dumps(body).encode(), method="POST")
+    req = urllib.request.Request(node.url + f"/v1/instances/{iid}/generate", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
     tokens = []
     with urllib.request.urlopen(req, timeout=300) as r:
         for line in r:
@@ -214,9 +217,10 @@ def run_equivalence(cluster: list[NodeProc], models: list[str], layout: str,
             # Asked at the last node: the request travels to the entry and the tokens come back.
             got = generate(cluster[-1], inst["id"], prompt, len(expected), ignore_eos=ignore_eos)
             assert got == expected, (inst["model"], layout, got, expected)
-            # The entry keeps each request's prompt and tokens (what a replay elsewhere would need).
+            # The entry keeps each request's prompt and tokens (what a replay elsewhere would need),
+            # shown to the key holder who asks for the text.
             entry = next(nd for nd in cluster if nd.node_id == inst["entry"])
-            kept = call(entry, "GET", f"/v1/instances/{inst['id']}/requests")[1]["requests"]
+            kept = call(entry, "GET", f"/v1/instances/{inst['id']}/requests?text=1", key=TEST_API_KEY)[1]["requests"]
             assert [(r["prompt_ids"], r["output_ids"], r["done"]) for r in kept] == [(prompt, expected, True)]
     finally:
         for inst in placed:

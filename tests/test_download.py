@@ -4,6 +4,7 @@ serving a tiny checkpoint this test makes: file list, download, resume, errors, 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from shoal.weights import download as dl
 class FakeHub:
     def __init__(self, root: Path):
         self.root, self.requests = root, []
+        self.lie: set[str] = set()
+        self.unhashed: set[str] = set()
         self.loop = asyncio.new_event_loop()
         self.port = None
         ready = threading.Event()
@@ -40,7 +43,23 @@ class FakeHub:
         repo = self.root / request.match_info["org"] / request.match_info["name"]
         if not repo.exists():
             raise web.HTTPNotFound()
-        return web.json_response({"siblings": [{"rfilename": p.name} for p in sorted(repo.iterdir())]})
+        if request.query.get("blobs") != "true":
+            return web.json_response({"siblings": [{"rfilename": p.name} for p in sorted(repo.iterdir())]})
+        return web.json_response({"siblings": [self.listing(p) for p in sorted(repo.iterdir())]})
+
+    def listing(self, path: Path) -> dict:
+        """As the hub lists a file with ?blobs=true: large files by their LFS sha256, small ones by
+        their git blob id. `self.lie` names a file whose listed hash is not its bytes'."""
+        data = path.read_bytes()
+        if path.name in self.unhashed:
+            return {"rfilename": path.name}
+        if path.name in self.lie:
+            data = data + b"!"
+        out = {"rfilename": path.name, "size": len(data),
+               "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+        if path.suffix in (".safetensors", ".gguf"):
+            out["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        return out
 
     async def file(self, request):
         self.requests.append((request.match_info["file"], request.headers.get("Range")))
@@ -99,7 +118,7 @@ def test_resume_uses_range(hub):
     dest.parent.mkdir(parents=True)
     data = (repo / "model.safetensors").read_bytes()
     dest.with_name("model.safetensors.partial").write_bytes(data[:1000])  # an interrupted download
-    dl.download_file(e.hf_repo, "model.safetensors", dest)
+    dl.download_file(e.hf_repo, dl.list_files(e.hf_repo)["model.safetensors"], dest)
     assert dest.read_bytes() == data
     assert ("model.safetensors", "bytes=1000-") in h.requests
 
@@ -121,3 +140,31 @@ def test_unreachable_hub(monkeypatch, tmp_path):
     monkeypatch.setenv("SHOAL_MODELS", str(tmp_path))
     with pytest.raises(dl.DownloadError, match="cannot read the file list"):
         dl.download(entry())
+
+
+def test_a_file_that_does_not_match_the_hubs_hash_is_not_kept(hub):
+    h, repo = hub
+    h.lie.add("model.safetensors")
+    with pytest.raises(dl.DownloadError, match="do not match the hub's sha256"):
+        dl.download(entry())
+    d = dl.model_dir(entry())
+    assert not (d / "model.safetensors").exists() and not (d / "model.safetensors.partial").exists()
+    assert dl.cached_model_path(entry()) is None
+    h.lie.clear()  # the next run starts over and keeps the good bytes
+    assert (dl.download(entry()) / "model.safetensors").read_bytes() == (repo / "model.safetensors").read_bytes()
+
+
+def test_small_files_are_checked_by_their_git_hash(hub):
+    h, repo = hub
+    h.lie.add("config.json")
+    with pytest.raises(dl.DownloadError, match="config.json.*git hash"):
+        dl.download(entry())
+
+
+def test_a_file_without_a_listed_hash_is_refused(hub):
+    h, repo = hub
+    (repo / "model.gguf").write_bytes(b"GGUF" + bytes(100))
+    h.unhashed.add("model.gguf")
+    with pytest.raises(dl.DownloadError, match="no hash"):
+        dl.download(entry(filename="model.gguf"))
+    assert dl.cached_model_path(entry(filename="model.gguf")) is None

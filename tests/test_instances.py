@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -371,3 +372,31 @@ def test_placing_again_answers_with_the_running_instance_and_ended_ones_leave_th
     status_out = subprocess.run([*cli, "status", "--cluster", a.url], capture_output=True, text=True, timeout=60, env=env)
     assert status_out.returncode == 0 and inst["id"] in status_out.stdout and "{" not in status_out.stdout
     assert_ready_and_serving(a, b, inst["id"])
+
+
+# -- what the network may name --------------------------------------------------------------------
+def test_model_references_from_the_network_reveal_nothing_of_the_file_system(pipeline) -> None:
+    """A model named over the network is a catalog id or a file in the nodes' models folder. Any
+    other path — a file that exists, a secret one, a folder, one that does not exist, a way out
+    with `..` or `~` — gets the same 404 through every route that takes a model, and the node keeps
+    serving. A runner's log is its owner's alone (0600)."""
+    a, b, inst = pipeline
+    refs = ["/etc/shadow", "/etc/passwd", "/etc", "/no/such/model.gguf", "../../../../etc/passwd", "~/.bashrc",
+            str(a.home / "cluster.key")]
+    answers = set()
+    for ref in refs:
+        for node, method, path, body in [
+            (a, "POST", "/v1/instances", {"model": ref}),
+            (b, "POST", "/v1/chat/completions", {"model": ref, "messages": [{"role": "user", "content": "hi"}]}),
+            (a, "GET", "/v1/placement?" + urllib.parse.urlencode({"model": ref}), None),
+        ]:
+            status, out, _ = call(node, method, path, body)
+            message = out["error"]["message"] if isinstance(out.get("error"), dict) else str(out)
+            assert status == 404, (ref, path, status, out)
+            for leak in ("GGUF", "magic", "ermission", "directory", "No such", "Errno"):
+                assert leak not in message, (ref, message)
+            answers.add((path.split("?")[0], message.replace(repr(ref), "<ref>").replace(ref, "<ref>")))
+    assert len(answers) == 3, answers  # one answer per route, whatever the path was
+    assert_ready_and_serving(a, b, inst["id"])
+    logs = [p for n in (a, b) for p in (n.home / "runners").glob("*.log")]
+    assert logs and all(p.stat().st_mode & 0o777 == 0o600 for p in logs), [(p, oct(p.stat().st_mode)) for p in logs]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NodeLauncher, NodeProc, wait_for
+from conftest import TEST_API_KEY, NodeLauncher, NodeProc, wait_for
 
 from shoal.catalog import CATALOG, DEFAULT_MODEL, bundled_path
 
@@ -260,7 +260,8 @@ def _ns_request(netns: str, method: str, url: str, body: Any = None, timeout_s: 
     code = (
         "import json, sys, urllib.request\n"
         "body = None if sys.argv[3] == 'null' else sys.argv[3].encode()\n"
-        "req = urllib.request.Request(sys.argv[2], data=body, method=sys.argv[1], headers={'Content-Type': 'application/json'})\n"
+        "req = urllib.request.Request(sys.argv[2], data=body, method=sys.argv[1], headers={'Content-Type': 'application/json',\n"
+        f"                             'Authorization': 'Bearer {TEST_API_KEY}'}})\n"
         "with urllib.request.urlopen(req, timeout=float(sys.argv[4])) as r:\n"
         "    for line in r:\n"
         "        sys.stdout.write(line.decode().rstrip() + '\\n')\n"
@@ -316,7 +317,8 @@ def _ns_stream(netns: str, url: str, body: dict[str, Any]) -> subprocess.Popen[s
     it arrives (the client's view, unbuffered)."""
     code = (
         "import json, sys, urllib.request\n"
-        "req = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(), headers={'Content-Type': 'application/json'})\n"
+        "req = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(), headers={'Content-Type': 'application/json',\n"
+        f"                             'Authorization': 'Bearer {TEST_API_KEY}'}})\n"
         "with urllib.request.urlopen(req, timeout=300) as r:\n"
         "    for line in r:\n"
         "        if line.startswith(b'data: {'):\n"
@@ -369,3 +371,156 @@ def test_a_machine_lost_across_namespaces_loses_no_token(net: Net, nslauncher: N
     (listing,) = _ns_request(ns0, "GET", nodes[0].url + "/v1/instances", timeout_s=10)
     inst = next(i for i in listing["instances"] if i["id"] == iid)
     assert inst["epoch"] >= 1 and nodes[2].node_id not in [s["node_id"] for s in inst["shards"]]
+
+
+_PROBE = """
+import json, sys, urllib.error, urllib.request
+out = []
+for method, url, headers, body in json.loads(sys.argv[1]):
+    data = None if body is None else body.encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            out.append(r.status)
+    except urllib.error.HTTPError as e:
+        out.append(e.code)
+print(json.dumps(out))
+"""
+
+_CLIENTS = """
+import json, sys, ollama, openai
+url, key = sys.argv[1], sys.argv[2]
+out = {}
+try:
+    openai.OpenAI(base_url=url + "/v1", api_key="not-the-key", max_retries=0).models.list()
+except openai.AuthenticationError:
+    out["openai_without"] = 401
+out["openai_with"] = [m.id for m in openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0).models.list().data]
+try:
+    ollama.Client(host=url).list()
+except ollama.ResponseError as e:
+    out["ollama_without"] = e.status_code
+out["ollama_with"] = [m.model for m in ollama.Client(host=url, headers={"Authorization": "Bearer " + key}).list().models]
+print(json.dumps(out))
+"""
+
+
+def _in_ns(netns: str, code: str, *args: str) -> Any:
+    out = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def test_front_door_from_a_namespace_of_its_own(net: Net, nslauncher: NodeLauncher, tmp_path: Path) -> None:
+    """A node in one namespace and its client in another, with an address of its own: without the
+    key every route of the app but /healthz is refused (401), with it none is, and the official
+    openai and ollama clients work; a foreign Host and a text/plain body are refused even with it."""
+    from test_front_door import REFUSALS, app_routes, concrete
+
+    node = nslauncher.start("n0", host=net.ip(0), port=PORT, netns=net.names[0])
+    routes = app_routes(tmp_path / "routes")
+    auth = {"Authorization": f"Bearer {TEST_API_KEY}"}
+    probes = []
+    for method, pattern in routes:
+        body = "{}" if method in ("POST", "DELETE") else None
+        json_type = {"Content-Type": "application/json"} if body else {}
+        probes += [[method, node.url + concrete(pattern), json_type, body],
+                   [method, node.url + concrete(pattern), {**json_type, **auth}, body]]
+    probes += [["GET", node.url + "/v1/models", {**auth, "Host": "evil.example"}, None],
+               ["POST", node.url + "/v1/chat/completions", {**auth, "Content-Type": "text/plain"}, "{}"]]
+    statuses = _in_ns(net.names[1], _PROBE, json.dumps(probes))
+    for i, (method, pattern) in enumerate(routes):
+        without, with_key = statuses[2 * i], statuses[2 * i + 1]
+        if pattern == "/healthz":
+            assert without == with_key == 200
+        elif pattern.startswith("/peer/"):
+            assert without in (401, 403) and with_key in (401, 403), (method, pattern)  # peers sign, keys do not help
+        else:
+            assert without == 401, (method, pattern, without)
+            assert pattern == "/login" or with_key not in REFUSALS, (method, pattern, with_key)
+    assert statuses[-2:] == [421, 415]
+
+    clients = _in_ns(net.names[1], _CLIENTS, node.url, TEST_API_KEY)
+    assert clients["openai_without"] == 401 and clients["ollama_without"] == 401
+    assert DEFAULT_MODEL in clients["openai_with"] and f"{DEFAULT_MODEL}:latest" in clients["ollama_with"]
+
+
+# -- what crosses the link between two nodes ---------------------------------------------------------
+_CAPTURE = """
+import os, socket, struct, sys
+# Every TCP payload between two addresses, as eth0 of this namespace carries it, until `stop` exists.
+a, b, out_path, stop = socket.inet_aton(sys.argv[1]), socket.inet_aton(sys.argv[2]), sys.argv[3], sys.argv[4]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+s.bind(("eth0", 0))
+s.settimeout(0.2)
+open(out_path + ".ready", "w").close()
+with open(out_path, "wb") as out:
+    while not os.path.exists(stop):
+        try:
+            frame = s.recv(65535)
+        except socket.timeout:
+            continue
+        if frame[12:14] != b"\\x08\\x00" or frame[23] != 6:  # IPv4, TCP
+            continue
+        ip = frame[14:]
+        if {ip[12:16], ip[16:20]} != {a, b}:
+            continue
+        payload = ip[(ip[0] & 15) * 4:]
+        out.write(payload[(payload[12] >> 4) * 4:])
+"""
+
+_CHAT = """
+import json, sys, openai
+client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key=sys.argv[2], max_retries=0, timeout=300)
+text = ""
+for chunk in client.chat.completions.create(model=sys.argv[3], messages=[{"role": "user", "content": sys.argv[4]}],
+                                            max_tokens=48, temperature=0, stream=True):
+    if chunk.choices:
+        text += chunk.choices[0].delta.content or ""
+print(json.dumps(text))
+"""
+
+
+@pytest.mark.skipif(bundled_path(CATALOG[DEFAULT_MODEL]) is None, reason="the bundled model is not installed")
+def test_a_capture_of_the_link_between_two_nodes_reads_nothing(net: Net, nslauncher: NodeLauncher, tmp_path: Path) -> None:
+    """Two nodes in their own namespaces, the bundled model as a pipeline over both, and a chat whose
+    client (in a third namespace) talks to the node that is not the entry, so the prompt and every
+    token cross the link as control messages as well as on the data plane. A capture of that link,
+    from before the placement to after the chat, holds neither the prompt's marker, nor the reply,
+    nor a JSON key, nor the instance's id — while the request lines it does hold show it saw the
+    traffic."""
+    n0 = nslauncher.start("n0", host=net.ip(0), port=PORT, netns=net.names[0])
+    n1 = nslauncher.start("n1", peers=[n0], host=net.ip(1), port=PORT, netns=net.names[1])
+    wait_for(lambda: sum(x["status"] == "up" for x in n0.cluster()["nodes"]) == 2, 30, what="two nodes up")
+    capture, stop = tmp_path / "link.bin", tmp_path / "stop"
+    sniffer = subprocess.Popen(["ip", "netns", "exec", net.names[0], sys.executable, "-c", _CAPTURE,
+                                net.ip(0), net.ip(1), str(capture), str(stop)])
+    try:
+        wait_for(lambda: Path(str(capture) + ".ready").exists(), 30, what="the capture running")
+        (placed,) = _ns_request(net.names[0], "POST", n0.url + "/v1/instances",
+                                {"model": DEFAULT_MODEL, "strategy": "pipeline", "nodes": ["n0", "n1"], "context": 256})
+        iid = placed["instance"]["id"]
+
+        def ready() -> bool:
+            (listing,) = _ns_request(net.names[0], "GET", n0.url + "/v1/instances", timeout_s=10)
+            return next(i for i in listing["instances"] if i["id"] == iid)["status"] == "ready"
+
+        wait_for(ready, 240, interval_s=0.5, what="the instance ready")
+        marker = "Zq7-MARKER-4921"
+        reply = _in_ns(net.names[2], _CHAT, n1.url, TEST_API_KEY, DEFAULT_MODEL,
+                       f"My bank PIN is {marker}. Tell me a short story about a lighthouse keeper.")
+        (listing,) = _ns_request(net.names[0], "GET", n0.url + "/v1/instances", timeout_s=10)
+        inst = next(i for i in listing["instances"] if i["id"] == iid)
+        assert [s["node_name"] for s in inst["shards"]] == ["n0", "n1"] and inst["entry"] != n1.node_id
+    finally:
+        stop.touch()
+        sniffer.wait(30)
+    seen = capture.read_bytes()
+    assert len(reply) > 40, reply
+    assert b"POST /peer/instances/submit" in seen and b"POST /peer/instances/start" in seen  # it saw the traffic
+    assert len(seen) > 100_000  # and the data plane's frames
+    for secret in (marker, reply.strip(), reply.strip()[:24], iid):
+        assert secret.encode() not in seen, secret
+    for key in (b'"messages"', b'"prompt_ids"', b'"content"', b'"text"', b'"instance_id"', b'"tokens"'):
+        assert key not in seen, key

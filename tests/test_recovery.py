@@ -266,6 +266,26 @@ def test_a_node_that_leaves_moves_its_shards_first(launcher: NodeLauncher) -> No
     assert "moving 1 shard(s) elsewhere first" in c.log() and "every shard moved" in c.log()
 
 
+def test_a_coordinator_that_leaves_hands_its_instance_over_as_it_runs(launcher: NodeLauncher) -> None:
+    """c coordinates an instance it holds no shard of: on SIGTERM it hands the instance to the node
+    that would have taken it over, which keeps it as it runs — nothing is re-placed, the stream
+    through a does not notice."""
+    a, b, c = cluster(launcher, ["a", "b", "c"])
+    inst = place(c, ["a", "b"])
+    want = uninterrupted(a)
+    got = Stream(a, lambda: os.kill(c.proc.pid, signal.SIGTERM)).run()
+    assert_same(got, want)
+    assert c.proc.wait(90) == 0
+    wait_for(lambda: all(x["status"] != "up" for x in a.cluster()["nodes"] if x["name"] == "c"), 30, what="c gone")
+    now = find(a, inst["id"])
+    assert now is not None and now["status"] == "ready" and now["epoch"] == inst["epoch"], now
+    assert now["coordinator"] != inst["coordinator"] and [s["node_name"] for s in now["shards"]] == ["a", "b"]
+    assert any("c (" in e["text"] and "coordinates it now" in e["text"] for e in now["events"]), now["events"]
+    assert not any("re-placed" in e["text"] for e in now["events"]), now["events"]
+    assert "handed instance" in c.log()
+    assert uninterrupted(b).text == want.text
+
+
 def test_an_idle_instance_moves_back_when_a_faster_node_returns(launcher: NodeLauncher) -> None:
     """A node measured three times faster holds the model; it dies and the model recovers on a slower
     one (degraded from then on, once the fast node is back); when it is back and the instance idle,

@@ -1,15 +1,15 @@
 """The data plane's frames, over real sockets on loopback: what one rank sends another arrives bit
-for bit; a forged, altered, replayed or unexpected frame is refused; a stranger who connects
-during the rendezvous is dropped while the real ranks still connect; a tensor group's exchange of
-tensors larger than the socket buffers does not deadlock."""
+for bit and nothing of it shows in a capture of the link; a forged, altered, replayed, reordered
+or unexpected frame is refused, and so is a frame recorded on another connection of the same
+instance; a stranger who connects during the rendezvous, or a process without the secret, is
+dropped while the real ranks still connect; the secret is derived on each node, never sent; a
+tensor group's exchange of tensors larger than the socket buffers does not deadlock."""
 
 from __future__ import annotations
 
 import datetime
-import hashlib
-import hmac
+import os
 import socket
-import struct
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -17,13 +17,18 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from shoal.cluster.auth import subkey
+from shoal.daemon.messages import StartShard
 from shoal.runner import wire
 from shoal.runner.protocol import OP_STEP, Comm, StepMessage
 from shoal.runner.stage import TensorGroup
-from shoal.runner.wire import HEADER, MAGIC, TAG_FINAL, TAG_HELLO, TAG_REDUCE, TAG_STEP, WireError
+from shoal.runner.wire import HEADER, HELLO, MAGIC, NONCE, TAG_BYTES, TAG_FINAL, TAG_HELLO, TAG_REDUCE, TAG_STEP, WireError
 
-TOKEN = "t" * 48
+PLACEMENT = ("0123456789abcdef", 0, "c" * 32)  # instance id, epoch, coordinator
+SECRET = wire.instance_secret(subkey("a cluster key of the tests", "instance wire"), *PLACEMENT)
 
 
 def run_ranks(size: int, body: Callable[[int, wire.Wire], Any], timeout_s: float = 30.0) -> list[Any]:
@@ -34,7 +39,7 @@ def run_ranks(size: int, body: Callable[[int, wire.Wire], Any], timeout_s: float
 
     def rank_main(rank: int) -> None:
         try:
-            w = wire.connect(store, TOKEN, rank, size, "127.0.0.1", timeout_s, setup_timeout_s=timeout_s)
+            w = wire.connect(store, SECRET, rank, size, "127.0.0.1", timeout_s, setup_timeout_s=timeout_s)
             try:
                 results[rank] = body(rank, w)
             finally:
@@ -115,25 +120,28 @@ def test_tensor_group_sums_identically_on_every_rank_without_deadlock():
         torch.testing.assert_close(b, want_large)
 
 
+K01, K10 = os.urandom(32), os.urandom(32)  # one connection's keys: rank 0 -> 1 and rank 1 -> 0
+
+
 def _pair() -> tuple[wire.Link, wire.Link, socket.socket]:
     """Two linked ends over a real socket pair; returns (rank 0's link, rank 1's link, rank 0's raw socket)."""
     a, b = socket.socketpair()
     a.settimeout(5)
     b.settimeout(5)
-    l0 = wire.Link(a, 1, wire.direction_key(TOKEN, 0, 1), wire.direction_key(TOKEN, 1, 0))
-    l1 = wire.Link(b, 0, wire.direction_key(TOKEN, 1, 0), wire.direction_key(TOKEN, 0, 1))
-    return l0, l1, a
+    return wire.Link(a, 1, K01, K10), wire.Link(b, 0, K10, K01), a
 
 
 def _frame(key: bytes, tag: int, seq: int, body: bytes) -> bytes:
+    """A frame as a sender with `key` would seal it."""
     head = HEADER.pack(MAGIC, tag, seq, len(body))
-    return head + body + hmac.new(key, head + body, hashlib.sha256).digest()
+    return head + AESGCM(key).encrypt(NONCE.pack(seq), body, head)
 
 
-def test_altered_frame_is_refused():
+@pytest.mark.parametrize("where", ["body", "gcm tag"])
+def test_altered_frame_is_refused(where: str):
     l0, l1, raw = _pair()
-    frame = bytearray(_frame(wire.direction_key(TOKEN, 0, 1), TAG_FINAL, 0, torch.ones(4).numpy().tobytes()))
-    frame[HEADER.size + 3] ^= 0x40  # one bit of the body
+    frame = bytearray(_frame(K01, TAG_FINAL, 0, torch.ones(4).numpy().tobytes()))
+    frame[HEADER.size + 3 if where == "body" else -1] ^= 0x40  # one bit
     raw.sendall(frame)
     with pytest.raises(WireError, match="failed authentication"):
         l1.recv(TAG_FINAL, torch.empty(4))
@@ -141,18 +149,33 @@ def test_altered_frame_is_refused():
 
 def test_frame_under_another_key_is_refused():
     l0, l1, raw = _pair()
-    raw.sendall(_frame(wire.direction_key("another instance's secret" * 2, 0, 1), TAG_FINAL, 0, bytes(16)))
+    raw.sendall(_frame(os.urandom(32), TAG_FINAL, 0, bytes(16)))
     with pytest.raises(WireError, match="failed authentication"):
         l1.recv(TAG_FINAL, torch.empty(4))
 
 
 def test_replayed_frame_is_refused():
     l0, l1, raw = _pair()
-    frame = _frame(wire.direction_key(TOKEN, 0, 1), TAG_FINAL, 0, bytes(16))
+    frame = _frame(K01, TAG_FINAL, 0, bytes(16))
     raw.sendall(frame)
     l1.recv(TAG_FINAL, torch.empty(4))
     raw.sendall(frame)
     with pytest.raises(WireError, match="replayed or lost"):
+        l1.recv(TAG_FINAL, torch.empty(4))
+
+
+def test_reordered_frames_are_refused():
+    """Frame 1 before frame 0 is refused by its number; frame 1 with its number rewritten to 0 by
+    its tag (the number is both the nonce and part of the authenticated header)."""
+    l0, l1, raw = _pair()
+    raw.sendall(_frame(K01, TAG_FINAL, 1, bytes(16)))
+    with pytest.raises(WireError, match="frame 1 where 0 was due"):
+        l1.recv(TAG_FINAL, torch.empty(4))
+    l0, l1, raw = _pair()
+    second = bytearray(_frame(K01, TAG_FINAL, 1, bytes(16)))
+    second[: HEADER.size] = HEADER.pack(MAGIC, TAG_FINAL, 0, 16)
+    raw.sendall(second)
+    with pytest.raises(WireError, match="failed authentication"):
         l1.recv(TAG_FINAL, torch.empty(4))
 
 
@@ -174,6 +197,149 @@ def test_closed_peer_is_a_clear_error():
         l1.recv(TAG_FINAL, torch.empty(4))
 
 
+# -- on the network: a man in the middle, strangers ------------------------------------------------------------
+HELLO_BYTES = HEADER.size + HELLO.size + TAG_BYTES
+
+
+class Relay:
+    """A man in the middle on loopback: forwards one connection to `target` and keeps every byte
+    that passes each way. With `inject`, the dialer's hello is passed on and then `inject` instead
+    of anything the dialer sends after it."""
+
+    def __init__(self, target: tuple[str, int], inject: bytes | None = None):
+        self.target, self.inject = target, inject
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.from_dialer, self.from_listener = bytearray(), bytearray()
+        self.pumps: list[threading.Thread] = []
+        self.accepted = threading.Thread(target=self._accept, daemon=True)
+        self.accepted.start()
+
+    def _accept(self) -> None:
+        dialer, _ = self.server.accept()
+        self.server.close()
+        listener = socket.create_connection(self.target)
+        self.pumps = [threading.Thread(target=self._pump, args=(dialer, listener, self.from_dialer, self.inject), daemon=True),
+                      threading.Thread(target=self._pump, args=(listener, dialer, self.from_listener, None), daemon=True)]
+        for p in self.pumps:
+            p.start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, seen: bytearray, inject: bytes | None) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                before = len(seen)
+                seen += data
+                if inject is None:
+                    dst.sendall(data)
+                elif before < HELLO_BYTES:
+                    dst.sendall(data[: HELLO_BYTES - before])
+                    if len(seen) >= HELLO_BYTES:
+                        dst.sendall(inject)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def join(self) -> None:
+        self.accepted.join(30)
+        for p in self.pumps:
+            p.join(30)
+
+
+def run_two_through_relay(body: Callable[[int, wire.Wire], Any], inject: bytes | None = None) -> tuple[list[Any], Relay]:
+    """Rank 1 dials rank 0 through a Relay (the address rank 0 published is swapped for the
+    relay's before rank 1 reads it); body(rank, wire) runs on each."""
+    store = dist.HashStore()
+    results: list[Any] = [None, None]
+    errors: list[BaseException] = []
+
+    def rank_main(rank: int) -> None:
+        try:
+            w = wire.connect(store, SECRET, rank, 2, "127.0.0.1", 10, setup_timeout_s=30)
+            try:
+                results[rank] = body(rank, w)
+            finally:
+                w.close()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank_main, args=(0,))]
+    threads[0].start()
+    store.wait(["wire/0"], datetime.timedelta(seconds=10))
+    host, port = store.get("wire/0").decode().rsplit("|", 1)
+    relay = Relay((host, int(port)), inject)
+    store.set("wire/0", f"127.0.0.1|{relay.port}")
+    threads.append(threading.Thread(target=rank_main, args=(1,)))
+    threads[1].start()
+    for t in threads:
+        t.join(40)
+    relay.join()
+    if errors:
+        raise errors[0]
+    return results, relay
+
+
+MARKER = b"My bank PIN is 4921, and this sentence must never cross the wire in clear."
+
+
+def test_a_capture_of_the_link_shows_no_plaintext():
+    """Everything both ranks send passes a man in the middle that keeps every byte: the marker, the
+    hidden states and the secret are nowhere in it, and the frames still arrive intact."""
+    marker = torch.frombuffer(bytearray(MARKER), dtype=torch.uint8)
+    h = torch.randn(4, 64)
+
+    def body(rank: int, w: wire.Wire):
+        if rank == 1:
+            w.send(0, TAG_STEP, marker, h)
+            return w.recv(0, TAG_FINAL, torch.empty(len(MARKER), dtype=torch.uint8))
+        got = w.recv(1, TAG_STEP)
+        w.send(1, TAG_FINAL, got[: len(MARKER)].clone())
+        return got
+
+    (got, echoed), relay = run_two_through_relay(body)
+    assert bytes(got[: len(MARKER)].numpy()) == MARKER and torch.equal(got[len(MARKER) :].clone().view(torch.float32).view(4, 64), h)
+    assert bytes(echoed.numpy()) == MARKER
+    capture = bytes(relay.from_dialer) + bytes(relay.from_listener)
+    assert len(relay.from_dialer) > HELLO_BYTES + len(MARKER) + h.numel() * 4 and len(relay.from_listener) > len(MARKER)
+    for clear in (MARKER[:16], MARKER[-16:], h.numpy().tobytes()[:16], h.numpy().tobytes()[-16:], SECRET[:8]):
+        assert clear not in capture
+
+
+def test_each_connection_has_keys_of_its_own():
+    """Two rendezvous of the same instance and epoch (a runner restarted, say) agree on different
+    keys, and a frame recorded on the first is refused on the second."""
+    x = torch.arange(8, dtype=torch.float32)
+
+    def first(rank: int, w: wire.Wire):
+        if rank == 1:
+            w.send(0, TAG_FINAL, x)
+        else:
+            w.recv(1, TAG_FINAL, torch.empty(8))
+        link = w.links[1 - rank]
+        return link.send_key, link.recv_key
+
+    keys1, relay = run_two_through_relay(first)
+    assert keys1[0] == keys1[1][::-1]  # rank 0 opens what rank 1 seals, and the other way
+    recorded = bytes(relay.from_dialer[HELLO_BYTES:])
+    assert len(recorded) == HEADER.size + x.numel() * 4 + TAG_BYTES
+
+    def second(rank: int, w: wire.Wire):
+        link = w.links[1 - rank]
+        if rank == 1:
+            w.send(0, TAG_FINAL, x)  # the relay passes the recorded frame instead
+            return link.send_key, link.recv_key, None
+        try:
+            w.recv(1, TAG_FINAL, torch.empty(8))
+        except WireError as e:
+            return link.recv_key, link.send_key, e
+        return link.recv_key, link.send_key, None
+
+    (k0, k1), _ = run_two_through_relay(second, inject=recorded)
+    assert k0[:2] == k1[:2]
+    assert not {*k0[:2]} & {*keys1[0], *keys1[1]}
+    assert isinstance(k0[2], WireError) and "failed authentication" in str(k0[2])
+
+
 def closed_by_peer(sock: socket.socket) -> bool:
     try:
         while sock.recv(4096):
@@ -183,15 +349,35 @@ def closed_by_peer(sock: socket.socket) -> bool:
     return True
 
 
+def _read(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        more = sock.recv(n - len(got))
+        assert more, "closed early"
+        got += more
+    return got
+
+
+def _hello(secret: bytes, rank: int, listener: int, listener_public: bytes) -> bytes:
+    """A hello from `rank`, made as a dialer holding `secret` would make it for that listener key."""
+    mine = X25519PrivateKey.generate()
+    public = mine.public_key().public_bytes_raw()
+    shared = mine.exchange(X25519PublicKey.from_public_bytes(listener_public))
+    key, _ = wire.connection_keys(secret, shared, listener_public, public, rank, listener)
+    hello = HEADER.pack(MAGIC, TAG_HELLO, 0, HELLO.size) + HELLO.pack(rank, public)
+    return hello + AESGCM(key).encrypt(NONCE.pack(0), b"", hello)
+
+
 def test_strangers_are_dropped_during_the_rendezvous():
-    """While rank 0 waits for rank 1, a stranger connects and sends garbage, another replays a hello
-    made with the wrong secret; both are dropped, rank 1 still gets in and frames flow."""
+    """While rank 0 waits for rank 1, a stranger connects and sends garbage, a process with the
+    wrong secret sends a well-made hello, another replays a hello made for another connection (the
+    right secret, another listener key); all are dropped, rank 1 still gets in and frames flow."""
     store = dist.HashStore()
     result: dict[str, Any] = {}
 
     def rank0() -> None:
         try:
-            w = wire.connect(store, TOKEN, 0, 2, "127.0.0.1", 10, setup_timeout_s=30)
+            w = wire.connect(store, SECRET, 0, 2, "127.0.0.1", 10, setup_timeout_s=30)
             result["got"] = w.recv(1, TAG_REDUCE, torch.empty(3))
             w.close()
         except BaseException as e:  # noqa: BLE001
@@ -205,17 +391,36 @@ def test_strangers_are_dropped_during_the_rendezvous():
         garbage.sendall(b"GET / HTTP/1.1\r\n\r\n" + bytes(200))
         garbage.settimeout(10)
         assert closed_by_peer(garbage)
+    wrong = wire.instance_secret(subkey("another cluster's key", "instance wire"), *PLACEMENT)
     with socket.create_connection((host, int(port))) as forger:
         forger.settimeout(10)
-        nonce = forger.recv(wire.NONCE_BYTES)
-        forger.sendall(_frame(wire.direction_key("wrong secret" * 4, 1, 0), TAG_HELLO, 0, struct.pack("<Q", 1) + nonce))
+        forger.sendall(_hello(wrong, 1, 0, _read(forger, wire.PUBLIC_BYTES)))
         assert closed_by_peer(forger)
-    w1 = wire.connect(store, TOKEN, 1, 2, "127.0.0.1", 10, setup_timeout_s=30)
+    with socket.create_connection((host, int(port))) as replayer:
+        replayer.settimeout(10)
+        _read(replayer, wire.PUBLIC_BYTES)
+        other_listener = X25519PrivateKey.generate().public_key().public_bytes_raw()
+        replayer.sendall(_hello(SECRET, 1, 0, other_listener))
+        assert closed_by_peer(replayer)
+    w1 = wire.connect(store, SECRET, 1, 2, "127.0.0.1", 10, setup_timeout_s=30)
     w1.send(0, TAG_REDUCE, torch.tensor([1.0, 2.0, 3.0]))
     t.join(30)
     w1.close()
     assert "error" not in result, result.get("error")
     assert torch.equal(result["got"], torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_the_secret_is_derived_on_each_node_never_sent():
+    """Every node derives the same secret for a placement from the cluster key; another instance,
+    epoch, coordinator or cluster key gives another; the start message has no field to carry one."""
+    root = subkey("a cluster key of the tests", "instance wire")  # what every node's host holds (daemon/host.py)
+    assert wire.instance_secret(root, *PLACEMENT) == SECRET and len(SECRET) == wire.SECRET_BYTES
+    iid, epoch, coordinator = PLACEMENT
+    others = [wire.instance_secret(subkey("another cluster key", "instance wire"), *PLACEMENT),
+              wire.instance_secret(root, "fedcba9876543210", epoch, coordinator),
+              wire.instance_secret(root, iid, epoch + 1, coordinator), wire.instance_secret(root, iid, epoch, "d" * 32)]
+    assert len({SECRET, *others}) == 5
+    assert set(StartShard.model_fields) == {"instance_id", "model", "rank", "placement", "master_port", "coordinator", "epoch"}
 
 
 def test_silent_peer_times_out_with_a_clear_error():
@@ -226,8 +431,8 @@ def test_silent_peer_times_out_with_a_clear_error():
         b, _ = server.accept()
     wire._configure(a, 0.5)
     wire._configure(b, 0.5)
-    sender = wire.Link(a, 1, wire.direction_key(TOKEN, 0, 1), wire.direction_key(TOKEN, 1, 0))
-    receiver = wire.Link(b, 0, wire.direction_key(TOKEN, 1, 0), wire.direction_key(TOKEN, 0, 1))
+    sender = wire.Link(a, 1, K01, K10)
+    receiver = wire.Link(b, 0, K10, K01)
     try:
         with pytest.raises(WireError, match=r"rank 0 sent nothing for [01] s"):
             receiver.recv(TAG_FINAL, torch.empty(4))

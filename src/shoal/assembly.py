@@ -1,6 +1,7 @@
 """The one place that assembles a node: the cluster core, then what is mounted on it — the instances
 component (placement, runners, requests through the cluster), the OpenAI/Ollama API on top of it,
-and the dashboard. The cluster core imports none of them.
+and the dashboard, all behind one front door (api/guard.py: key, Host, Origin, Content-Type) that
+stands before every route but the peers' own. The cluster core imports none of them.
 
 Order matters: components start in the order added and stop in reverse, so the API (which holds
 remote instances) stops before the instances component (which stops the runners).
@@ -15,7 +16,7 @@ import logging
 from typing import TYPE_CHECKING
 
 # `shoal node`'s arguments are the cluster core's (cheap to import: `shoal --help` stays light).
-from shoal.cluster.cli import add_node_arguments, node_config
+from shoal.cluster.cli import add_node_arguments, api_key_banner, node_config
 from shoal.config import NodeConfig
 
 if TYPE_CHECKING:
@@ -28,14 +29,23 @@ __all__ = ["add_node_arguments", "build", "run", "run_node"]
 
 def build(config: NodeConfig) -> Node:
     from shoal.api.app import ApiComponent
+    from shoal.api.guard import FrontDoor
     from shoal.api.metrics import Metrics
     from shoal.api.service import ModelService, ServiceConfig
     from shoal.cluster.node import Node
+    from shoal.cluster.peer import PEER_PREFIX
     from shoal.daemon.instances import InstancesComponent
     from shoal.daemon.placer import ClusterPlacer
+    from shoal.daemon.routes import ADMIN_ROUTES
     from shoal.dashboard import Dashboard
 
     node = Node(config)
+    # Before the API's middleware (which shapes aiohttp's own 404/405), so a refusal comes first.
+    door = FrontDoor(config.api_key, port=config.port, loopback_exempt=config.loopback_exempt,
+                     hosts=[config.host, config.advertise_host, *config.allowed_hosts],
+                     admin_routes=ADMIN_ROUTES, skip_prefixes=(PEER_PREFIX,), banner=api_key_banner(config))
+    node.app.middlewares.append(door.middleware)
+    node.add_component(door)
     metrics = Metrics()
     instances = InstancesComponent(config, node.cluster_view, lambda: node.membership.client, metrics)
     node.membership.subscribe(instances.on_member)

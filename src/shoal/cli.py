@@ -38,6 +38,7 @@ SUBCOMMANDS = {
     "download": ("download a catalog model from the hub (resumable)", _engine_cli),
     "node": ("run a shoal node daemon", _assembly),
     "status": ("show a cluster's nodes, links and instances", _cluster_cli),
+    "key": ("print this machine's node keys: the API key and dashboard login link, and the cluster key", _cluster_cli),
     "place": ("place a model on the cluster (split over nodes as the planner decides) and show the plan", _daemon_cli),
     "instances": ("list the cluster's model instances (and the recently ended ones)", _daemon_cli),
     "stop": ("stop a model instance, by its id or its model's name", _daemon_cli),

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import secrets
 import socket
 import sys
-import uuid
+import urllib.error
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ DEFAULT_HOST = "0.0.0.0"
 KEY_ENV = "SHOAL_CLUSTER_KEY"
 HOME_ENV = "SHOAL_HOME"
 KEY_FILE_NAME = "cluster.key"
-NODE_ID_FILE_NAME = "node_id"
+API_KEY_ENV = "SHOAL_API_KEY"
+API_KEY_FILE_NAME = "api.key"
 MIN_KEY_CHARS = 16
 
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([kmgtp]?)(i?)(b?)\s*$", re.IGNORECASE)
@@ -58,16 +60,21 @@ def format_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """ "host:port", "host", "[v6]:port" -> (host, port)."""
+def split_hostport(text: str) -> tuple[str, str]:
+    """ "host:port", "host", "[v6]:port", a bare v6 address -> (host, port as written or '')."""
     text = text.strip()
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
+        return host, rest[1:] if rest.startswith(":") else ""
+    if text.count(":") == 1:
         host, port = text.split(":")
-    else:  # plain host or bare IPv6 address
-        host, port = text, ""
+        return host, port
+    return text, ""  # plain host or bare IPv6 address
+
+
+def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """ "host:port", "host", "[v6]:port" -> (host, port)."""
+    host, port = split_hostport(text)
     if not host:
         raise ValueError(f"no host in {text!r}")
     p = int(port) if port else default_port
@@ -86,7 +93,7 @@ class NodeConfig:
     `dataclasses.replace` to derive a variant, e.g. in tests)."""
 
     home: Path
-    node_id: str  # persistent: read from <home>/node_id, generated on first start
+    node_id: str  # persistent: derived from the node's key in <home>/node.key, made on first start
     name: str
     cluster_key: str = field(repr=False)
     key_source: str = "given"  # "flag", "env", "file", "home" or "generated": decides what start prints
@@ -99,11 +106,21 @@ class NodeConfig:
     # KV cache the sequences of a model whose entry runs here may reserve together (prompt +
     # max_tokens each); None: half the memory free when the model starts.
     kv_budget_bytes: int | None = None
+    # The front door (api/guard.py): the key clients send, and who may skip it. The API key is not
+    # the cluster key: it lets a client use the node, never act as a member of the cluster.
+    api_key: str = field(default="", repr=False)  # "": no key matches, only loopback gets in
+    api_key_source: str = "given"  # "flag", "env", "home" or "generated": decides what start prints
+    loopback_exempt: bool = True  # requests from this machine's loopback need no key
+    allowed_hosts: tuple[str, ...] = ()  # Host names beyond the node's own; "*" allows any
     log_level: str = "INFO"
 
     @property
     def key_file(self) -> Path:
         return self.home / KEY_FILE_NAME
+
+    @property
+    def api_key_file(self) -> Path:
+        return self.home / API_KEY_FILE_NAME
 
     @property
     def profile_file(self) -> Path:
@@ -124,8 +141,7 @@ class NodeConfig:
         given anywhere) on first start.
         """
         env = os.environ if environ is None else environ
-        home_arg = getattr(args, "home", None) or env.get(HOME_ENV)
-        home = Path(home_arg).expanduser() if home_arg else default_home()
+        home = resolve_home(getattr(args, "home", None), env)
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         key, source = resolve_cluster_key(
             flag=getattr(args, "cluster_key", None),
@@ -133,6 +149,11 @@ class NodeConfig:
             environ=env,
             home=home,
         )
+        api_key, api_key_source = resolve_api_key(flag=getattr(args, "api_key", None), environ=env, home=home)
+        port = getattr(args, "port", None)
+        port = DEFAULT_PORT if port is None else int(port)
+        if not 0 < port < 65536:
+            raise ValueError(f"--port {port} is not a TCP port (1-65535)")
         limit = getattr(args, "memory_limit", None)
         kv_budget = getattr(args, "kv_budget", None)
         return cls(
@@ -142,27 +163,55 @@ class NodeConfig:
             cluster_key=key,
             key_source=source,
             host=getattr(args, "host", None) or DEFAULT_HOST,
-            port=int(getattr(args, "port", None) or DEFAULT_PORT),
+            port=port,
             advertise_host=getattr(args, "advertise", None),
             peers=tuple(parse_hostport(p) for p in (getattr(args, "peer", None) or [])),
             discovery=not getattr(args, "no_discovery", False),
             memory_limit_bytes=parse_size(limit) if isinstance(limit, str) else limit,
             kv_budget_bytes=parse_size(kv_budget) if isinstance(kv_budget, str) else kv_budget,
+            api_key=api_key,
+            api_key_source=api_key_source,
+            loopback_exempt=not getattr(args, "no_loopback_exemption", False),
+            allowed_hosts=tuple(h.strip().lower() for h in (getattr(args, "allowed_host", None) or []) if h.strip()),
             log_level=(getattr(args, "log_level", None) or "INFO").upper(),
         )
 
 
+def refusal_message(e: urllib.error.HTTPError) -> str:
+    """What a node said when it refused a `shoal` command (its JSON error), or, when what answered
+    is no shoal node, what it was and where a node is."""
+    try:
+        err = json.loads(e.read())["error"]
+        return err["message"] if isinstance(err, dict) else str(err)
+    except (ValueError, KeyError, TypeError):
+        server = f" ({e.headers['Server']})" if e.headers and e.headers.get("Server") else ""
+        return (f"{e.url} answered HTTP {e.code} {e.reason}{server}, which is not a shoal node: give --cluster the "
+                f"address of a node (port {DEFAULT_PORT} unless it was started with --port)")
+
+
+def client_headers(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What the `shoal` client commands send a node: the API key from $SHOAL_API_KEY, if set (a
+    node on this machine's loopback needs none, one elsewhere does)."""
+    key = (os.environ if environ is None else environ).get(API_KEY_ENV, "").strip()
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def resolve_home(flag: str | None, environ: Mapping[str, str]) -> Path:
+    """--home, else $SHOAL_HOME, else ~/.shoal (not created here)."""
+    given = flag or environ.get(HOME_ENV)
+    return Path(given).expanduser() if given else default_home()
+
+
 def load_or_create_node_id(home: Path) -> str:
-    """The node's identity survives restarts, so a restarted node rejoins as itself."""
-    path = home / NODE_ID_FILE_NAME
-    if path.exists():
-        node_id = path.read_text().strip()
-        if re.fullmatch(r"[0-9a-f]{32}", node_id):
-            return node_id
-        print(f"shoal: ignoring malformed node id in {path}", file=sys.stderr)
-    node_id = uuid.uuid4().hex
-    _write_private(path, node_id + "\n")
-    return node_id
+    """The node's identity survives restarts, so a restarted node rejoins as itself. The id is
+    derived from the node's own key (<home>/node.key, made on first start; cluster/identity.py)."""
+    from shoal.cluster.identity import load_or_create_identity  # cryptography: only when a node starts
+
+    identity, note = load_or_create_identity(home)
+    if note:
+        # Said before logging is set up (the config comes first), and only on the start that changed it.
+        print(f"shoal: {note}", file=sys.stderr)
+    return identity.node_id
 
 
 def resolve_cluster_key(
@@ -184,11 +233,45 @@ def resolve_cluster_key(
     return key, "generated"
 
 
-def _check_key(key: str, where: str) -> str:
+def resolve_api_key(*, flag: str | None, environ: Mapping[str, str], home: Path) -> tuple[str, str]:
+    """(key, source), in order of precedence: --api-key, $SHOAL_API_KEY, <home>/api.key, else a new
+    key written to <home>/api.key (0600). As long as the cluster key's minimum: it guards the
+    node from the whole network."""
+    if flag:
+        return _check_key(flag, "--api-key", "API key"), "flag"
+    if environ.get(API_KEY_ENV):
+        return _check_key(environ[API_KEY_ENV], API_KEY_ENV, "API key"), "env"
+    path = home / API_KEY_FILE_NAME
+    if path.exists():
+        return _check_key(path.read_text().strip(), str(path), "API key"), "home"
+    key = secrets.token_urlsafe(32)
+    _write_private(path, key + "\n")
+    return key, "generated"
+
+
+def _check_key(key: str, where: str, what: str = "cluster key") -> str:
     key = key.strip()
     if len(key) < MIN_KEY_CHARS:
-        raise ValueError(f"cluster key from {where} is too short ({len(key)} < {MIN_KEY_CHARS} characters)")
+        raise ValueError(f"{what} from {where} is too short ({len(key)} < {MIN_KEY_CHARS} characters)")
     return key
+
+
+def loose_permissions(home: Path) -> list[str]:
+    """What of a node's home other users of this machine could read or change: the folder itself
+    and its secrets (*.key). Said as warnings, never fixed silently: the owner may have a reason,
+    and should know either way."""
+    out = []
+    try:
+        mode = home.stat().st_mode & 0o777
+        if mode & 0o077:
+            out.append(f"{home} is readable or writable by other users (mode {mode:o}); run `chmod 700 {home}`")
+        for f in sorted(home.glob("*.key")):
+            mode = f.stat().st_mode & 0o777
+            if mode & 0o077:
+                out.append(f"{f} is readable by other users (mode {mode:o}); run `chmod 600 {f}`")
+    except OSError:
+        pass
+    return out
 
 
 def _write_private(path: Path, text: str) -> None:

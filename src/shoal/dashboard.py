@@ -2,9 +2,12 @@
 shipped inside the package (`shoal/api/static/`, one flat folder). No build step and no CDN: the
 files are served as they are, and the browser resolves the modules' imports against `/static/`.
 
-The page itself only reads the node's public JSON endpoints (same origin) — /v1/cluster, the
-instance and placement endpoints, and the OpenAI API for chat — so this component has no state and
-no background task; it is a component only so that the node mounts and orders it like the others.
+The page itself only reads the node's JSON endpoints (same origin) — /v1/cluster, the instance and
+placement endpoints, and the OpenAI API for chat — so this component has no state and no background
+task; it is a component only so that the node mounts and orders it like the others. The page and
+its files are behind the front door like every route (api/guard.py): a browser on another machine
+gets in through the login link, whose cookie then rides along with each of the page's requests.
+The page never reads the request logs, nor any prompt but its own chat's.
 """
 
 from __future__ import annotations

@@ -1,24 +1,25 @@
-"""Mounting the API on an aiohttp application: routes, API key, error shapes, metrics, life.
+"""Mounting the API on an aiohttp application: routes, error shapes, metrics, life.
 
-    setup_api(app, service, api_key)      # routes + error middleware + service start/stop hooks
+    setup_api(app, service)      # routes + error middleware + service start/stop hooks
 
 `ApiComponent` is the same thing in the node's Component shape (routes, start, stop) for a node
 that manages component lifetimes itself; its `middleware` must be appended to the app as well.
-Every handler is wrapped once (`_endpoint`): API-key check, ApiError -> JSON error, anything
-unexpected -> logged and answered 500 without a traceback, one request counted per answer.
+Every handler is wrapped once (`_endpoint`): ApiError -> JSON error, anything unexpected -> logged
+and answered 500 without a traceback, one request counted per answer. Who may call at all is the
+front door's business (api/guard.py), one middleware for the whole app.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from shoal.api.errors import ApiError, error_response, from_http_exception, internal
+from shoal.api.anthropic import AnthropicHandlers
+from shoal.api.errors import ApiError, error_response_for, from_http_exception, internal
 from shoal.api.ollama import OllamaHandlers
 from shoal.api.openai import OpenAIHandlers
 from shoal.api.schema import build_openapi
@@ -30,33 +31,24 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _API_PREFIXES = ("/v1/", "/api/")
 
 
-def _is_ollama(path: str) -> bool:
-    return path.startswith("/api/")
-
-
-def _authorized(request: web.Request, api_key: str) -> bool:
-    auth = request.headers.get("Authorization", "")
-    token = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-    return hmac.compare_digest(token.encode(), api_key.encode())
-
-
 class ApiComponent:
     """The API as a node component: its routes, and the service's start and stop."""
 
     name = "api"
 
-    def __init__(self, service: ModelService, api_key: str | None = None):
-        self.service, self.api_key = service, api_key
+    def __init__(self, service: ModelService):
+        self.service = service
         self._openai, self._ollama = OpenAIHandlers(service), OllamaHandlers(service)
+        self._anthropic = AnthropicHandlers(service)
         self._openapi = json.dumps(build_openapi()).encode()
 
     def routes(self) -> list[web.RouteDef]:
         out = []
-        for method, path, handler in [*self._openai.routes(), *self._ollama.routes()]:
-            out.append(web.route(method, path, self._endpoint(handler, path, protected=True)))
-        out.append(web.get("/metrics", self._endpoint(self._metrics, "/metrics", protected=True)))
-        out.append(web.get("/openapi.json", self._endpoint(self._schema, "/openapi.json", protected=False)))
-        out.append(web.get("/healthz", self._endpoint(self._health, "/healthz", protected=False)))
+        for method, path, handler in [*self._openai.routes(), *self._ollama.routes(), *self._anthropic.routes()]:
+            out.append(web.route(method, path, self._endpoint(handler, path)))
+        out.append(web.get("/metrics", self._endpoint(self._metrics, "/metrics")))
+        out.append(web.get("/openapi.json", self._endpoint(self._schema, "/openapi.json")))
+        out.append(web.get("/healthz", self._endpoint(self._health, "/healthz")))
         return out
 
     async def start(self) -> None:
@@ -77,34 +69,30 @@ class ApiComponent:
                 raise
             err = from_http_exception(e)
             self.service.metrics.requests.inc(endpoint="unknown", status=str(err.status))
-            return error_response(err, _is_ollama(request.path))
+            return error_response_for(request.path, err)
 
-    def _endpoint(self, handler: Handler, name: str, protected: bool) -> Handler:
-        ollama_shape = _is_ollama(name)
+    def _endpoint(self, handler: Handler, name: str) -> Handler:
         metrics = self.service.metrics
 
         async def wrapped(request: web.Request) -> web.StreamResponse:
             status = 500
             try:
-                if protected and self.api_key and not _authorized(request, self.api_key):
-                    raise ApiError(401, "Incorrect or missing API key (send 'Authorization: Bearer <key>')",
-                                   "invalid_request_error", None, "invalid_api_key")
                 resp = await handler(request)
                 status = resp.status
                 return resp
             except ApiError as e:
                 status = e.status
-                return error_response(e, ollama_shape)
+                return error_response_for(name, e)
             except web.HTTPException as e:
                 err = from_http_exception(e)
                 status = err.status
-                return error_response(err, ollama_shape)
+                return error_response_for(name, err)
             except (asyncio.CancelledError, ConnectionError):
                 status = 499  # the client went away (nginx's code for it)
                 raise
             except Exception:
                 log.exception("%s %s failed", request.method, request.path)
-                return error_response(internal(), ollama_shape)
+                return error_response_for(name, internal())
             finally:
                 metrics.requests.inc(endpoint=name, status=str(status))
 
@@ -121,9 +109,9 @@ class ApiComponent:
         return web.json_response({"status": "ok", "models": sorted(self.service.instances)})
 
 
-def setup_api(app: web.Application, service: ModelService, api_key: str | None = None) -> ApiComponent:
-    """Mount the OpenAI/Ollama API on `app` and tie the service's life to the app's."""
-    api = ApiComponent(service, api_key)
+def setup_api(app: web.Application, service: ModelService) -> ApiComponent:
+    """Mount the OpenAI, Ollama and Anthropic APIs on `app` and tie the service's life to the app's."""
+    api = ApiComponent(service)
     app.add_routes(api.routes())
     app.middlewares.append(api.middleware)
 

@@ -1,9 +1,11 @@
 """Errors as the OpenAI API shapes them, and the request-body reading that produces most of them.
 
 Every failure a client can cause is an `ApiError` with an HTTP status and OpenAI's four fields
-{"error": {"message", "type", "param", "code"}}. Ollama clients read `{"error": "<message>"}`
-instead, so the same error renders two ways (`to_openai`, `to_ollama`). Unexpected exceptions
-become a 500 whose message carries no traceback (it goes to the log).
+{"error": {"message", "type", "param", "code"}}. Ollama clients read `{"error": "<message>"}` and
+Anthropic clients `{"type": "error", "error": {"type", "message"}}` instead, so the same error
+renders three ways (`to_openai`, `to_ollama`, `to_anthropic`); `error_response_for` picks the one
+of the API a path belongs to. Unexpected exceptions become a 500 whose message carries no
+traceback (it goes to the log).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -22,6 +24,22 @@ from shoal.engine.scheduler import RequestRefused
 MAX_BODY_BYTES = 16 << 20
 # json.loads recurses per nesting level; refuse absurd nesting before it can blow the stack.
 MAX_JSON_DEPTH = 64
+
+Shape = Literal["openai", "ollama", "anthropic"]
+ANTHROPIC_PATH = "/v1/messages"
+
+# Anthropic names an error by its status; its clients pick the exception class by status alone.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
 
 
 class ApiError(Exception):
@@ -43,6 +61,13 @@ class ApiError(Exception):
 
     def to_ollama(self) -> dict[str, Any]:
         return {"error": self.message}
+
+    def to_anthropic(self) -> dict[str, Any]:
+        kind = _ANTHROPIC_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "api_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def body(self, shape: Shape) -> dict[str, Any]:
+        return {"openai": self.to_openai, "ollama": self.to_ollama, "anthropic": self.to_anthropic}[shape]()
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
@@ -90,6 +115,21 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
 
 def error_response(err: ApiError, ollama: bool = False) -> web.Response:
     return json_response(err.to_ollama() if ollama else err.to_openai(), err.status, err.headers())
+
+
+def shape_for(path: str) -> Shape:
+    """The error shape of the API a path belongs to: Ollama's under /api/, Anthropic's at
+    /v1/messages and under it, OpenAI's elsewhere."""
+    if path.startswith("/api/"):
+        return "ollama"
+    if path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/"):
+        return "anthropic"
+    return "openai"
+
+
+def error_response_for(path: str, err: ApiError) -> web.Response:
+    """`err` answered in the shape the client of `path` reads (see `shape_for`)."""
+    return json_response(err.body(shape_for(path)), err.status, err.headers())
 
 
 # -- request bodies ------------------------------------------------------------------------------

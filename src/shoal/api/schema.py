@@ -123,7 +123,8 @@ def _errors(codes: tuple[int, ...], ollama_shape: bool = False) -> dict[str, Any
     return {str(c): {"description": "error", "content": _json(shape)} for c in codes}
 
 
-_GEN_ERRORS = (400, 401, 404, 413, 429, 500, 503)
+# 403, 415 and 421 are the front door's (api/guard.py): a foreign Origin, a body that is not JSON, a Host not ours.
+_GEN_ERRORS = (400, 401, 403, 404, 413, 415, 421, 429, 500, 503)
 
 
 def _post(summary: str, body: str, ok: dict[str, Any], ollama_shape: bool = False) -> dict[str, Any]:
@@ -136,7 +137,7 @@ def _post(summary: str, body: str, ok: dict[str, Any], ollama_shape: bool = Fals
 
 
 def _get(summary: str, ok: dict[str, Any], ollama_shape: bool = False) -> dict[str, Any]:
-    return {"get": {"summary": summary, "responses": {"200": {"description": "ok", "content": ok}, **_errors((401,), ollama_shape)}}}
+    return {"get": {"summary": summary, "responses": {"200": {"description": "ok", "content": ok}, **_errors((401, 421), ollama_shape)}}}
 
 
 def build_openapi() -> dict[str, Any]:
@@ -164,6 +165,10 @@ def build_openapi() -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": defs["$defs"],
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "only when the node has --api-key"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "the node's API key; clients on its loopback may omit it unless the node says otherwise"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "the same key, as Anthropic clients send it"},
+            },
         },
     }

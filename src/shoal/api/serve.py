@@ -2,6 +2,10 @@
 
     python -m shoal.api.serve --port 8000 [--model smollm2-135m] [--api-key KEY] [--no-auto-load]
 
+Behind the same front door as a node (api/guard.py): with --api-key every client needs the key,
+loopback ones too (this server listens on loopback by default, so an exemption would void it);
+without it no key is asked, and the Host, Origin and Content-Type checks still hold.
+
 Prints one line `shoal-api ready on http://HOST:PORT` on standard output once any --model has
 loaded (it accepts requests from the start; they wait for the load), and stops cleanly on
 SIGINT/SIGTERM.
@@ -19,6 +23,7 @@ import sys
 from aiohttp import web
 
 from shoal.api.app import setup_api
+from shoal.api.guard import FrontDoor
 from shoal.api.service import ModelService, ServiceConfig
 from shoal.engine.scheduler import SchedulerLimits
 
@@ -32,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", "-m", action="append", default=[], help="load this model at start (repeatable)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API endpoints")
+    p.add_argument("--api-key", default=None,
+                   help="require the key ('Authorization: Bearer KEY' or 'x-api-key: KEY') on every route but /healthz")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="answer to this Host name too (repeatable; '*': any)")
     p.add_argument("--no-auto-load", action="store_true", help="refuse models that are not loaded instead of loading them")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: all cores)")
     p.add_argument("--max-running", type=int, default=SchedulerLimits.max_running, help="sequences batched together per model")
@@ -52,9 +60,11 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    app = web.Application(client_max_size=CLIENT_MAX_BODY)
+    door = FrontDoor(args.api_key, port=args.port, hosts=[args.host, *args.allowed_host], loopback_exempt=False)
+    app = web.Application(client_max_size=CLIENT_MAX_BODY, middlewares=[door.middleware])
+    app.add_routes(door.routes())
     service = ModelService(config_from_args(args))
-    setup_api(app, service, args.api_key)
+    setup_api(app, service)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()  # runs on_startup: starts loading --model
     site = web.TCPSite(runner, args.host, args.port)

@@ -1,16 +1,27 @@
 """LAN discovery with mDNS / DNS-SD (python-zeroconf): each node announces `_shoal._tcp.local.`
 and browses for the others; every address found becomes a membership seed.
 
-The TXT record carries the node id and a public fingerprint of the cluster key, so nodes of
-another cluster on the same LAN are skipped quietly instead of being greeted and refused.
-Discovery only proposes addresses: being let in still takes a Hello signed with the key.
+The TXT record carries the node id, a random salt (new on every start) and the fingerprint of the
+cluster key under that salt (auth.py `cluster_fingerprint`: PBKDF2 over the stretched key), so
+nodes of another cluster on the same LAN are skipped quietly instead of being greeted and refused,
+while a listener cannot test guesses of the key against the broadcast without paying the
+stretching for every guess, announcement by announcement. Checking a fingerprint costs ~20 ms; it
+runs in a worker thread, once per salt (cached), and at most `CHECKS_PER_S` new salts a second,
+so a flood of made-up announcements costs a bounded share of one core.
+
+Discovery only proposes addresses: being let in still takes a hello sealed with the key, and the
+hello carries nothing but the sender's own record.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import logging
+import re
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -20,7 +31,7 @@ from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from shoal import __version__
-from shoal.cluster.auth import cluster_fingerprint
+from shoal.cluster.auth import cluster_fingerprint, new_fingerprint_salt
 from shoal.cluster.peer import spawn
 from shoal.config import NodeConfig
 
@@ -28,6 +39,9 @@ log = logging.getLogger("shoal.discovery")
 
 SERVICE_TYPE = "_shoal._tcp.local."
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+CHECKS_PER_S = 5  # new salts checked per second, at ~20 ms each
+KNOWN_SALTS = 1024  # salts whose expected fingerprint is remembered
+_HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 def lan_addresses() -> list[str]:
@@ -54,7 +68,11 @@ class Discovery:
         self.on_found = on_found
         self.on_lost = on_lost
         self._found: dict[str, list[tuple[str, int]]] = {}  # service name -> addresses it gave
-        self.fingerprint = cluster_fingerprint(config.cluster_key)
+        self.salt = new_fingerprint_salt()
+        self.fingerprint = cluster_fingerprint(config.cluster_key, self.salt)
+        self._expected: OrderedDict[str, str] = OrderedDict({self.salt: self.fingerprint})  # salt -> tag
+        self._check_lock = asyncio.Lock()
+        self._checks: list[float] = []  # monotonic times of the last second's checks
         self._azc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
@@ -92,6 +110,7 @@ class Discovery:
             properties={
                 "id": self.config.node_id,
                 "cluster": self.fingerprint,
+                "salt": self.salt,
                 "v": __version__,
                 "name": self.config.name[:60],
             },
@@ -124,7 +143,7 @@ class Discovery:
         props = {k.decode(): (v or b"").decode(errors="replace") for k, v in info.properties.items()}
         if props.get("id") == self.config.node_id:
             return
-        if props.get("cluster") != self.fingerprint:
+        if not await self._same_cluster(props.get("salt", ""), props.get("cluster", "")):
             log.debug("mDNS: %s belongs to another cluster; skipped", name)
             return
         if not info.port:
@@ -134,6 +153,25 @@ class Discovery:
         for host, port in addrs:
             log.debug("mDNS: found %s at %s:%d", props.get("name", name), host, port)
             self.on_found(host, port)
+
+    async def _same_cluster(self, salt: str, tag: str) -> bool:
+        """Whether an announcement's (salt, fingerprint) was made with our cluster key."""
+        if not (_HEX32.fullmatch(salt) and _HEX32.fullmatch(tag)):
+            return False
+        expected = self._expected.get(salt)
+        if expected is None:
+            async with self._check_lock:  # one check at a time: a flood costs one thread, not all
+                now = time.monotonic()
+                self._checks = [t for t in self._checks if now - t < 1.0]
+                if len(self._checks) >= CHECKS_PER_S:
+                    log.debug("mDNS: more than %d new announcements a second; one skipped", CHECKS_PER_S)
+                    return False
+                self._checks.append(now)
+                expected = await asyncio.to_thread(cluster_fingerprint, self.config.cluster_key, salt)
+            self._expected[salt] = expected
+            while len(self._expected) > KNOWN_SALTS:
+                self._expected.popitem(last=False)
+        return hmac.compare_digest(expected, tag)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         spawn(coro, self._tasks, log)

@@ -11,9 +11,18 @@ both directly and relayed, so a node that only one link cannot reach stays up); 
 `drop_after_s` it is dropped and a tombstone stops older gossip from bringing it back. A restarted
 node has a larger incarnation, so it passes the tombstone and rejoins as itself.
 
-New nodes come in through seeds (--peer, and addresses found by mDNS): a Hello to the address, its
-reply carries the seed's table, and gossip does the rest, so one seed is enough to learn the whole
-cluster.
+New nodes come in through seeds (--peer, and addresses found by mDNS): a Hello to the address
+carries only the sender's own record, the seed's sealed reply carries its table (the hello proved
+the key), and gossip does the rest, so one seed is enough to learn the whole cluster.
+
+Records are signed by their node (cluster/identity.py: the node id is derived from the key the
+record carries), and a record is taken only if it verifies, so a peer can relay records but not
+make or alter one: no node can be pointed at another address, revived, or given a newer
+incarnation by anyone but itself, and a leave counts only when the leaving node signed it. A node
+learns its own address (when it binds every interface and advertises none) from what its peers
+say they see, and only if that is one of its own addresses; nobody fills another node's address
+in from where a message came from. The one exception is an address this node dialled itself and
+got a sealed reply from, which may stand in for the replier's empty host.
 
 With the default timings: join ≤ 1 s after the hello, down 3–3.5 s after the last heartbeat.
 """
@@ -21,6 +30,7 @@ With the default timings: join ≤ 1 s after the hello, down 3–3.5 s after the
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -32,6 +42,8 @@ import psutil
 from aiohttp import web
 
 from shoal import __version__
+from shoal.cluster.auth import normal_host
+from shoal.cluster.identity import NodeIdentity, load_or_create_identity, node_id_of, verify
 from shoal.cluster.links import LinkTable
 from shoal.cluster.messages import (
     Ack,
@@ -47,6 +59,9 @@ from shoal.cluster.peer import (
     PEER_ID,
     PeerClient,
     PeerError,
+    RefusalLog,
+    is_loopback,
+    local_addresses,
     peer_handler,
     refuse,
     spawn,
@@ -78,9 +93,30 @@ class Timings:
     memory_refresh_s: float = 2.0
 
 
+def record_bytes(rec: MemberRecord) -> bytes:
+    """What a node signs of its record: every field but the signature and `age_s` (which each
+    relaying node rewrites), as canonical JSON."""
+    fields = rec.model_dump(mode="json", exclude={"signature", "age_s"})
+    return b"shoal member record v1\0" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+def leave_bytes(node_id: str, incarnation: int) -> bytes:
+    return f"shoal leave v1\0{node_id}\0{incarnation}".encode()
+
+
+def record_problem(rec: MemberRecord) -> str | None:
+    """Why a record cannot be taken (its id is not its key's, or its signature fails), or None."""
+    if node_id_of(rec.public_key) != rec.node_id:
+        return "node id does not match the record's key"
+    if not verify(rec.public_key, rec.signature, record_bytes(rec)):
+        return "bad record signature"
+    return None
+
+
 @dataclass
 class Member:
     record: MemberRecord  # as last received, host filled in, age_s meaningless
+    wire: MemberRecord  # as its node signed it: what gossip relays
     last_advance: float  # local monotonic time its heartbeat last advanced (as far as we know)
     status: Status = "up"
 
@@ -109,9 +145,14 @@ class Membership:
     links: LinkTable
     timings: Timings = field(default_factory=Timings)
     clock: Callable[[], float] = time.monotonic
+    identity: NodeIdentity | None = None  # None: the one in config.home
     name = "membership"
 
     def __post_init__(self) -> None:
+        if self.identity is None:
+            self.identity = load_or_create_identity(self.config.home)[0]
+        if self.identity.node_id != self.config.node_id:
+            raise ValueError(f"the node key in {self.config.home} is not node {self.config.node_id}'s")
         self.client: PeerClient | None = None  # set by the node once its HTTP session exists
         self.profile: NodeProfile | None = None
         self.incarnation = 0
@@ -119,6 +160,9 @@ class Membership:
         self.members: dict[str, Member] = {}
         self.tombstones: dict[str, tuple[tuple[int, int], float]] = {}  # id -> (version, when)
         self.observed_host: str | None = None  # how peers see us, when we bind a wildcard
+        self._not_mine: set[str] = set()  # addresses peers saw us at that are not ours (NAT)
+        self._signed: tuple[bytes, MemberRecord] | None = None  # our last record, signed
+        self._refusals = RefusalLog(log)
         self.memory_available = 0
         self.memory_offered = 0
         self._memory_at = float("-inf")
@@ -161,10 +205,15 @@ class Membership:
         return [m for m in self.members.values() if m.status == "up"]
 
     def self_record(self) -> MemberRecord:
+        """This node's record, signed (again only when a field changed)."""
+        assert self.identity is not None
         self._refresh_memory()
-        host = self.config.advertise_host or ("" if self.config.host in WILDCARD_HOSTS else self.config.host)
-        return MemberRecord(
+        host = self.config.advertise_host or (
+            self.config.host if self.config.host not in WILDCARD_HOSTS else (self.observed_host or "")
+        )
+        unsigned = MemberRecord(
             node_id=self.node_id,
+            public_key=self.identity.public_key,
             name=self.config.name[:256],
             host=host,
             port=self.config.port,
@@ -174,7 +223,12 @@ class Membership:
             memory_offered_bytes=self.memory_offered,
             profile=self.profile,
             version=__version__,
+            signature="0" * 128,
         )
+        data = record_bytes(unsigned)
+        if self._signed is None or self._signed[0] != data:
+            self._signed = (data, unsigned.model_copy(update={"signature": self.identity.sign(data)}))
+        return self._signed[1]
 
     def self_address(self) -> str:
         rec_host = self.config.advertise_host or (
@@ -195,55 +249,69 @@ class Membership:
     def gossip_message(self, cls: type[Gossip] = Gossip, **extra: object) -> Gossip:
         now = self.clock()
         wire = [
-            m.record.model_copy(update={"age_s": round(max(0.0, now - m.last_advance), 3)})
+            m.wire.model_copy(update={"age_s": round(max(0.0, now - m.last_advance), 3)})
             for m in self.members.values()
         ]
         return cls(sender=self.node_id, members=[self.self_record(), *wire], links=self.links.records(), **extra)
 
+    def hello_message(self) -> Hello:
+        """To an address that has not proven the key yet: our own record, not the table."""
+        return Hello(sender=self.node_id, members=[self.self_record()])
+
     # -- merging --------------------------------------------------------------------------------------
-    def merge(self, msg: Gossip, sender_host: str | None) -> None:
-        """Fold a received table into ours. sender_host: the address the sender's own record
-        is reachable at, when it advertises none."""
+    def merge(self, msg: Gossip, dialled_host: str | None = None, source: str = "?") -> None:
+        """Fold a received table into ours. dialled_host: when msg is the sealed reply to a request
+        of ours, the address we sent it to, which stands in for the replier's empty host.
+        source: who sent it, for the log of refused records."""
         now = self.clock()
         for rec in msg.members:
-            self._merge_record(rec, now, sender_host if rec.node_id == msg.sender else None)
+            self._merge_record(rec, now, dialled_host if rec.node_id == msg.sender else None, source)
         for lk in msg.links:
             # Links of nodes we do not know (dropped, or not yet heard of) are not ours to keep.
             if self.knows(lk.a) and self.knows(lk.b):
                 self.links.merge(lk)
 
-    def _merge_record(self, rec: MemberRecord, now: float, direct_host: str | None) -> None:
+    def _verified(self, rec: MemberRecord, source: str) -> bool:
+        why = record_problem(rec)
+        if why is not None:
+            self._refusals(source, why, f"member record of {rec.node_id[:8]} ({rec.host or '?'}:{rec.port})")
+        return why is None
+
+    def _merge_record(self, rec: MemberRecord, now: float, dialled_host: str | None, source: str) -> None:
+        # The cheap checks (is it newer than what we have?) first; a signature is verified only
+        # for a record that would change something.
         nid = rec.node_id
         if nid == self.node_id:
-            if rec.incarnation > self.incarnation:
-                # Someone holds a newer "us" (a clock stepped back across a restart): outbid it.
+            if rec.incarnation > self.incarnation and self._verified(rec, source):
+                # A newer "us" signed by our key (a clock stepped back across a restart): outbid it.
                 log.warning("a peer holds a newer incarnation of this node; moving past it")
                 self.incarnation = rec.incarnation + 1
             return
-        if direct_host and rec.host in WILDCARD_HOSTS:
-            rec = rec.model_copy(update={"host": direct_host})
         version = (rec.incarnation, rec.heartbeat)
         tomb = self.tombstones.get(nid)
         if tomb is not None and version <= tomb[0]:
             return
         age = rec.age_s
         m = self.members.get(nid)
+        if m is None and age >= self.timings.drop_after_s:
+            return
+        if m is not None and version <= m.version:
+            return
+        if not self._verified(rec, source):
+            return
+        wire = rec.model_copy(update={"age_s": 0.0})
+        host = rec.host or dialled_host or (m.record.host if m is not None else "")
+        local = wire if host == rec.host else wire.model_copy(update={"host": host})
         if m is None:
-            if age >= self.timings.drop_after_s:
-                return
             status: Status = "up" if age < self.timings.down_after_s else "down"
-            self.members[nid] = Member(rec.model_copy(update={"age_s": 0.0}), now - age, status)
+            self.members[nid] = Member(local, wire, now - age, status)
             self.tombstones.pop(nid, None)
             log.info("node %s (%s, %s:%d) joined, %s", rec.name, nid[:8], rec.host or "?", rec.port, status)
             if status == "up":
                 self._emit("join", nid)
             return
-        if version <= m.version:
-            return
         restarted = rec.incarnation != m.record.incarnation
-        if not rec.host and m.record.host:
-            rec = rec.model_copy(update={"host": m.record.host})
-        m.record = rec.model_copy(update={"age_s": 0.0})
+        m.record, m.wire = local, wire
         m.last_advance = now - age if restarted else max(m.last_advance, now - age)
         if now - m.last_advance < self.timings.down_after_s and (m.status == "down" or restarted):
             if m.status == "down":
@@ -307,25 +375,28 @@ class Membership:
         return None
 
     async def _on_hello(self, request: web.Request, msg: Hello) -> Message | web.Response:
+        # The hello proved the key, so its (sealed) reply may carry our whole table.
         if msg.sender == self.node_id == request[PEER_ID]:
             # A --peer that points at this very node: answer, so the caller sees it is itself.
             return self.gossip_message(HelloReply, observed_host=request.remote or "")
         if why := self._sender_ok(request, msg.sender, msg.members):
             return refuse(request, 400, why)
-        self.merge(msg, request.remote)
+        self.merge(msg, None, request.remote or "?")
         return self.gossip_message(HelloReply, observed_host=request.remote or "")
 
     async def _on_gossip(self, request: web.Request, msg: Gossip) -> Message | web.Response:
         if why := self._sender_ok(request, msg.sender, msg.members):
             return refuse(request, 400, why)
-        self.merge(msg, request.remote)
-        return self.gossip_message()
+        self.merge(msg, None, request.remote or "?")
+        return self.gossip_message(observed_host=request.remote or "")
 
     async def _on_leave(self, request: web.Request, msg: Leave) -> Message | web.Response:
         if why := self._sender_ok(request, msg.sender, None):
             return refuse(request, 400, why)
         m = self.members.get(msg.sender)
         if m is not None and msg.incarnation >= m.record.incarnation:
+            if not verify(m.wire.public_key, msg.signature, leave_bytes(msg.sender, msg.incarnation)):
+                return refuse(request, 400, "leave not signed by the leaving node")
             del self.members[msg.sender]
             self.tombstones[msg.sender] = ((msg.incarnation, LEFT), self.clock())
             self.links.forget(msg.sender)
@@ -350,9 +421,13 @@ class Membership:
         """Tell every member we are going, so they drop us now rather than after a timeout."""
         if self.client is None:
             return
-        msg = Leave(sender=self.node_id, incarnation=self.incarnation)
+        assert self.identity is not None
+        sig = self.identity.sign(leave_bytes(self.node_id, self.incarnation))
+        msg = Leave(sender=self.node_id, incarnation=self.incarnation, signature=sig)
         targets = [m.record for m in self.members.values() if m.record.host and m.status == "up"]
-        calls = [self.client.call(r.host, r.port, "/peer/leave", msg, Ack, timeout_s) for r in targets]
+        calls = [
+            self.client.call(r.host, r.port, "/peer/leave", msg, Ack, timeout_s, node_id=r.node_id) for r in targets
+        ]
         results = await asyncio.gather(*calls, return_exceptions=True)
         told = sum(not isinstance(r, BaseException) for r in results)
         log.info("announced leave to %d of %d members", told, len(targets))
@@ -381,9 +456,10 @@ class Membership:
         self._inflight.add(rec.node_id)
         try:
             reply, _ = await self.client.call(
-                rec.host, rec.port, "/peer/gossip", msg, Gossip, self.timings.call_timeout_s
+                rec.host, rec.port, "/peer/gossip", msg, Gossip, self.timings.call_timeout_s, node_id=rec.node_id
             )
-            self.merge(reply, rec.host)
+            self.merge(reply, rec.host, f"{rec.name} ({rec.node_id[:8]})")
+            self._learn_host(reply.observed_host)
         except PeerError as e:
             log.debug("gossip to %s failed: %s", rec.name, e)
         finally:
@@ -415,13 +491,14 @@ class Membership:
         t = self.timings
         try:
             reply, replier = await self.client.call(
-                seed.host, seed.port, "/peer/hello", self.gossip_message(Hello), HelloReply, t.call_timeout_s
+                seed.host, seed.port, "/peer/hello", self.hello_message(), HelloReply, t.call_timeout_s
             )
         except PeerError as e:
             seed.backoff_s = min(t.seed_retry_max_s, max(t.seed_retry_s, seed.backoff_s * 2))
             seed.next_try = self.clock() + seed.backoff_s
-            # Loud only for a refusal (wrong key): an absent seed is normal while it boots.
-            level = logging.WARNING if "401" in str(e) or "signature" in str(e) else logging.DEBUG
+            # Loud only for a refusal (wrong key, misaddressed): an absent seed is normal while it boots.
+            loud = any(w in str(e) for w in ("HTTP 4", "unsigned", "tag"))
+            level = logging.WARNING if loud else logging.DEBUG
             log.log(level, "hello to %s:%d failed: %s", seed.host, seed.port, e)
             return
         finally:
@@ -431,12 +508,29 @@ class Membership:
         elif reply.sender != replier:
             log.warning("seed %s:%d replied with a mismatched sender", seed.host, seed.port)
         else:
-            self.merge(reply, seed.host)
-        if reply.observed_host and self.observed_host is None:
-            self.observed_host = reply.observed_host
+            self.merge(reply, seed.host, f"seed {seed.host}:{seed.port}")
+        self._learn_host(reply.observed_host)
         seed.node_id = replier
         seed.backoff_s = 0.0
         seed.next_try = self.clock() + t.seed_retry_max_s
+
+    def _learn_host(self, observed: str) -> None:
+        """How peers see us, for our record when we bind every interface and advertise nothing.
+        Taken only if it is one of this machine's addresses, so a peer cannot have us sign
+        someone else's; a non-loopback address replaces a loopback one."""
+        if not observed or self.config.advertise_host or self.config.host not in WILDCARD_HOSTS:
+            return
+        host = normal_host(observed)
+        current = self.observed_host
+        if host == current or host in self._not_mine:
+            return
+        if current is not None and not (is_loopback(current) and not is_loopback(host)):
+            return
+        if host not in local_addresses():
+            self._not_mine.add(host)
+            log.info("peers see this node at %s, not one of its addresses (NAT?): use --advertise to be found", host)
+            return
+        self.observed_host = host
 
 
 def _view(rec: MemberRecord, address: str, status: Status, last_seen_s: float, is_self: bool = False) -> NodeView:

@@ -1,8 +1,10 @@
-"""Every message that travels between nodes, as pydantic models serialised to JSON.
+"""Every message that travels between nodes, as pydantic models serialised to JSON (and then
+sealed by the peer channel, cluster/peer.py).
 
 Models are strict about shape (unknown fields refused, strings and lists bounded) because they are
 parsed from the network; a body that does not validate is refused with 400 before any handler
-sees it. Body size limits per endpoint live here too, next to the messages they bound.
+sees it. Body size limits per endpoint live here too, next to the messages they bound (they count
+plaintext; the sealed body is `auth.SEAL_OVERHEAD` bytes longer).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ MAX_BODY_BYTES = 1 << 20  # gossip of a large cluster stays far below this
 MAX_PROBE_BYTES = 16 << 20  # bulk throughput probes
 
 NodeId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+PublicKey = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # raw Ed25519 public key, hex
+Signature = Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]  # Ed25519 signature, hex
 ShortStr = Annotated[str, Field(max_length=256)]
 NonNeg = Annotated[int, Field(ge=0)]
 
@@ -55,11 +59,16 @@ class NodeProfile(Message):
 # -- membership ------------------------------------------------------------------------------------
 class MemberRecord(Message):
     """One node as gossip carries it. Versions order as (incarnation, heartbeat): incarnation
-    changes on every restart, heartbeat grows while the node runs."""
+    changes on every restart, heartbeat grows while the node runs.
+
+    Signed by the node itself (every field but `age_s` and the signature; membership.py
+    `record_bytes`), and its id is derived from `public_key`: relaying nodes cannot alter it, and
+    nobody can make one for another node's id."""
 
     node_id: NodeId
+    public_key: PublicKey
     name: ShortStr
-    host: ShortStr  # "" = "the address you see me from" (only in a node's record of itself)
+    host: ShortStr  # "" = not known yet (a node bound to every interface, before a peer told it)
     port: Annotated[int, Field(ge=1, le=65535)]
     incarnation: NonNeg
     heartbeat: NonNeg
@@ -70,6 +79,7 @@ class MemberRecord(Message):
     memory_offered_bytes: NonNeg = 0
     profile: NodeProfile | None = None
     version: Annotated[str, Field(max_length=32)] = ""
+    signature: Signature
 
 
 class LinkRecord(Message):
@@ -89,10 +99,12 @@ class Gossip(Message):
     sender: NodeId
     members: Annotated[list[MemberRecord], Field(max_length=1024)]
     links: Annotated[list[LinkRecord], Field(max_length=8192)] = []
+    observed_host: ShortStr = ""  # in a reply: the address the request came from
 
 
 class Hello(Gossip):
-    """First contact with an address (a seed or a discovered service) whose id we may not know."""
+    """First contact with an address (a seed or a discovered service) whose id we may not know:
+    carries only the sender's own record; the table comes back in the (sealed) reply."""
 
 
 class HelloReply(Gossip):
@@ -100,8 +112,12 @@ class HelloReply(Gossip):
 
 
 class Leave(Message):
+    """A node going away, signed by it (membership.py `leave_bytes`): no other node can make
+    the cluster drop it."""
+
     sender: NodeId
     incarnation: NonNeg
+    signature: Signature
 
 
 class Ack(Message):

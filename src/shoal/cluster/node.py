@@ -23,8 +23,10 @@ of the cluster for whoever needs it (the placement planner).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
@@ -34,12 +36,12 @@ import aiohttp
 from aiohttp import web
 
 from shoal.cluster import status
-from shoal.cluster.auth import Signer, cluster_fingerprint
+from shoal.cluster.auth import PeerCipher, cluster_id
 from shoal.cluster.discovery import Discovery
 from shoal.cluster.links import LinkProber, LinkTable
 from shoal.cluster.membership import Membership, Timings
 from shoal.cluster.messages import NodeProfile
-from shoal.cluster.peer import SIGNER_KEY, PeerClient, peer_auth_middleware
+from shoal.cluster.peer import CIPHER_KEY, OwnAddresses, PeerClient, peer_auth_middleware
 from shoal.cluster.profile import load_or_measure
 from shoal.cluster.topology import ClusterView, LinkView
 from shoal.config import NodeConfig
@@ -67,6 +69,33 @@ class Component(Protocol):
     async def stop(self) -> None: ...
 
 
+class ListenError(OSError):
+    """The node cannot listen where it was asked to: the one line to say, no traceback."""
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a ListenError that says why in words."""
+    where = f"{host}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, OverflowError, UnicodeError) as e:
+        raise ListenError(f"cannot listen on {where}: {getattr(e, 'strerror', None) or e}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(256)
+    except (OSError, OverflowError) as e:
+        sock.close()
+        why = getattr(e, "strerror", None) or str(e)
+        if getattr(e, "errno", None) == errno.EADDRINUSE:
+            why += " (another program or shoal node has it: choose another --port)"
+        raise ListenError(f"cannot listen on {where}: {why}") from None
+    sock.setblocking(False)
+    return sock
+
+
 class HomeLockedError(RuntimeError):
     pass
 
@@ -74,11 +103,13 @@ class HomeLockedError(RuntimeError):
 class Node:
     def __init__(self, config: NodeConfig, timings: Timings | None = None) -> None:
         self.config = config
-        self.signer = Signer.from_cluster_key(config.node_id, config.cluster_key)
-        self.cluster_id = cluster_fingerprint(config.cluster_key)
+        # A request names its recipient: this node's id, or one of its addresses with its port.
+        own = OwnAddresses(config.node_id, config.port, (config.host, config.advertise_host))
+        self.cipher = PeerCipher.from_cluster_key(config.node_id, config.cluster_key, is_recipient=own)
+        self.cluster_id = cluster_id(config.cluster_key)
         self.profile: NodeProfile | None = None
         self.app = web.Application(middlewares=[peer_auth_middleware], client_max_size=CLIENT_MAX_BODY)
-        self.app[SIGNER_KEY] = self.signer
+        self.app[CIPHER_KEY] = self.cipher
         self.components: list[Component] = []
 
         self.links = LinkTable()
@@ -141,6 +172,8 @@ class Node:
     # -- life ---------------------------------------------------------------------------------------
     async def start(self) -> None:
         self._lock_home()
+        # Bound before profiling: a port in use is said in a second, not after the measuring.
+        listener = listen(self.config.host, self.config.port)
         loop = asyncio.get_running_loop()
         self.profile, cached = await loop.run_in_executor(
             None, load_or_measure, self.config.profile_file, PROFILE_BUDGET_S
@@ -163,13 +196,13 @@ class Node:
             timeout=aiohttp.ClientTimeout(total=10, sock_connect=1.0),
             connector=aiohttp.TCPConnector(limit=64, limit_per_host=8),
         )
-        client = PeerClient(self.signer, self._session)
+        client = PeerClient(self.cipher, self._session)
         self.membership.client = client
         self.prober.client = client
 
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=SERVER_CLOSE_TIMEOUT_S)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, shutdown_timeout=SERVER_CLOSE_TIMEOUT_S)
+        site = web.SockSite(self._runner, listener, shutdown_timeout=SERVER_CLOSE_TIMEOUT_S)
         await site.start()
 
         for c in self.components:
@@ -186,6 +219,9 @@ class Node:
         )
 
     async def shutdown(self) -> None:
+        if self._session is None:  # it never got past its home and port: nothing to stop or say
+            self._unlock_home()
+            return
         log.info("shutting down")
         if self._drains and self._started:
             try:

@@ -1,5 +1,5 @@
-"""GET /v1/cluster (the node's view, readable without the key: it is for the local dashboard and
-CLI) and `shoal status`, which shows that view as tables."""
+"""GET /v1/cluster (the node's view, for the dashboard and the CLI; behind the front door like every
+client route) and `shoal status`, which shows that view as tables ($SHOAL_API_KEY for a node elsewhere)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from shoal.config import client_headers, refusal_message
 
 if TYPE_CHECKING:  # `shoal status` must not pay for aiohttp and pydantic
     from aiohttp import web
@@ -30,7 +32,8 @@ def fetch(url: str, timeout_s: float = 5.0) -> dict[str, Any]:
     url = url.rstrip("/")
     if not url.startswith(("http://", "https://")):
         url = "http://" + url
-    with urllib.request.urlopen(url + "/v1/cluster", timeout=timeout_s) as resp:
+    req = urllib.request.Request(url + "/v1/cluster", headers=client_headers())
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         return json.loads(resp.read())
 
 
@@ -125,6 +128,9 @@ def instance_table(instances: list[dict[str, Any]]) -> str:
 def run(url: str, as_json: bool = False) -> int:
     try:
         data = fetch(url)
+    except urllib.error.HTTPError as e:
+        print(f"shoal status: {refusal_message(e)}")
+        return 1
     except (urllib.error.URLError, OSError, ValueError) as e:
         print(f"shoal status: cannot read {url}/v1/cluster: {e}")
         return 1

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from shoal.config import DEFAULT_PORT
+from shoal.config import DEFAULT_PORT, client_headers, refusal_message
 
 READY_TIMEOUT_S = 600.0
 
@@ -58,23 +58,14 @@ def _url(base: str, path: str) -> str:
 def _request(base: str, method: str, path: str, body: dict[str, Any] | None = None, timeout_s: float = 60.0) -> Any:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(_url(base, path), data=data, method=method,
-                                 headers={"Content-Type": "application/json"} if data else {})
+                                 headers={**client_headers(), **({"Content-Type": "application/json"} if data else {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
-        raise ClusterError(_error_message(e)) from None
+        raise ClusterError(refusal_message(e)) from None
     except (urllib.error.URLError, OSError) as e:
         raise ClusterError(f"cannot reach {base}: {getattr(e, 'reason', e)}") from None
-
-
-def _error_message(e: urllib.error.HTTPError) -> str:
-    """What a node said when it refused (its JSON error), or what answered if it was not a node."""
-    try:
-        err = json.loads(e.read())["error"]
-        return err["message"] if isinstance(err, dict) else str(err)
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {e.code} {e.reason} from {e.url} (is it a shoal node?)"
 
 
 def _nodes(text: str | None) -> list[str] | int | None:
@@ -191,7 +182,7 @@ def generate_on_cluster(args: argparse.Namespace, prompt: str, params: dict[str,
         body["params"] = params
         req = urllib.request.Request(_url(args.cluster, f"/v1/instances/{inst['id']}/generate"),
                                      data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **client_headers()})
         stats = None
         try:
             with urllib.request.urlopen(req, timeout=600) as r:
@@ -203,10 +194,11 @@ def generate_on_cluster(args: argparse.Namespace, prompt: str, params: dict[str,
                     sys.stdout.flush()
                     stats = ev.get("stats") or stats
         except urllib.error.HTTPError as e:
-            raise ClusterError(_error_message(e)) from None
+            raise ClusterError(refusal_message(e)) from None
         sys.stdout.write("\n")
         if stats:
-            print(f"[{model} on {len(inst['shards'])} ranks, {inst['strategy']}] prompt {stats['prompt_tokens']} tokens, "
+            ranks = len(inst["shards"])
+            print(f"[{model} on {ranks} rank{'' if ranks == 1 else 's'}, {inst['strategy']}] prompt {stats['prompt_tokens']} tokens, "
                   f"generated {stats['generation_tokens']} | TTFT {1000 * (stats['ttft_s'] or 0):.0f} ms | "
                   f"decode {stats['decode_tps']:.1f} tok/s", file=sys.stderr)
         return 0

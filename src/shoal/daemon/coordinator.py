@@ -22,7 +22,11 @@ from shoal.cluster.peer import PeerError, spawn
 from shoal.cluster.topology import ClusterView
 from shoal.daemon.host import PORT_TIMEOUT_S, Host
 from shoal.daemon.messages import (
+    CopyWeights,
     CreateInstance,
+    HandOver,
+    HasWeights,
+    HasWeightsReply,
     InstanceRecord,
     InstanceRef,
     ListInstances,
@@ -54,6 +58,9 @@ KEEP_ENDED_INSTANCES = 16
 MAX_RECOVERIES_IN_ROW = 3  # re-placements that failed again before becoming ready: then the instance fails
 REBALANCE_GAIN = 1.2  # a plan predicted this much faster makes a running instance degraded
 IDLE_BEFORE_REBALANCE_S = 2.0
+COPY_TIMEOUT_S = 120.0  # a copy of model files between nodes: this, plus the time at the slowest rate
+COPY_SLOWEST_BYTES_PER_S = 2e6
+UNMEASURED_LINK_MBPS = 100.0  # the guess for a link not probed yet
 
 
 class Coordinator:
@@ -138,11 +145,12 @@ class Coordinator:
     async def spec_of(self, model: str) -> ModelSpec:
         spec = self._specs.get(model)
         if spec is None:
-            from shoal.engine.loader import ModelNotFound
+            from shoal.engine.loader import ModelNotFound, check_network_reference
             from shoal.placement.spec import spec_for
             from shoal.weights.errors import ModelFileError
 
             try:
+                check_network_reference(model)
                 spec = await asyncio.to_thread(spec_for, model)
             except (ModelNotFound, ModelFileError) as e:
                 raise InstanceError(404, str(e)) from None
@@ -166,7 +174,7 @@ class Coordinator:
             iid = secrets.token_hex(8)
             refused = await self._reserve_all(iid, placement)
             if not refused:
-                inst = Coordinated(iid, body.model, placement, secrets.token_hex(32), time.time())
+                inst = Coordinated(iid, body.model, placement, time.time())
                 inst.planner_chose = request.strategy == "auto" and not request.nodes and not request.node_count
                 self.coordinated[iid] = inst
                 spawn(self._launch(inst), self._tasks, log)
@@ -216,6 +224,9 @@ class Coordinator:
         """Start the entry rank, learn its rendezvous port, start the others."""
         shards, epoch = inst.placement.shards, inst.epoch
         try:
+            await self._bring_weights(inst)
+            if inst.ended or inst.epoch != epoch:
+                raise StaleLaunch
             first = await self._start_on(inst, 0, None)
             if first.port is None:
                 raise RuntimeError("the entry runner reported no rendezvous port")
@@ -236,9 +247,49 @@ class Coordinator:
             else:  # a recovery's placement: a node of it may have gone meanwhile
                 spawn(self._recover(inst, f"starting the runners failed: {e}", epoch=epoch), self._tasks, log)
 
+    async def _bring_weights(self, inst: Coordinated) -> None:
+        """Nodes of the placement that lack the model's files copy them from a node that has them
+        first; the copy's predicted time joins the placement's prediction, and its course the
+        instance's events."""
+        from shoal.daemon.weights import has_weights
+
+        model = inst.model[:256]
+
+        async def has(nid: str) -> HasWeightsReply:
+            if nid == self.node_id:
+                return await asyncio.to_thread(has_weights, model)
+            return await self.peers.call(nid, "/peer/weights/has", HasWeights(model=model), HasWeightsReply)
+
+        nodes = list(dict.fromkeys(s.node_id for s in inst.placement.shards))
+        up = list(dict.fromkeys([*nodes, *(n.id for n in self.view.up_nodes())]))
+        replies = await asyncio.gather(*(has(n) for n in up), return_exceptions=True)
+        have = {n: r for n, r in zip(up, replies) if isinstance(r, HasWeightsReply)}
+        missing = [n for n in nodes if n in have and not have[n].has]
+        if not missing:
+            return
+        sources = [n for n in up if n in have and have[n].has]  # placement nodes first: already busy with it
+        if not sources:
+            raise RuntimeError(f"no node of the cluster has the files of {model} (`shoal download` it on one)")
+        size = max(have[n].bytes for n in sources)
+        seconds = max(_copy_seconds(self.view, sources[0], n, size) for n in missing)
+        prediction = inst.placement.prediction.model_copy(update={"copy_s": round(seconds, 1)})
+        inst.placement = inst.placement.model_copy(update={"prediction": prediction})
+        names = ", ".join(self.peers.name(n) for n in missing)
+        inst.event(f"{names} lack the model's files: copying {size / 1e6:.0f} MB from {self.peers.name(sources[0])} "
+                   f"(about {seconds:.0f} s)")
+        t0 = time.monotonic()
+        msg = CopyWeights(instance_id=inst.id, model=model, sources=sources)
+        timeout = COPY_TIMEOUT_S + size / COPY_SLOWEST_BYTES_PER_S
+        results = await asyncio.gather(*(self.peers.call(n, "/peer/weights/copy", msg, Ack, timeout) for n in missing),
+                                       return_exceptions=True)
+        for n, r in zip(missing, results):
+            if isinstance(r, Exception):
+                raise RuntimeError(f"copying the model's files to {self.peers.name(n)}: {r}")
+        inst.event(f"model files copied to {names} in {time.monotonic() - t0:.1f} s")
+
     async def _start_on(self, inst: Coordinated, rank: int, port: int | None) -> StartReply:
         msg = StartShard(instance_id=inst.id, model=inst.model[:256], rank=rank, placement=inst.placement,
-                         master_port=port, token=inst.token, coordinator=self.node_id, epoch=inst.epoch)
+                         master_port=port, coordinator=self.node_id, epoch=inst.epoch)
         node_id = inst.placement.shards[rank].node_id
         if node_id == self.node_id:
             return await self.host.start(msg)
@@ -257,15 +308,16 @@ class Coordinator:
         self.coordinated.pop(inst.id, None)
         self.ended.append(inst)
 
-    async def _stop_everywhere(self, inst: Coordinated, only: set[str] | None = None) -> None:
-        """Stop the instance's shards on every node of its placement (`only`: those of them)."""
+    async def _stop_everywhere(self, inst: Coordinated, only: set[str] | None = None, keep: set[str] = frozenset()) -> None:
+        """Stop the instance's shards on every node of its placement (`only`: those of them; on the
+        nodes in `keep`, its memory stays reserved for the placement that replaces it)."""
         nodes = [n for n in dict.fromkeys(s.node_id for s in inst.placement.shards) if only is None or n in only]
-        ref = InstanceRef(instance_id=inst.id, epoch=inst.epoch)
 
         async def stop_on(nid: str) -> None:
             if nid == self.node_id:
-                await self.host.stop(inst.id, inst.epoch)
+                await self.host.stop(inst.id, inst.epoch, nid in keep)
             else:
+                ref = InstanceRef(instance_id=inst.id, epoch=inst.epoch, keep_reservation=nid in keep)
                 await self.peers.call(nid, "/peer/instances/stop", ref, Ack, CALL_TIMEOUT_S + 5)
 
         results = await asyncio.gather(*(stop_on(n) for n in nodes), return_exceptions=True)
@@ -341,8 +393,40 @@ class Coordinator:
             if entry is not None and entry.active_requests == 0 and entry.idle_s >= IDLE_BEFORE_REBALANCE_S:
                 why = f"rebalancing while idle: {better:.1f} tok/s predicted against {now:.1f}"
                 log.info("instance %s (%s): %s", inst.id, inst.model, why)
-                inst.degraded = False
-                spawn(self._recover(inst, why), self._tasks, log)
+                spawn(self._move(inst, best, why), self._tasks, log)
+
+    async def _move(self, inst: Coordinated, to: Placement, why: str) -> None:
+        """Re-place a healthy, idle instance on a better plan. Unlike a recovery, the new plan's
+        memory is reserved while the old placement still runs (a node in both counts the
+        instance's old share as free), and only then is the old one stopped — keeping that memory
+        reserved where the new plan needs it: a move that cannot be reserved leaves the instance
+        running where it is, to be tried again on a later pass."""
+        if inst.recovering or inst.ended:
+            return
+        inst.recovering = True
+        try:
+            refused = await self._reserve_all(inst.id, to)
+            if inst.ended:
+                return
+            if refused:
+                inst.event(f"rebalancing postponed: {refused}")
+                log.info("instance %s (%s): rebalancing postponed: %s", inst.id, inst.model, refused)
+                return
+            inst.degraded = False
+            inst.status, inst.recovery_started = "recovering", time.monotonic()
+            inst.event(f"{why}; re-placing")
+            new_nodes = set(to.memory_by_node())
+            inst.replacing, inst.planned_on = inst.epoch, new_nodes
+            await self._stop_everywhere(inst, keep=new_nodes)
+            if inst.ended:
+                await asyncio.gather(*(self._release_on(n, inst.id) for n in new_nodes), return_exceptions=True)
+                return
+            inst.placement, inst.epoch = to, inst.epoch + 1
+            inst.planner_chose, inst.shard_status = True, {}
+            log.info("moving %s (%s) as epoch %d: %s", inst.id, inst.model, inst.epoch, to.reason)
+            await self._launch(inst)
+        finally:
+            inst.recovering = False
 
     async def _best_plan(self, inst: Coordinated, lists: dict[str, ListReply]) -> Placement | None:
         """The plan a fresh placement of this instance would get now (its own memory counted free)."""
@@ -373,6 +457,44 @@ class Coordinator:
                 inst.event(f"coordinator {self.peers.name(lost_id)} lost; {self.peers.name(self.node_id)} took over")
                 log.warning("taking over instance %s (%s) from %s", inst.id, inst.model, self.peers.name(lost_id))
                 spawn(self._recover(inst, why), self._tasks, log)
+
+    async def hand_over(self, timeout_s: float) -> None:
+        """Before this node leaves: every instance it coordinates goes, as it runs, to the node that
+        would take it over anyway (the lowest id up), so nothing is re-placed for a coordinator's
+        leaving. An instance still moving finishes its move first; one the successor would not
+        take is left to the take-over after this node is gone."""
+        others = [n.id for n in self.view.up_nodes() if n.id != self.node_id]
+        if not others:
+            return
+        successor = min(others)
+        deadline = time.monotonic() + timeout_s
+        for inst in list(self.coordinated.values()):
+            while inst.recovering and not inst.ended and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            if inst.ended or inst.recovering:
+                continue
+            try:
+                await self.peers.call(successor, "/peer/instances/handover", HandOver(record=inst.record(self.node_id)),
+                                      Ack, CALL_TIMEOUT_S + 10)
+            except (PeerError, InstanceError) as e:
+                log.warning("handing %s over to %s: %s", inst.id, self.peers.name(successor), e)
+                continue
+            self.coordinated.pop(inst.id, None)  # not ended: it runs on, coordinated there
+            log.info("handed instance %s (%s) over to %s", inst.id, inst.model, self.peers.name(successor))
+
+    async def take_over(self, rec: InstanceRecord, sender: str) -> None:
+        """An instance handed over by its leaving coordinator: kept as it runs. Reserving its shares
+        again, now as its coordinator, is what makes its nodes report here."""
+        if rec.coordinator != sender:
+            raise InstanceError(403, "only an instance's coordinator hands it over")
+        if rec.id in self.coordinated or rec.ended_at is not None:
+            return
+        inst = Coordinated.adopt(rec)
+        self.coordinated[inst.id] = inst
+        inst.event(f"{self.peers.name(sender)} is leaving: {self.peers.name(self.node_id)} coordinates it now")
+        refused = await self._reserve_all(inst.id, inst.placement)
+        if refused:
+            spawn(self._recover(inst, f"taking over from {self.peers.name(sender)}: {refused}"), self._tasks, log)
 
     def drain(self, node_id: str) -> None:
         """Move every instance placed here off a node that is leaving (it still serves meanwhile)."""
@@ -451,7 +573,7 @@ class Coordinator:
         else:
             await self._fail(inst, f"{why}; could not reserve memory to re-place it: {refused}")
             return
-        inst.placement, inst.token, inst.epoch = placement, secrets.token_hex(32), inst.epoch + 1
+        inst.placement, inst.epoch = placement, inst.epoch + 1  # a new epoch: a new wire secret
         inst.planner_chose = True
         inst.shard_status = {}
         log.info("re-placing %s (%s) as epoch %d: %s", inst.id, inst.model, inst.epoch, placement.reason)
@@ -460,3 +582,10 @@ class Coordinator:
 
 def _node_names(p: Placement) -> list[str]:
     return list(dict.fromkeys(s.node_name for s in p.shards))
+
+
+def _copy_seconds(view: ClusterView, src: str, dst: str, nbytes: int) -> float:
+    """The time to copy nbytes from src to dst at their measured link speed (a guess if unmeasured)."""
+    link = view.link(src, dst)
+    mbps = link.bandwidth_mbps if link is not None and link.bandwidth_mbps else UNMEASURED_LINK_MBPS
+    return nbytes * 8 / (mbps * 1e6)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 
+from shoal.cluster.auth import subkey
 from shoal.daemon.messages import (
     HostedShard,
     Reserve,
@@ -37,6 +38,7 @@ from shoal.runner.contract import (
     RunnerEvent,
     Tokens,
 )
+from shoal.runner.wire import instance_secret
 
 log = logging.getLogger("shoal.instances")
 
@@ -48,8 +50,10 @@ RequestEvent = Accepted | Refused | Tokens | Failed
 
 class Host:
     def __init__(self, node_id: str, home: Path, memory_limit_bytes: int | None, runner_env: dict[str, str],
-                 report: Callable[[Hosted, ShardState], None], kv_budget_bytes: int | None = None):
+                 report: Callable[[Hosted, ShardState], None], kv_budget_bytes: int | None = None, *, cluster_key: str):
         self.node_id, self.home, self.memory_limit_bytes = node_id, home, memory_limit_bytes
+        # Each placement's wire secret is derived from this here, never received (runner/wire.py).
+        self._wire_root = subkey(cluster_key, "instance wire")
         self.kv_budget_bytes = kv_budget_bytes  # for the entries that run here
         self.runner_env = runner_env
         self.report_to_coordinator = report
@@ -90,6 +94,9 @@ class Host:
             if msg.bytes > free:
                 return ReserveReply(ok=False, free_bytes=free, error=f"needs {mib(msg.bytes)}, {mib(max(free, 0))} free")
             held.bytes, held.coordinator = msg.bytes, msg.coordinator
+            for h in self.hosted.values():  # a hand-over: its shards here report to the new coordinator
+                if h.instance_id == msg.instance_id:
+                    h.coordinator = msg.coordinator
             return ReserveReply(ok=True, free_bytes=free)
         if msg.bytes > free:
             return ReserveReply(ok=False, free_bytes=free, error=f"needs {mib(msg.bytes)}, {mib(max(free, 0))} free")
@@ -107,6 +114,12 @@ class Host:
         res = self.reservations.get(msg.instance_id)
         if res is None:
             raise InstanceError(409, "no memory is reserved here for this instance (expired?)")
+        from shoal.engine.loader import ModelNotFound, check_network_reference
+
+        try:  # a peer, too, names only models this node would serve to a client
+            check_network_reference(msg.model)
+        except ModelNotFound as e:
+            raise InstanceError(404, str(e)) from None
         if res.coordinator != msg.coordinator:
             raise InstanceError(403, "this instance's memory was reserved by another coordinator")
         old = self.hosted.get(key)
@@ -120,7 +133,8 @@ class Host:
         shard = msg.placement.shards[msg.rank]
         cfg = RunnerConfig(instance_id=msg.instance_id, model=msg.model, rank=msg.rank, shards=msg.placement.shards,
                            num_layers=max(s.layers[1] for s in msg.placement.shards), context=msg.placement.context,
-                           master_port=msg.master_port, token=msg.token, threads=shard.threads,
+                           master_port=msg.master_port, threads=shard.threads,
+                           secret=instance_secret(self._wire_root, msg.instance_id, msg.epoch, msg.coordinator).hex(),
                            kv_budget_bytes=self.kv_budget_bytes if msg.rank == 0 else None)
         log_path = self.home / "runners" / f"{msg.instance_id}-{msg.rank}.log"
         hosted: Hosted | None = None
@@ -180,9 +194,10 @@ class Host:
         self.report_to_coordinator(h, ShardState(instance_id=h.instance_id, rank=h.rank, status=h.status,
                                                  error=h.error[:256], rss_bytes=h.runner.rss, epoch=h.epoch))
 
-    async def stop(self, iid: str, epoch: int | None = None) -> None:
+    async def stop(self, iid: str, epoch: int | None = None, keep_reservation: bool = False) -> None:
         """Stop this node's shards of an instance (the entry first: it stops its group) and free its
-        memory; with `epoch`, only the shards of that placement or older ones."""
+        memory; with `epoch`, only the shards of that placement or older ones. `keep_reservation`:
+        the memory stays reserved for the instance's next placement (a move reserved it already)."""
         mine = sorted((h for h in self.hosted.values() if h.instance_id == iid), key=lambda h: h.rank)
         if epoch is not None and any(h.epoch > epoch for h in mine):
             log.warning("not stopping instance %s: this node runs a newer placement of it (epoch %d > %d)", iid,
@@ -191,7 +206,11 @@ class Host:
         for h in mine:
             h.stopping = True
         await asyncio.gather(*(h.runner.stop() for h in mine), return_exceptions=True)
-        self.reservations.pop(iid, None)
+        held = self.reservations.get(iid)
+        if keep_reservation and held is not None:
+            held.expires_at = time.monotonic() + RESERVATION_TTL_S  # given back if the new shard never starts
+        else:
+            self.reservations.pop(iid, None)
         self.on_instance_stopped(iid)
 
     async def stop_all(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -33,10 +34,14 @@ from shoal.cluster.topology import ClusterView
 from shoal.config import NodeConfig
 from shoal.daemon.coordinator import Coordinator
 from shoal.daemon.entry_host import EntryHost
-from shoal.daemon.host import Host
+from shoal.daemon.host import RESERVATION_TTL_S, Host
 from shoal.daemon.messages import (
     Cancel,
+    CopyWeights,
     DrainNode,
+    HandOver,
+    HasWeights,
+    HasWeightsReply,
     InstanceRecord,
     InstanceRef,
     Leave,
@@ -49,14 +54,21 @@ from shoal.daemon.messages import (
     StartShard,
     SubmitReply,
     SubmitRequest,
+    WeightsManifest,
+    WeightsManifestReply,
+    WeightsRead,
 )
 from shoal.daemon.peers import Peers
 from shoal.daemon.records import Hosted, InstanceError, public_instance
 from shoal.daemon.routes import PublicRoutes
+from shoal.daemon.weights import WeightsCopier, WeightsError, WeightsSource, has_weights
 from shoal.runner.contract import Failure, Submit
 
 log = logging.getLogger("shoal.instances")
 
+MANIFEST_TIMEOUT_S = 120.0  # the source hashes files it has not hashed yet (~1 s a GB)
+READ_TIMEOUT_S = 30.0
+HAND_OVER_WAIT_S = 20.0  # for an instance still moving before its coordinator hands it over
 REFRESH_EVERY_S = 3.0  # the cluster-wide listing a coordinator's successor adopts from
 # A poll returns as soon as there are new tokens, else after this: short, so that a node that
 # silently went away is noticed by the requests waiting on it within seconds.
@@ -71,12 +83,16 @@ class InstancesComponent:
         self.node_id = config.node_id
         self.peers = Peers(config.node_id, cluster_view, client)
         self.host = Host(config.node_id, config.home, config.memory_limit_bytes, runner_env or {}, self._report,
-                         config.kv_budget_bytes)
+                         config.kv_budget_bytes, cluster_key=config.cluster_key)
         self.entries = EntryHost(self.host.hosted)
         self.host.on_request_event = self.entries.on_event
         self.host.on_runner_gone = self.entries.on_runner_gone
         self.host.on_instance_stopped = self.entries.forget
         self.coordinator = Coordinator(config.node_id, self.peers, self.host, self._list_reply, metrics)
+        self.weights_source = WeightsSource()
+        self.copier = WeightsCopier(
+            lambda src, msg: self.peers.call(src, "/peer/weights/manifest", msg, WeightsManifestReply, MANIFEST_TIMEOUT_S),
+            lambda src, msg: self.peers.fetch(src, "/peer/weights/read", msg, READ_TIMEOUT_S))
         self._tasks: set[asyncio.Task[None]] = set()
         self.request_leave: Callable[[], None] = lambda: None  # the node's own stop (drain, then leave)
 
@@ -96,6 +112,11 @@ class InstancesComponent:
             web.post("/peer/instances/cancel", peer_handler(Cancel, self._on_cancel)),
             web.post("/peer/instances/drain", peer_handler(DrainNode, self._on_drain)),
             web.post("/peer/node/leave", peer_handler(Leave, self._on_leave)),
+            web.post("/peer/instances/handover", peer_handler(HandOver, self._on_hand_over)),
+            web.post("/peer/weights/has", peer_handler(HasWeights, self._on_has_weights)),
+            web.post("/peer/weights/manifest", peer_handler(WeightsManifest, self._on_manifest)),
+            web.post("/peer/weights/read", peer_handler(WeightsRead, self._on_read)),
+            web.post("/peer/weights/copy", peer_handler(CopyWeights, self._on_copy_weights)),
         ]
 
     def on_member(self, kind: str, node_id: str) -> None:
@@ -124,9 +145,8 @@ class InstancesComponent:
         elsewhere (their streams resume there), and wait until its runners are stopped."""
         self.host.draining = True
         coordinators = {h.coordinator for h in self.host.hosted.values()}
-        if not coordinators:
-            return
-        log.info("leaving: moving %d shard(s) elsewhere first", len(self.host.hosted))
+        if coordinators:
+            log.info("leaving: moving %d shard(s) elsewhere first", len(self.host.hosted))
         for nid in coordinators:
             try:
                 if nid == self.node_id:
@@ -137,7 +157,9 @@ class InstancesComponent:
                 log.warning("asking %s to move its instances: %s", self.peers.name(nid), e)
         while self.host.hosted:
             await asyncio.sleep(0.2)
-        log.info("leaving: every shard moved")
+        if coordinators:
+            log.info("leaving: every shard moved")
+        await self.coordinator.hand_over(HAND_OVER_WAIT_S)
 
     # -- views
     def cluster_instances(self) -> list[dict[str, Any]]:
@@ -232,7 +254,7 @@ class InstancesComponent:
             return refuse(request, e.status, str(e))
 
     async def _on_stop(self, request: web.Request, msg: InstanceRef) -> Message:
-        await self.host.stop(msg.instance_id, msg.epoch)
+        await self.host.stop(msg.instance_id, msg.epoch, msg.keep_reservation)
         return Ack()
 
     async def _on_delete(self, request: web.Request, msg: InstanceRef) -> Message | web.Response:
@@ -266,6 +288,46 @@ class InstancesComponent:
             return await self.entries.poll(msg.instance_id, msg.rid, msg.after, msg.wait_s)
         except InstanceError as e:
             return refuse(request, e.status, str(e))
+
+    async def _on_hand_over(self, request: web.Request, msg: HandOver) -> Message | web.Response:
+        try:
+            await self.coordinator.take_over(msg.record, request[PEER_ID])
+        except InstanceError as e:
+            return refuse(request, e.status, str(e))
+        return Ack()
+
+    # -- model files between nodes (weights.py)
+    async def _on_has_weights(self, request: web.Request, msg: HasWeights) -> Message:
+        return await asyncio.to_thread(has_weights, msg.model)
+
+    async def _on_manifest(self, request: web.Request, msg: WeightsManifest) -> Message | web.Response:
+        try:
+            return await self.weights_source.manifest(msg)
+        except InstanceError as e:
+            return refuse(request, e.status, str(e))
+
+    async def _on_read(self, request: web.Request, msg: WeightsRead) -> web.Response:
+        try:
+            data = await self.weights_source.read(msg)
+        except InstanceError as e:
+            return refuse(request, e.status, str(e))
+        return web.Response(body=data, content_type="application/octet-stream")
+
+    async def _on_copy_weights(self, request: web.Request, msg: CopyWeights) -> Message | web.Response:
+        # Only for a shard about to start here: the coordinator that reserved its memory asks.
+        res = self.host.reservations.get(msg.instance_id)
+        if res is None or res.coordinator != request[PEER_ID]:
+            return refuse(request, 403, "no reservation of that coordinator here for this instance")
+        expires, res.expires_at = res.expires_at, None  # held while the copy runs, however long
+        try:
+            await self.copier.copy(msg.model, msg.sources, self.peers.name)
+        except (WeightsError, OSError) as e:
+            return refuse(request, 502, str(e))
+        finally:
+            started = any(h.instance_id == msg.instance_id for h in self.host.hosted.values())
+            if not started and expires is not None:
+                res.expires_at = max(expires, time.monotonic() + RESERVATION_TTL_S)
+        return Ack()
 
     async def _on_drain(self, request: web.Request, msg: DrainNode) -> Message | web.Response:
         if request[PEER_ID] != msg.node_id:

@@ -44,8 +44,7 @@ class StartShard(Message):
     rank: NonNeg
     placement: Placement
     master_port: int | None = None
-    token: Annotated[str, Field(min_length=32, max_length=128)]
-    coordinator: NodeId
+    coordinator: NodeId  # with the id and epoch, names the placement's wire secret (derived here, never sent)
     epoch: Epoch = 0
 
 
@@ -59,6 +58,7 @@ class InstanceRef(Message):
     # With a stop: the placement it is about. Shards of a newer one (a successor coordinator's,
     # after a partition healed) are not the sender's to stop.
     epoch: Epoch | None = None
+    keep_reservation: bool = False  # a stop for a move whose new shard here already has its memory
 
 
 class ShardState(Message):
@@ -161,6 +161,55 @@ class DrainNode(Message):
 class Cancel(Message):
     instance_id: InstanceId
     rid: RequestId
+
+
+class HandOver(Message):
+    """A coordinator that is leaving gives an instance, as it runs, to the node that takes its place."""
+
+    record: InstanceRecord
+
+
+class WeightsManifest(Message):
+    """Which files make up a model, on a node that has them."""
+
+    model: ShortStr
+
+
+class WeightFile(Message):
+    name: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^./\\\x00][^/\\\x00]*$")]  # a name, never a path
+    size: NonNeg
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class WeightsManifestReply(Message):
+    folder: bool  # the model is a folder of these files (else the one file)
+    files: Annotated[list[WeightFile], Field(max_length=256)]
+
+
+class WeightsRead(Message):
+    """A slice of one of a model's files (answered with the bytes themselves)."""
+
+    model: ShortStr
+    file: Annotated[str, Field(min_length=1, max_length=255)]
+    offset: NonNeg
+    length: Annotated[int, Field(ge=1, le=1 << 20)]
+
+
+class HasWeights(Message):
+    model: ShortStr
+
+
+class HasWeightsReply(Message):
+    has: bool
+    bytes: NonNeg = 0
+
+
+class CopyWeights(Message):
+    """Get a model's files from one of `sources` before a shard of it starts here."""
+
+    instance_id: InstanceId  # whose reservation here the copy is for
+    model: ShortStr
+    sources: Annotated[list[NodeId], Field(max_length=64)]
 
 
 class CreateInstance(BaseModel):

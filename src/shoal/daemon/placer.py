@@ -32,6 +32,7 @@ from shoal.daemon.messages import CreateInstance, InstanceRecord, PollReply, Sub
 from shoal.daemon.records import InstanceError
 from shoal.engine.scheduler import SchedulerLimits
 from shoal.placement.contract import PlacementError
+from shoal.placement.planner import DEFAULT_CONTEXT
 from shoal.runner.contract import Sampling, Submit
 
 log = logging.getLogger("shoal.instances")
@@ -54,7 +55,11 @@ class ClusterPlacer:
         self.local = LocalPlacer(limits, metrics)  # what this node knows how to name and describe
 
     def card(self, name: str) -> ModelCard | None:
-        return self.local.card(name)
+        # The context a placement made on demand enforces (the planner's default), not the checkpoint's.
+        card = self.local.card(name)
+        if card is None:
+            return None
+        return dataclasses.replace(card, context_length=min(card.context_length or DEFAULT_CONTEXT, DEFAULT_CONTEXT))
 
     def names(self) -> list[str]:
         return self.local.names()

@@ -65,11 +65,12 @@ class RunnerProcess:
         return self.proc is not None and self.proc.returncode is None
 
     async def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         loop = asyncio.get_running_loop()
         self.port = loop.create_future()
         env = {**RUNNER_ENV, **os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
-        with open(self.log_path, "ab") as logf:
+        # 0600 from the start: a runner's log may quote a prompt in an error.
+        with os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as logf:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "shoal.runner",
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=logf, env=env, limit=MAX_LINE,

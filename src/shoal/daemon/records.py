@@ -109,7 +109,6 @@ class Coordinated:
     id: str
     model: str
     placement: Placement
-    token: str
     created_at: float
     status: Status = "loading"
     error: str = ""
@@ -150,8 +149,9 @@ class Coordinated:
 
     @classmethod
     def adopt(cls, rec: InstanceRecord) -> Coordinated:
-        """The instance of a lost coordinator, taken over (it is re-placed with a new secret)."""
-        return cls(rec.id, rec.model, rec.placement, "", rec.created_at, rec.status, rec.error, None, rec.epoch,
+        """The instance of a lost coordinator, taken over (it is re-placed under a new epoch, so
+        with a new secret)."""
+        return cls(rec.id, rec.model, rec.placement, rec.created_at, rec.status, rec.error, None, rec.epoch,
                    list(rec.events))
 
 

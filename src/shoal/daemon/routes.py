@@ -1,6 +1,9 @@
 """The public instance routes: list, place, stop, preview a placement, generate (an NDJSON stream of
 tokens) and the requests an entry keeps. They work on any node; the component forwards to the
-coordinator or the entry as needed."""
+coordinator or the entry as needed.
+
+The requests an entry keeps are other clients' prompts: that route is an admin view (ADMIN_ROUTES,
+which the front door asks the API key for even from loopback) and shows their text only when asked."""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from shoal.daemon.messages import (
     SubmitReply,
 )
 from shoal.daemon.peers import Peers
-from shoal.daemon.records import InstanceError, public_instance
+from shoal.daemon.records import InstanceError, RequestLog, public_instance
 from shoal.placement.contract import PlacementError, PlacementRequest
 from shoal.placement.planner import plan, plan_each_strategy
 from shoal.runner.contract import MAX_PROMPT_IDS, MAX_TEXT, ChatTurn, Sampling, Submit
@@ -56,6 +59,10 @@ class GenerateBody(BaseModel):
     prompt: str | None = Field(None, max_length=MAX_TEXT)
     messages: list[ChatTurn] | None = Field(None, min_length=1, max_length=4096)
     params: Sampling = Sampling()
+
+
+# Routes the front door (api/guard.py) asks the key for from every client, loopback included.
+ADMIN_ROUTES = ("/v1/instances/{id}/requests",)
 
 
 def _first_error(e: ValidationError) -> str:
@@ -128,13 +135,13 @@ class PublicRoutes:
         return _json({"node": hits[0].name, "id": hits[0].id, "status": "draining"}, status=202)
 
     async def _get_requests(self, request: web.Request) -> web.Response:
-        """The requests this entry keeps (prompt and tokens so far): what a replay would resend."""
+        """The requests this entry keeps (what a replay would resend): by default their ids, sizes,
+        timings and state; with ?text=1 also the prompt and output, as tokens and as text."""
         iid = request.match_info["id"]
         if (iid, 0) not in self.c.host.hosted:
             return _error(404, f"the entry of instance {iid} does not run on this node")
-        return _json({"requests": [
-            {"id": r.rid, "prompt_ids": r.prompt_ids, "output_ids": r.output_ids, "params": r.request.params.model_dump(),
-             "done": r.done, "created_at": r.created_at} for r in self.c.entries.list(iid)]})
+        text = request.query.get("text", "") in ("1", "true")
+        return _json({"requests": [_request_view(r, text) for r in self.c.entries.list(iid)]})
 
     async def _get_placement(self, request: web.Request) -> web.Response:
         q = request.query
@@ -219,6 +226,21 @@ class PublicRoutes:
             return resp
         await resp.write_eof()
         return resp
+
+
+def _request_view(r: RequestLog, text: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": r.rid, "state": "failed" if r.error is not None else "done" if r.done else "running", "done": r.done,
+        "created_at": r.created_at, "prompt_tokens": len(r.prompt_ids or ()), "output_tokens": len(r.output_ids),
+        "stats": r.stats.model_dump() if r.stats is not None else None,
+        "error": {"status": r.error.status, "code": r.error.code} if r.error is not None else None,
+    }
+    if text:
+        sub = r.request
+        out.update(prompt_ids=r.prompt_ids, output_ids=r.output_ids, params=sub.params.model_dump(), prompt=sub.text,
+                   messages=[m.model_dump() for m in sub.messages] if sub.messages is not None else None,
+                   output="".join(t.text for t in r.tokens))
+    return out
 
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

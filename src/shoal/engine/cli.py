@@ -14,14 +14,16 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--system", default=None, help="system message for the chat template")
+    p.add_argument("--max-tokens", type=int, default=256, metavar="N", help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature; 0 is greedy (default 0)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample only from the most likely tokens whose probabilities sum to P (default 1: off)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample only from the K most likely tokens (default 0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="drop tokens less likely than P times the most likely one (default 0: off)")
+    p.add_argument("--seed", type=int, default=None, metavar="N", help="random seed, for a sampled reply that can be repeated")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--system", default=None, metavar="TEXT", help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("prompt", help="the prompt ('-' reads standard input)")
     # --cluster URL: run on the cluster's instance of the model (placed first if there is none).
@@ -32,8 +34,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for the prefill measurement (default 128)")
+    p.add_argument("--gen-tokens", type=int, default=128, help="tokens generated for the decode measurement (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the best is reported")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -62,10 +62,37 @@ def resolve_model(ref: str | None) -> Path:
         if path is not None:
             return path
         raise ModelNotFound(f"model {ref!r} is not downloaded yet (run `shoal download {ref}`)")
+    from shoal.weights.download import models_dir
+
     path = Path(os.path.expanduser(ref))
+    if not path.is_absolute() and (models_dir() / path).exists():
+        return models_dir() / path  # a name under the models folder: what a reference from the network means
     if path.exists():
         return path
     raise ModelNotFound(f"unknown model {ref!r}: not a catalog id ({', '.join(CATALOG)}) and no such file or directory")
+
+
+def check_network_reference(ref: str) -> None:
+    """Admit a model reference that came from the network: a catalog id, or a file or folder under
+    this machine's models folder (`shoal download`'s, $SHOAL_MODELS), by a relative name or an
+    absolute path inside it. Anything else — another path, `..`, `~`, a file that is not there —
+    raises the same ModelNotFound, so the answer says nothing about which files exist. Paths
+    anywhere stay allowed on the command line, which does not come through here."""
+    from shoal.weights.download import models_dir
+
+    if ref in CATALOG:
+        return
+    unknown = ModelNotFound(f"unknown model {ref!r}: give a catalog id ({', '.join(CATALOG)}) "
+                            f"or the name of a file or folder in the nodes' models folder")
+    root = Path(os.path.abspath(models_dir()))
+    path = Path(ref)
+    if not ref or "\0" in ref or ".." in path.parts or ref.startswith("~"):
+        raise unknown
+    # Lexical, not resolved: a link the owner put in the models folder is theirs to follow, and a
+    # resolved path would let a name probe where links lead.
+    full = Path(os.path.normpath(path if path.is_absolute() else root / path))
+    if full == root or not full.is_relative_to(root) or not full.exists():
+        raise unknown
 
 
 def open_checkpoint(path: Path) -> GGUFCheckpoint | HFCheckpoint:

@@ -65,6 +65,7 @@ class Prediction(BaseModel):
     prompt_tokens: int
     step_s: float  # one decode step of one sequence
     comm_s: float  # of which messages and collectives
+    copy_s: float = 0.0  # before it can load: model files copied to the nodes that lack them
 
 
 class Placement(BaseModel):

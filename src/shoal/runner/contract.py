@@ -43,11 +43,16 @@ class RunnerConfig(_Msg):
     num_layers: int
     context: int
     master_port: int | None  # rank 0 binds its own; the others are told it
-    token: str  # the instance's rendezvous secret
+    # The placement's wire secret (wire.instance_secret), derived by the runner's own daemon from the
+    # cluster key: it crosses only this local pipe, never the network.
+    secret: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     threads: int
     timeout_s: float = 120.0  # a collective that waits longer than this fails the instance
     rendezvous_timeout_s: float = 600.0  # loading every rank's weights included
     kv_budget_bytes: int | None = None  # the entry's KV budget (None: half the memory free at start)
+    # Benchmarks only (scripts/bench_wire.py, which writes this config itself): frames between ranks
+    # travel in clear and unauthenticated, to measure what the cipher costs. No daemon sets it.
+    bench_plaintext_wire: bool = False
 
 
 # --------------------------------------------------------------------------------- request parts

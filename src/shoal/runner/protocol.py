@@ -89,9 +89,12 @@ def _ints(x: torch.Tensor | list[int]) -> list[int]:
     return x.tolist() if isinstance(x, torch.Tensor) else list(x)
 
 
-def store_prefix(token: str) -> str:
-    """Keys of one instance in the rendezvous store: derived from its secret, not the secret itself."""
-    return "shoal/" + hashlib.sha256(("store:" + token).encode()).hexdigest()[:32]
+def store_prefix(secret: bytes) -> str:
+    """Keys of one instance in the rendezvous store: derived from its secret, so that a process
+    without it can neither read the ranks' addresses nor plant its own. The prefix crosses the
+    network in clear; a guess at the cluster key checked against it costs the cluster key's scrypt
+    stretch (wire.instance_secret)."""
+    return "shoal/" + hashlib.sha256(b"shoal-rendezvous-v1\0" + secret).hexdigest()[:32]
 
 
 def bind_listener(host: str) -> socket.socket:

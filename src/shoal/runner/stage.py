@@ -99,14 +99,15 @@ class TensorGroup:
         pass
 
 
-def join_groups(store: dist.Store, token: str, rank: int, shards: list[ShardPlan], host: str, timeout_s: float,
-                hidden: int, setup_timeout_s: float = 120.0) -> tuple[Comm, TensorGroup | None]:
-    """Rendezvous: connect this rank to every other one over authenticated links (`wire.connect`),
-    and name this rank's stage and tensor group. The store's keys live under a prefix derived from
-    the secret, so a process that does not know it can neither read the addresses nor plant its
-    own; the links then prove themselves with keys derived from the same secret."""
-    store = dist.PrefixStore(store_prefix(token), store)
-    links = wire.connect(store, token, rank, len(shards), host, timeout_s, setup_timeout_s)
+def join_groups(store: dist.Store, secret: bytes, rank: int, shards: list[ShardPlan], host: str, timeout_s: float,
+                hidden: int, setup_timeout_s: float = 120.0, plaintext: bool = False) -> tuple[Comm, TensorGroup | None]:
+    """Rendezvous: connect this rank to every other one over encrypted links (`wire.connect`), and
+    name this rank's stage and tensor group. The store's keys live under a prefix derived from the
+    secret, so a process that does not know it can neither read the addresses nor plant its own;
+    the links then prove themselves with keys derived from the same secret. `plaintext`: for
+    benchmarks only (wire.Link)."""
+    store = dist.PrefixStore(store_prefix(secret), store)
+    links = wire.connect(store, secret, rank, len(shards), host, timeout_s, setup_timeout_s, plaintext)
     stages: list[list[int]] = []
     for s in shards:
         if s.stage == len(stages):

@@ -6,16 +6,22 @@ Plain HTTP with the hub's two public endpoints — `GET /api/models/{repo}` for 
 `.partial` file first and renamed when complete, so an interrupted download is resumed (HTTP Range)
 and never mistaken for a finished one. Only the files a model needs are fetched: config, tokenizer
 and weights (one GGUF file when the catalog names one).
+
+Every file is checked against the hash the hub lists for it (`?blobs=true`: the sha256 of a large
+file kept in Git LFS, the git blob id of a small one) before it is renamed into place; a file the
+hub gives no hash for, or whose bytes do not match, is not kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -59,8 +65,30 @@ def _request(url: str, headers: dict[str, str] | None = None, timeout: float = 3
     return urllib.request.urlopen(req, timeout=timeout)
 
 
-def list_files(repo: str, revision: str = "main") -> list[str]:
-    url = f"{endpoint()}/api/models/{repo}/revision/{revision}"
+@dataclass(frozen=True)
+class HubFile:
+    """A file as the hub lists it, with what its bytes must hash to."""
+
+    name: str
+    sha256: str | None = None  # a Git LFS file's
+    git_blob: str | None = None  # a small file's: sha1 of "blob <size>\0" + bytes
+
+    def check(self, path: Path) -> str | None:
+        """None if the file's bytes are the ones the hub named, else what is wrong."""
+        if self.sha256 is None and self.git_blob is None:
+            return "the hub lists no hash for it, so it cannot be verified"
+        h = hashlib.sha256() if self.sha256 else hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        want = self.sha256 or self.git_blob
+        if h.hexdigest() != (want or "").lower():
+            return f"its bytes do not match the hub's {'sha256' if self.sha256 else 'git hash'} (corrupted or altered on the way)"
+        return None
+
+
+def list_files(repo: str, revision: str = "main") -> dict[str, HubFile]:
+    url = f"{endpoint()}/api/models/{repo}/revision/{revision}?blobs=true"
     try:
         with _request(url) as r:
             info = json.loads(r.read())
@@ -68,12 +96,18 @@ def list_files(repo: str, revision: str = "main") -> list[str]:
         raise DownloadError(f"{repo}: the hub answered {e.code} for the file list") from None
     except (urllib.error.URLError, OSError, json.JSONDecodeError) as e:
         raise DownloadError(f"{repo}: cannot read the file list from {endpoint()} ({e})") from None
-    return [s["rfilename"] for s in info.get("siblings", []) if "rfilename" in s]
+    out = {}
+    for s in info.get("siblings", []):
+        if isinstance(s, dict) and isinstance(s.get("rfilename"), str):
+            lfs = s.get("lfs") if isinstance(s.get("lfs"), dict) else {}
+            out[s["rfilename"]] = HubFile(s["rfilename"], lfs.get("sha256") or lfs.get("oid"), s.get("blobId"))
+    return out
 
 
-def download_file(repo: str, filename: str, dest: Path, revision: str = "main",
+def download_file(repo: str, file: HubFile, dest: Path, revision: str = "main",
                   progress: Callable[[str, int, int | None], None] | None = None) -> Path:
-    """Download one file, resuming a `.partial` left by an earlier attempt."""
+    """Download one file, resuming a `.partial` left by an earlier attempt; verified before it is kept."""
+    filename = file.name
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
         return dest
@@ -104,6 +138,10 @@ def download_file(repo: str, filename: str, dest: Path, revision: str = "main",
         raise DownloadError(f"{repo}/{filename}: download interrupted ({e}); run again to resume") from None
     if total is not None and partial.stat().st_size != total:
         raise DownloadError(f"{repo}/{filename}: got {partial.stat().st_size} of {total} bytes; run again to resume")
+    wrong = file.check(partial)
+    if wrong is not None:
+        partial.unlink()  # not resumable: the bytes already there are the suspect ones
+        raise DownloadError(f"{repo}/{filename}: not kept: {wrong}")
     partial.rename(dest)
     return dest
 
@@ -111,13 +149,16 @@ def download_file(repo: str, filename: str, dest: Path, revision: str = "main",
 def download(entry: CatalogEntry, progress: Callable[[str, int, int | None], None] | None = None) -> Path:
     """Fetch what a catalog model needs; return the local path to load it from."""
     d = model_dir(entry)
+    listed = list_files(entry.hf_repo)
     if entry.filename:
-        return download_file(entry.hf_repo, entry.filename, d / entry.filename, progress=progress)
-    files = [f for f in list_files(entry.hf_repo) if f.endswith(_NEEDED_SUFFIXES) and "/" not in f]
+        if entry.filename not in listed:
+            raise DownloadError(f"{entry.hf_repo}: the hub does not list {entry.filename}")
+        return download_file(entry.hf_repo, listed[entry.filename], d / entry.filename, progress=progress)
+    files = [f for f in listed if f.endswith(_NEEDED_SUFFIXES) and "/" not in f]
     if "config.json" not in files:
         raise DownloadError(f"{entry.hf_repo}: no config.json in the repository")
     for f in files:
-        download_file(entry.hf_repo, f, d / f, progress=progress)
+        download_file(entry.hf_repo, listed[f], d / f, progress=progress)
     (d / ".complete").write_text(str(time.time()))
     return d
 

@@ -1,4 +1,6 @@
-// Requests to the node that served the page, with the API key when one is stored.
+// Requests to the node that served the page. The page holds no key: the browser sends the node's
+// HttpOnly login cookie with every same-origin request (or, on loopback, none is needed), so no
+// script of the page, nor anything injected into it, can read the key.
 //
 // Every /v1/ route answers a failure as {"error": {"message": ..., ...}} (api/errors.py, and the
 // instance and placement routes); anything else came from something in between (a proxy), and
@@ -7,12 +9,6 @@
 import { $ } from "./dom.js";
 
 const REQUEST_TIMEOUT_MS = 4000;
-const API_KEY_STORE = "shoal.apiKey";
-
-export function authHeaders() {
-  const key = localStorage.getItem(API_KEY_STORE);
-  return key ? { Authorization: `Bearer ${key}` } : {};
-}
 
 export async function errorFrom(resp) {
   if (resp.status === 401) askForKey();
@@ -23,7 +19,7 @@ export async function errorFrom(resp) {
 
 /** The JSON answer of `path`; a refusal is thrown as an Error with the server's message. */
 export async function api(path, { method = "GET", body, timeout = REQUEST_TIMEOUT_MS } = {}) {
-  const headers = { Accept: "application/json", ...authHeaders() };
+  const headers = { Accept: "application/json" };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const resp = await fetch(path, {
     method, headers, body: body === undefined ? undefined : JSON.stringify(body),
@@ -33,26 +29,35 @@ export async function api(path, { method = "GET", body, timeout = REQUEST_TIMEOU
   return resp.json();
 }
 
-// -- the key dialog: opened by the first 401, at most once at a time
+// -- the key dialog: opened by the first 401 (the login cookie expired, or the node's key changed),
+// at most once at a time. The key goes to POST /login, which answers with a new cookie; it is not kept.
 
 let keyDialogOpen = false;
 
 function askForKey() {
-  const dlg = $("key-dialog");
   if (keyDialogOpen) return;
   keyDialogOpen = true;
-  $("key-input").value = localStorage.getItem(API_KEY_STORE) || "";
-  dlg.showModal();
+  $("key-input").value = "";
+  $("key-error").textContent = "";
+  $("key-dialog").showModal();
 }
 
-/** `onSaved` runs after the user saves a key (or clears it), to retry what was refused. */
-export function initKeyDialog(onSaved) {
+/** `onSignedIn` runs once the node took the key, to retry what was refused. */
+export function initKeyDialog(onSignedIn) {
   const dlg = $("key-dialog");
-  dlg.addEventListener("close", () => {
+  dlg.addEventListener("close", async () => {
     keyDialogOpen = false;
     if (dlg.returnValue !== "save") return;
-    const key = $("key-input").value.trim();
-    if (key) localStorage.setItem(API_KEY_STORE, key); else localStorage.removeItem(API_KEY_STORE);
-    onSaved();
+    const resp = await fetch("/login", {
+      method: "POST", headers: { "Content-Type": "application/json" }, cache: "no-store",
+      body: JSON.stringify({ key: $("key-input").value.trim() }),
+    });
+    $("key-input").value = "";
+    if (resp.ok) {
+      onSignedIn();
+      return;
+    }
+    askForKey();
+    $("key-error").textContent = "That is not this node's key.";
   });
 }

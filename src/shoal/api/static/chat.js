@@ -5,7 +5,7 @@
 // page's estimates. A failure after the stream started arrives as one {"error": {...}} event, and
 // SSE comments are keep-alives while a model loads. The conversation lives in sessionStorage.
 
-import { authHeaders, errorFrom } from "./api.js";
+import { errorFrom } from "./api.js";
 import { $, h } from "./dom.js";
 import { fmtMs, fmtTps } from "./format.js";
 import { refreshInstancesSoon } from "./instances.js";
@@ -158,7 +158,7 @@ async function sendChat(ev) {
   try {
     const resp = await fetch("/v1/chat/completions", {
       method: "POST", signal: controller.signal, cache: "no-store",
-      headers: { "Content-Type": "application/json", Accept: "text/event-stream", ...authHeaders() },
+      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
       body: JSON.stringify(body),
     });
     if (!resp.ok) throw await errorFrom(resp);
