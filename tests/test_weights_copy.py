@@ -16,7 +16,7 @@ from test_distributed import TINY_PROMPT, call, delete, find_instance, generate,
 
 from shoal.daemon.messages import WeightsManifest, WeightsRead
 from shoal.daemon.records import InstanceError
-from shoal.daemon.weights import WeightsSource
+from shoal.daemon.weights import WeightsCopier, WeightsSource
 
 pytest.importorskip("transformers")
 
@@ -76,6 +76,8 @@ def test_a_node_without_the_files_copies_them_and_resumes_a_partial_copy(two_fol
         assert inst["prediction"]["copy_s"] > 0
         log = b.log()
         assert "going on from" in log and "copied tiny-llama from a" in log, log[-3000:]
+        assert "copying tiny-llama from a (" in log and "% (" in log, log[-3000:]  # progress, every tenth
+        assert inst["copying"] == []  # the listing's live progress: none once ready
     finally:
         delete(a, inst["id"])
 
@@ -122,3 +124,40 @@ def test_a_source_gives_only_the_files_of_the_model_it_was_asked_for(tmp_path: P
         with pytest.raises(InstanceError) as e:
             asyncio.run(src.read(WeightsRead(model=model, file=file, offset=0, length=10)))
         assert e.value.status == 404
+
+
+def test_a_copy_shows_how_far_it_is(tmp_path: Path, monkeypatch) -> None:
+    """The copier's progress (what the instance listing and the dashboard show) rises from the
+    start to the whole size while the slices arrive; the source and the copier are the real ones,
+    each seeing its own models folder."""
+    have, empty = tmp_path / "a", tmp_path / "b"
+    (have / "m").mkdir(parents=True)
+    (have / "m" / "config.json").write_text("{}")
+    (have / "m" / "model.safetensors").write_bytes(bytes(range(256)) * 8192)  # 2 MiB: three slices
+    empty.mkdir()
+    source, seen = WeightsSource(), []
+
+    async def manifest(src: str, msg: WeightsManifest):
+        monkeypatch.setenv("SHOAL_MODELS", str(have))
+        try:
+            return await source.manifest(msg)
+        finally:
+            monkeypatch.setenv("SHOAL_MODELS", str(empty))
+
+    async def read(src: str, msg: WeightsRead) -> bytes:
+        seen.extend(copier.states())
+        monkeypatch.setenv("SHOAL_MODELS", str(have))
+        try:
+            return await source.read(msg)
+        finally:
+            monkeypatch.setenv("SHOAL_MODELS", str(empty))
+
+    copier = WeightsCopier(manifest, read)
+    monkeypatch.setenv("SHOAL_MODELS", str(empty))
+    fetched = asyncio.run(copier.copy("m", ["a"], lambda n: f"node {n}"))
+    total = 2 + 2 * 1024 * 1024
+    assert fetched == total and copier.states() == []
+    assert (empty / "m" / "model.safetensors").read_bytes() == (have / "m" / "model.safetensors").read_bytes()
+    assert {s.model for s in seen} == {"m"} and {s.source for s in seen} == {"node a"} and {s.total_bytes for s in seen} == {total}
+    done = [s.done_bytes for s in seen]
+    assert done == sorted(done) and done[0] < total and any(0 < d < total for d in done), done

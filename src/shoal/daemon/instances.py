@@ -176,6 +176,11 @@ class InstancesComponent:
         shards = {(s.instance_id, s.rank): s for reply in lists.values() for s in reply.shards}
         recs = sorted((r for reply in lists.values() for r in reply.instances), key=lambda r: r.created_at)
         live = [public_instance(r, shards) for r in recs if r.ended_at is None]
+        for inst in live:  # model files on their way to a node of the instance
+            nodes = {s["node_id"]: s["node_name"] for s in inst["shards"]}
+            inst["copying"] = [{"node_name": nodes[nid], "source": c.source, "done_bytes": c.done_bytes,
+                                "total_bytes": c.total_bytes}
+                               for nid, reply in lists.items() if nid in nodes for c in reply.copies if c.model == inst["model"]]
         ended = [public_instance(r) for r in sorted((r for r in recs if r.ended_at is not None),
                                                     key=lambda r: r.ended_at or 0, reverse=True)]
         return live, ended
@@ -188,7 +193,7 @@ class InstancesComponent:
                 s = s.model_copy(update={"active_requests": active, "idle_s": idle})
             shards.append(s)
         return ListReply(node_id=self.node_id, free_bytes=self.host.free_bytes(), reserved_bytes=self.host.reserved_bytes(),
-                         instances=self.coordinator.records(), shards=shards)
+                         instances=self.coordinator.records(), shards=shards, copies=self.copier.states())
 
     def _report(self, h: Hosted, msg: ShardState) -> None:
         """A shard's state, to its instance's coordinator."""

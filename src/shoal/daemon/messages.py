@@ -111,12 +111,22 @@ class HostedShard(Message):
     idle_s: float = 0.0  # rank 0: seconds since its last request ended (0 while one runs)
 
 
+class CopyState(Message):
+    """A copy of model files under way on a node (weights.py)."""
+
+    model: ShortStr
+    source: ShortStr  # the node it copies from, by name
+    done_bytes: NonNeg
+    total_bytes: NonNeg
+
+
 class ListReply(Message):
     node_id: NodeId
     free_bytes: int  # memory this node can still promise
     reserved_bytes: NonNeg
     instances: Annotated[list[InstanceRecord], Field(max_length=256)]  # the ones it coordinates
     shards: Annotated[list[HostedShard], Field(max_length=256)]  # the ones it runs
+    copies: Annotated[list[CopyState], Field(max_length=64)] = []  # model files it is fetching now
 
 
 class SubmitRequest(Message):

@@ -21,9 +21,10 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from shoal.daemon.messages import HasWeightsReply, WeightFile, WeightsManifest, WeightsManifestReply, WeightsRead
+from shoal.daemon.messages import CopyState, HasWeightsReply, WeightFile, WeightsManifest, WeightsManifestReply, WeightsRead
 from shoal.daemon.records import InstanceError
 
 log = logging.getLogger("shoal.weights")
@@ -128,6 +129,13 @@ class WeightsSource:
         return await asyncio.to_thread(read)
 
 
+@dataclass
+class _Copy:
+    source: str  # by name
+    done: int
+    total: int
+
+
 class WeightsCopier:
     """The side that lacks the files: copies them from the first source that answers."""
 
@@ -135,6 +143,7 @@ class WeightsCopier:
         # manifest(source, WeightsManifest) -> WeightsManifestReply; read(source, WeightsRead) -> bytes
         self._manifest, self._read = manifest, read
         self._running: dict[str, asyncio.Task[int]] = {}  # one copy per model, however many ask
+        self._copies: dict[str, _Copy] = {}  # model -> how far its copy is (the listing shows it)
 
     async def copy(self, model: str, sources: list[str], name: Callable[[str], str]) -> int:
         """Bytes fetched (0 if the files were already here)."""
@@ -159,8 +168,18 @@ class WeightsCopier:
             return await self._fetch_all(model, src, name(src), manifest, dest)
         raise WeightsError(f"no node could give the files of {model!r}: " + ("; ".join(errors) or "none has them"))
 
+    def states(self) -> list[CopyState]:
+        return [CopyState(model=m, source=c.source, done_bytes=c.done, total_bytes=c.total) for m, c in self._copies.items()]
+
     async def _fetch_all(self, model: str, src: str, src_name: str, manifest: WeightsManifestReply, dest: Path) -> int:
-        total = sum(f.size for f in manifest.files)
+        copy = self._copies[model] = _Copy(src_name[:256], 0, sum(f.size for f in manifest.files))
+        try:
+            return await self._fetch_files(model, src, manifest, dest, copy)
+        finally:
+            self._copies.pop(model, None)
+
+    async def _fetch_files(self, model: str, src: str, manifest: WeightsManifestReply, dest: Path, copy: _Copy) -> int:
+        src_name, total = copy.source, copy.total
         t0, done, fetched, next_report = time.monotonic(), 0, 0, PROGRESS_EVERY
         log.info("copying %s (%d files, %.1f MB) from %s", model, len(manifest.files), total / 1e6, src_name)
         if manifest.folder:
@@ -182,6 +201,7 @@ class WeightsCopier:
                 log.info("%s: going on from %.1f MB of %.1f MB left by an earlier copy", f.name, have / 1e6, f.size / 1e6)
                 await asyncio.to_thread(_hash_into, h, partial)
             done += have
+            copy.done = done
             with open(partial, "ab") as out:
                 while have < f.size:
                     want = min(CHUNK_BYTES, f.size - have)
@@ -193,6 +213,7 @@ class WeightsCopier:
                     have += want
                     done += want
                     fetched += want
+                    copy.done = done
                     if total and done / total >= next_report:
                         log.info("copying %s from %s: %.0f%% (%.1f of %.1f MB)", model, src_name, 100 * done / total,
                                  done / 1e6, total / 1e6)

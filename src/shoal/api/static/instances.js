@@ -94,6 +94,8 @@ function liveItem(inst) {
     h("p", { class: "meta" },
       [`strategy: ${inst.strategy}`, nodesText(inst), `predicted ${fmtTps(inst.prediction.decode_tokens_per_s)} tok/s`, `id ${inst.id.slice(0, 12)}`].join(" · ")),
     layerBar(inst.model, inst.shards),
+    (inst.copying || []).map((c) => h("p", { class: "meta copying" },
+      `copying the model's files to ${c.node_name} from ${c.source}: ${Math.floor(100 * c.done_bytes / Math.max(c.total_bytes, 1))}%`)),
     inst.error ? h("p", { class: "meta error-text" }, inst.error) : null,
     inst.events.length ? h("ul", { class: "events" }, inst.events.slice(-SHOWN_EVENTS).map((e) =>
       h("li", {}, `${new Date(e.at * 1000).toLocaleTimeString()} ${e.text}`))) : null);
@@ -110,7 +112,7 @@ function endedItem(inst) {
 }
 
 // What a card shows, without the shards' live counters (which change on every poll).
-const shown = (inst) => [inst.id, inst.model, inst.strategy, inst.status, inst.degraded, inst.error, inst.ended_at, inst.epoch, inst.events,
+const shown = (inst) => [inst.id, inst.model, inst.strategy, inst.status, inst.degraded, inst.error, inst.ended_at, inst.epoch, inst.events, inst.copying,
   inst.prediction.decode_tokens_per_s, inst.shards.map((sh) => [sh.node_id, sh.node_name, sh.layers, sh.tp_rank, sh.tp_size])];
 
 function render() {
