@@ -5,6 +5,8 @@ The server is stopped by its own pid (SIGTERM, then SIGKILL), never by name."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
 import re
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from shoal.catalog import CATALOG, DEFAULT_MODEL, bundled_path
 
@@ -140,7 +143,7 @@ def metric(url: str, name: str, headers: dict[str, str] | None = None, **labels:
     """Sum of the samples of `name` whose labels include `labels` (0 if none)."""
     _, _, body = http("GET", f"{url}/metrics", headers=headers)
     total = 0.0
-    for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", body.decode(), re.M):
+    for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", body.decode(), re.MULTILINE):
         got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
         if all(got.get(k) == v for k, v in labels.items()):
             total += float(m.group(2))
@@ -154,3 +157,67 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+# -- a model hub on loopback -----------------------------------------------------------------------
+
+
+class FakeHub:
+    """A real HTTP server speaking the hub's two endpoints (file list with hashes, file download with
+    Range) over the repositories in `root/<org>/<name>/`, on its own thread and event loop."""
+
+    def __init__(self, root: Path):
+        self.root, self.requests = root, []
+        self.lie: set[str] = set()
+        self.unhashed: set[str] = set()
+        self.loop = asyncio.new_event_loop()
+        self.port = None
+        ready = threading.Event()
+        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
+        ready.wait(10)
+
+    def _run(self, ready):
+        asyncio.set_event_loop(self.loop)
+        app = web.Application()
+        app.router.add_get("/api/models/{org}/{name}/revision/{rev}", self.info)
+        app.router.add_get("/{org}/{name}/resolve/{rev}/{file}", self.file)
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        ready.set()
+        self.loop.run_forever()
+
+    async def info(self, request):
+        repo = self.root / request.match_info["org"] / request.match_info["name"]
+        if not repo.exists():
+            raise web.HTTPNotFound()
+        if request.query.get("blobs") != "true":
+            return web.json_response({"siblings": [{"rfilename": p.name} for p in sorted(repo.iterdir())]})
+        return web.json_response({"siblings": [self.listing(p) for p in sorted(repo.iterdir())]})
+
+    def listing(self, path: Path) -> dict:
+        """As the hub lists a file with ?blobs=true: large files by their LFS sha256, small ones by
+        their git blob id. `self.lie` names a file whose listed hash is not its bytes'."""
+        data = path.read_bytes()
+        if path.name in self.unhashed:
+            return {"rfilename": path.name}
+        if path.name in self.lie:
+            data = data + b"!"
+        out = {"rfilename": path.name, "size": len(data),
+               "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+        if path.suffix in (".safetensors", ".gguf"):
+            out["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        return out
+
+    async def file(self, request):
+        self.requests.append((request.match_info["file"], request.headers.get("Range")))
+        path = self.root / request.match_info["org"] / request.match_info["name"] / request.match_info["file"]
+        if not path.exists():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)  # honours Range
+
+    def stop(self):
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)

@@ -94,9 +94,9 @@ class NodeProc:
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]  # ip execs the node: the pid is the node's
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        env.pop("SHOAL_CLUSTER_KEY", None)
-        env.pop("SHOAL_API_KEY", None)
+        # The keys and invite of whoever runs the tests never reach a test node; the test's own do.
+        env = {k: v for k, v in os.environ.items() if k not in ("SHOAL_CLUSTER_KEY", "SHOAL_API_KEY", "SHOAL_JOIN")}
+        env.update({"PYTHONUNBUFFERED": "1", **self.env})
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         return self
@@ -157,7 +157,7 @@ class NodeLauncher:
         self,
         name: str,
         peers: Sequence[NodeProc | str] = (),
-        key: str = TEST_KEY,
+        key: str | None = TEST_KEY,  # None: no --cluster-key (the home's, a --join invite's, or a new one)
         api_key: str | None = TEST_API_KEY,  # None: the node makes its own (<home>/api.key)
         extra: Sequence[str] = (),
         host: str = "127.0.0.1",
@@ -173,7 +173,7 @@ class NodeLauncher:
             # One measurement per test session: nodes start in a fraction of a second and do not
             # all benchmark the same two cores at once.
             shutil.copy(self.profile_file, home / "profile.json")
-        args = ["--cluster-key", key, "--log-level", "DEBUG", *(["--api-key", api_key] if api_key else [])]
+        args = [*(["--cluster-key", key] if key else []), "--log-level", "DEBUG", *(["--api-key", api_key] if api_key else [])]
         for p in peers:
             args += ["--peer", p.address if isinstance(p, NodeProc) else p]
         if not discovery:

@@ -89,7 +89,7 @@ def test_errors(client, server):
         client.chat(model=MODEL, messages=MESSAGES, options={"temperature": "hot"})
     assert e.value.status_code == 400 and "temperature" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
-        client.chat(model=MODEL, messages=MESSAGES, format="json")
+        client.chat(model=MODEL, messages=MESSAGES, format={"type": "foo"})  # not a JSON schema
     assert e.value.status_code == 400 and "format" in e.value.error
     status, _, body = http("POST", f"{server.url}/api/chat", b"{not json")
     assert status == 400 and isinstance(json.loads(body)["error"], str)

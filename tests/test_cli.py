@@ -16,7 +16,8 @@ needs_model = pytest.mark.skipif(GGUF is None, reason="bundled model not install
 
 
 def shoal(*args, input=None, timeout=300):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # No node of this machine's (one on the default port, say) may take the in-process runs over.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SHOAL_CLUSTER="http://127.0.0.1:9")
     return subprocess.run([sys.executable, "-m", "shoal.cli", *args], capture_output=True, text=True, input=input, timeout=timeout, env=env)
 
 

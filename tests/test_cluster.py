@@ -43,17 +43,19 @@ def test_parse_size() -> None:
 
 
 def test_config_home_id_and_key(tmp_path: Path) -> None:
-    args = argparse.Namespace(home=str(tmp_path / "h"), port=1234, peer=["a:1", "b"], memory_limit="2GiB")
-    c1 = NodeConfig.from_args(args, environ={})
+    args = argparse.Namespace(home=str(tmp_path / "h"), port=1234, memory_limit="2GiB")
+    c1 = NodeConfig.from_args(args, environ={})  # no --peer: a node given peers makes no key (test_join.py)
+    args.peer = ["a:1", "b"]
     assert c1.key_source == "generated" and len(c1.cluster_key) >= 32
     key_file = tmp_path / "h" / "cluster.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    assert c1.peers == (("a", 1), ("b", 52600)) and c1.memory_limit_bytes == 2 * 2**30
+    assert c1.memory_limit_bytes == 2 * 2**30
     assert c1.cluster_key not in repr(c1)  # the key never lands in a log through repr
     node_key = tmp_path / "h" / "node.key"
     assert stat.S_IMODE(node_key.stat().st_mode) == 0o600
     c2 = NodeConfig.from_args(args, environ={})
     assert (c2.node_id, c2.cluster_key, c2.key_source) == (c1.node_id, c1.cluster_key, "home")
+    assert c2.peers == (("a", 1), ("b", 52600))
     # the id is the key's: derived, not stored
     assert c1.node_id == NodeIdentity.from_seed(bytes.fromhex(node_key.read_text().strip())).node_id
     c3 = NodeConfig.from_args(args, environ={"SHOAL_CLUSTER_KEY": "x" * 20})

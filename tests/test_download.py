@@ -3,74 +3,11 @@ serving a tiny checkpoint this test makes: file list, download, resume, errors, 
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import threading
-from pathlib import Path
-
 import pytest
-from aiohttp import web
+from api_helpers import FakeHub
 
 from shoal.catalog import CatalogEntry
 from shoal.weights import download as dl
-
-
-class FakeHub:
-    def __init__(self, root: Path):
-        self.root, self.requests = root, []
-        self.lie: set[str] = set()
-        self.unhashed: set[str] = set()
-        self.loop = asyncio.new_event_loop()
-        self.port = None
-        ready = threading.Event()
-        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
-        ready.wait(10)
-
-    def _run(self, ready):
-        asyncio.set_event_loop(self.loop)
-        app = web.Application()
-        app.router.add_get("/api/models/{org}/{name}/revision/{rev}", self.info)
-        app.router.add_get("/{org}/{name}/resolve/{rev}/{file}", self.file)
-        self.runner = web.AppRunner(app)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        ready.set()
-        self.loop.run_forever()
-
-    async def info(self, request):
-        repo = self.root / request.match_info["org"] / request.match_info["name"]
-        if not repo.exists():
-            raise web.HTTPNotFound()
-        if request.query.get("blobs") != "true":
-            return web.json_response({"siblings": [{"rfilename": p.name} for p in sorted(repo.iterdir())]})
-        return web.json_response({"siblings": [self.listing(p) for p in sorted(repo.iterdir())]})
-
-    def listing(self, path: Path) -> dict:
-        """As the hub lists a file with ?blobs=true: large files by their LFS sha256, small ones by
-        their git blob id. `self.lie` names a file whose listed hash is not its bytes'."""
-        data = path.read_bytes()
-        if path.name in self.unhashed:
-            return {"rfilename": path.name}
-        if path.name in self.lie:
-            data = data + b"!"
-        out = {"rfilename": path.name, "size": len(data),
-               "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
-        if path.suffix in (".safetensors", ".gguf"):
-            out["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-        return out
-
-    async def file(self, request):
-        self.requests.append((request.match_info["file"], request.headers.get("Range")))
-        path = self.root / request.match_info["org"] / request.match_info["name"] / request.match_info["file"]
-        if not path.exists():
-            raise web.HTTPNotFound()
-        return web.FileResponse(path)  # honours Range
-
-    def stop(self):
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 @pytest.fixture

@@ -524,3 +524,26 @@ def test_a_capture_of_the_link_between_two_nodes_reads_nothing(net: Net, nslaunc
         assert secret.encode() not in seen, secret
     for key in (b'"messages"', b'"prompt_ids"', b'"content"', b'"text"', b'"instance_id"', b'"tokens"'):
         assert key not in seen, key
+
+
+def test_a_node_joins_across_namespaces_with_the_invite_alone(net: Net, nslauncher: NodeLauncher) -> None:
+    """The second machine joins with `--join TOKEN` only (the token from `shoal invite` on the
+    first); a third, given the first as a peer but another cluster's key, says so and stays out."""
+    from shoal.cluster.invite import Invite
+
+    n0 = nslauncher.start("n0", key=None, host=net.ip(0), port=PORT, netns=net.names[0], wait=False).wait_ready(60)
+    env = {k: v for k, v in os.environ.items() if k not in ("SHOAL_CLUSTER_KEY", "SHOAL_JOIN")}
+    made = subprocess.run(["ip", "netns", "exec", net.names[0], sys.executable, "-m", "shoal.cli", "invite",
+                           "--home", str(n0.home)], capture_output=True, text=True, timeout=60, env=env, check=True)
+    token = made.stdout.strip()
+    assert Invite.parse(token).addresses == ((net.ip(0), PORT),)
+    n1 = nslauncher.start("n1", key=None, extra=["--join", token], host=net.ip(1), port=PORT, netns=net.names[1],
+                          wait=False).wait_ready(60)
+    n2 = nslauncher.start("n2", peers=[n0], key="another-cluster-key-0123456789", host=net.ip(2), port=PORT,
+                          netns=net.names[2], wait=False).wait_ready(60)
+    ids = {n0.node_id, n1.node_id}
+    wait_for(lambda: all({x["id"] for x in n.cluster()["nodes"] if x["status"] == "up"} == ids for n in (n0, n1)),
+             30, what="the joined node up on both")
+    wait_for(lambda: "the cluster key does not match" in n2.log(), 30, what="the wrong key said")
+    assert [x["id"] for x in n2.cluster()["nodes"]] == [n2.node_id]
+    assert n2.node_id not in {x["id"] for x in n0.cluster()["nodes"]}

@@ -319,5 +319,7 @@ def test_probe_measures_this_machine():
     kv = WIDE["num_key_value_heads"] * H // WIDE["num_attention_heads"]
     params = H * H * 2 + 2 * kv * H + 3 * H * F
     assert got["q4_layer_bytes"] == params // 2 + params // 32 * 8
-    assert 1.0 < got["layer_overhead_us"] < 5000.0
-    assert 0.1 < got["q4_read_gbps"] < 2000.0
+    # What the probe returns, not how fast this machine is: a busy machine gives other figures
+    # (the per-layer cost is a difference of two timings, floored at 1 µs), but always usable ones.
+    assert math.isfinite(got["layer_overhead_us"]) and got["layer_overhead_us"] >= 1.0
+    assert math.isfinite(got["q4_read_gbps"]) and got["q4_read_gbps"] > 0.0

@@ -13,6 +13,12 @@ def _engine_cli():
     return engine_cli
 
 
+def _chat():
+    from shoal.engine import chat
+
+    return chat
+
+
 def _cluster_cli():
     from shoal.cluster import cli as cluster_cli
 
@@ -25,6 +31,12 @@ def _daemon_cli():
     return daemon_cli
 
 
+def _invite():
+    from shoal.cluster import invite
+
+    return invite
+
+
 def _assembly():
     from shoal import assembly
 
@@ -33,12 +45,14 @@ def _assembly():
 
 # name -> (help, module getter); each module has add_<name>_arguments(parser) and run_<name>(args) -> int
 SUBCOMMANDS = {
-    "generate": ("generate text from a prompt (chat template applied unless --raw)", _engine_cli),
+    "run": ("chat with a model in the terminal (through the node on this machine when one is running)", _chat),
+    "generate": ("generate text from a prompt (chat template applied unless --raw; on this machine's node when one runs)", _engine_cli),
     "bench": ("measure prefill and decode speed (and llama.cpp's, when installed)", _engine_cli),
     "download": ("download a catalog model from the hub (resumable)", _engine_cli),
     "node": ("run a shoal node daemon", _assembly),
     "status": ("show a cluster's nodes, links and instances", _cluster_cli),
     "key": ("print this machine's node keys: the API key and dashboard login link, and the cluster key", _cluster_cli),
+    "invite": ("print a token that joins another machine to this node's cluster (`shoal node --join TOKEN`)", _invite),
     "place": ("place a model on the cluster (split over nodes as the planner decides) and show the plan", _daemon_cli),
     "instances": ("list the cluster's model instances (and the recently ended ones)", _daemon_cli),
     "stop": ("stop a model instance, by its id or its model's name", _daemon_cli),

@@ -27,6 +27,8 @@ DEFAULT_HOST = "0.0.0.0"
 KEY_ENV = "SHOAL_CLUSTER_KEY"
 HOME_ENV = "SHOAL_HOME"
 KEY_FILE_NAME = "cluster.key"
+JOIN_ENV = "SHOAL_JOIN"
+SEEDS_FILE_NAME = "seeds"  # the addresses a --join invite named, one HOST:PORT a line
 API_KEY_ENV = "SHOAL_API_KEY"
 API_KEY_FILE_NAME = "api.key"
 MIN_KEY_CHARS = 16
@@ -96,7 +98,7 @@ class NodeConfig:
     node_id: str  # persistent: derived from the node's key in <home>/node.key, made on first start
     name: str
     cluster_key: str = field(repr=False)
-    key_source: str = "given"  # "flag", "env", "file", "home" or "generated": decides what start prints
+    key_source: str = "given"  # "flag", "env", "file", "join", "home" or "generated": decides what start prints
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     advertise_host: str | None = None  # None: peers use the address they see us from
@@ -138,17 +140,28 @@ class NodeConfig:
         """The one place that turns flags + environment + home files into a config.
 
         Creates the home folder and the persistent node id (and the cluster key, if none is
-        given anywhere) on first start.
+        given anywhere) on first start. A --join invite's key and addresses are kept in the home
+        (cluster.key, seeds), so later starts need no token.
         """
+        from shoal.cluster.invite import Invite  # the module reads constants of this one
+
         env = os.environ if environ is None else environ
         home = resolve_home(getattr(args, "home", None), env)
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        token = getattr(args, "join", None) or env.get(JOIN_ENV)
+        invite = Invite.parse(token) if token else None
+        flag_peers = tuple(parse_hostport(p) for p in (getattr(args, "peer", None) or []))
         key, source = resolve_cluster_key(
             flag=getattr(args, "cluster_key", None),
             key_file=getattr(args, "cluster_key_file", None),
             environ=env,
             home=home,
+            joined=invite.cluster_key if invite else None,
+            has_peers=bool(flag_peers),
         )
+        if invite is not None:
+            _write_private(home / SEEDS_FILE_NAME, "".join(f"{_hostport_text(h, p)}\n" for h, p in invite.addresses))
+        seeds = invite.addresses if invite is not None else _read_seeds(home / SEEDS_FILE_NAME)
         api_key, api_key_source = resolve_api_key(flag=getattr(args, "api_key", None), environ=env, home=home)
         port = getattr(args, "port", None)
         port = DEFAULT_PORT if port is None else int(port)
@@ -165,7 +178,7 @@ class NodeConfig:
             host=getattr(args, "host", None) or DEFAULT_HOST,
             port=port,
             advertise_host=getattr(args, "advertise", None),
-            peers=tuple(parse_hostport(p) for p in (getattr(args, "peer", None) or [])),
+            peers=tuple(dict.fromkeys(flag_peers + seeds)),
             discovery=not getattr(args, "no_discovery", False),
             memory_limit_bytes=parse_size(limit) if isinstance(limit, str) else limit,
             kv_budget_bytes=parse_size(kv_budget) if isinstance(kv_budget, str) else kv_budget,
@@ -215,22 +228,57 @@ def load_or_create_node_id(home: Path) -> str:
 
 
 def resolve_cluster_key(
-    *, flag: str | None, key_file: str | None, environ: Mapping[str, str], home: Path
+    *, flag: str | None, key_file: str | None, environ: Mapping[str, str], home: Path,
+    joined: str | None = None, has_peers: bool = False,
 ) -> tuple[str, str]:
     """(key, source), in order of precedence: --cluster-key, $SHOAL_CLUSTER_KEY,
-    --cluster-key-file, <home>/cluster.key, else a new key written to <home>/cluster.key (0600)."""
+    --cluster-key-file, <home>/cluster.key, else a new key written to <home>/cluster.key (0600).
+
+    joined: the key of a --join invite, written to <home>/cluster.key like a generated one; it
+    may not contradict a key given or kept there. has_peers: the node was given --peer seeds,
+    which with a key of its own it could never join, so it gets none and the start is refused."""
+    given: tuple[str, str] | None = None
     if flag:
-        return _check_key(flag, "--cluster-key"), "flag"
-    if environ.get(KEY_ENV):
-        return _check_key(environ[KEY_ENV], KEY_ENV), "env"
-    if key_file:
-        return _check_key(Path(key_file).expanduser().read_text().strip(), key_file), "file"
+        given = _check_key(flag, "--cluster-key"), "flag"
+    elif environ.get(KEY_ENV):
+        given = _check_key(environ[KEY_ENV], KEY_ENV), "env"
+    elif key_file:
+        given = _check_key(Path(key_file).expanduser().read_text().strip(), key_file), "file"
+    if given is not None:
+        if joined is not None and given[0] != joined:
+            raise ValueError(f"the --join invite holds another cluster key than {_KEY_FLAGS[given[1]]}: give only one")
+        return given
     path = home / KEY_FILE_NAME
     if path.exists():
-        return _check_key(path.read_text().strip(), str(path)), "home"
+        key = _check_key(path.read_text().strip(), str(path))
+        if joined is not None and key != joined:
+            raise ValueError(f"{path} holds another cluster's key than the --join invite's "
+                             f"(this home was started before): move that file away to join with this invite")
+        return key, "home"
+    if joined is not None:
+        _write_private(path, joined + "\n")
+        return joined, "join"
+    if has_peers:
+        raise ValueError(f"--peer needs the cluster's key: start with --join TOKEN (`shoal invite` on a member "
+                         f"prints one), or give the key (${KEY_ENV}, --cluster-key-file, --cluster-key)")
     key = secrets.token_urlsafe(32)
     _write_private(path, key + "\n")
     return key, "generated"
+
+
+_KEY_FLAGS = {"flag": "--cluster-key", "env": f"${KEY_ENV}", "file": "--cluster-key-file"}
+
+
+def _hostport_text(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _read_seeds(path: Path) -> tuple[tuple[str, int], ...]:
+    try:
+        lines = path.read_text().split()
+    except FileNotFoundError:
+        return ()
+    return tuple(parse_hostport(line) for line in lines)
 
 
 def resolve_api_key(*, flag: str | None, environ: Mapping[str, str], home: Path) -> tuple[str, str]:

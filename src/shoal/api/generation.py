@@ -7,6 +7,7 @@
   max_tokens) and submitted; `merge` interleaves several streams (n > 1, several prompts).
 - `watch_disconnect`: a client that goes away cancels its sequences (frees their KV cache).
 - `TokenPieces`: the text and exact bytes of single tokens, for logprobs.
+- `json_constraint`: a request's structured-output format as a checked `Constraint`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from shoal.api.instance import (
 )
 from shoal.api.service import ModelService
 from shoal.engine.generate import TokenEvent
+from shoal.engine.grammar import Constraint, InvalidConstraint, check
 from shoal.engine.sampler import SamplingParams
 from shoal.engine.tokenizer import Tokenizer
 
@@ -179,6 +181,17 @@ async def submit(instance: Instance, model: str, prompt_ids: list[int], params: 
             s.cancel()
         raise
     return streams
+
+
+def json_constraint(schema: dict[str, Any] | None, strict: bool, what: str, param: str) -> Constraint:
+    """JSON output, matching `schema` if one is given (else any object), checked before a model is
+    loaded: a schema that cannot constrain decoding is this request's 400, saying why."""
+    c = Constraint("json_object") if schema is None else Constraint.json_schema(schema, strict)
+    try:
+        check(c)
+    except InvalidConstraint as e:
+        raise invalid(f"invalid JSON schema for {what}: {e}", param, "invalid_json_schema") from None
+    return c
 
 
 def _reseed(params: SamplingParams, seed: int) -> SamplingParams:

@@ -1,4 +1,5 @@
-"""Ollama-compatible endpoints: /api/chat, /api/generate, /api/tags, /api/ps, /api/show, /api/version.
+"""Ollama-compatible endpoints: /api/chat, /api/generate, /api/tags, /api/ps, /api/show, /api/version
+(and /api/pull, /api/delete, /api/copy from api/ollama_pull.py).
 
 Ollama streams NDJSON by default (one JSON object per line, `done: true` on the last), reports
 durations in nanoseconds, takes sampling settings in `options` with its own defaults
@@ -22,6 +23,7 @@ from shoal.api.generation import (
     Reply,
     TokenPieces,
     acquire,
+    json_constraint,
     max_tokens_for,
     run_to_end,
     sampling,
@@ -32,8 +34,10 @@ from shoal.api.generation import (
     watch_disconnect,
 )
 from shoal.api.instance import GenerationStream, Instance, ModelCard
+from shoal.api.ollama_pull import OllamaModelFiles
 from shoal.api.service import ModelService
 from shoal.engine.generate import TokenEvent
+from shoal.engine.grammar import Constraint
 
 # The Ollama API version these endpoints follow (clients compare it to gate features).
 OLLAMA_API_VERSION = "0.12.0"
@@ -64,7 +68,7 @@ class Message(_Body):
 class _Common(_Body):
     model: str = Field(min_length=1, max_length=512)
     stream: bool | None = True
-    format: str | dict[str, Any] | None = Field(None, description="only '' (free text) is supported")
+    format: str | dict[str, Any] | None = Field(None, description="'json', or a JSON schema the output must match")
     options: Options | None = None
     keep_alive: str | float | None = None
     logprobs: bool | None = False
@@ -106,11 +110,18 @@ def _digest(card: ModelCard) -> str:
 
 
 def _refuse_unsupported(body: _Common) -> None:
-    if body.format not in (None, ""):
-        raise invalid("format (JSON mode / structured output) is not supported by shoal yet", "format")
+    if isinstance(body.format, str) and body.format not in ("", "json"):
+        raise invalid(f'invalid format {body.format[:40]!r}: expected "json" or a JSON schema', "format")
 
 
-def _params(body: _Common, prompt_tokens: int, inst: Instance, cap: int | None):
+def _constraint(body: _Common) -> Constraint | None:
+    if isinstance(body.format, dict):
+        # Like Ollama, keywords that cannot be enforced are ignored (strict=False); the schema itself must be valid.
+        return json_constraint(body.format, False, "format", "format")
+    return json_constraint(None, False, "format", "format") if body.format == "json" else None
+
+
+def _params(body: _Common, prompt_tokens: int, inst: Instance, cap: int | None, constraint: Constraint | None = None):
     o = body.options or Options()
     n = None if o.num_predict is None or o.num_predict < 0 else o.num_predict
     stop = () if o.stop is None else ((o.stop,) if isinstance(o.stop, str) else tuple(o.stop))
@@ -123,6 +134,7 @@ def _params(body: _Common, prompt_tokens: int, inst: Instance, cap: int | None):
         seed=None if o.seed is None else o.seed % (2**63),
         stop=stop,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        constraint=constraint,
     )
 
 
@@ -134,6 +146,7 @@ class OllamaHandlers:
     def __init__(self, service: ModelService):
         self.service = service
         self._pieces: dict[str, TokenPieces] = {}  # by model name
+        self._files = OllamaModelFiles(service)  # /api/pull, /api/delete, /api/copy
 
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
@@ -143,6 +156,7 @@ class OllamaHandlers:
             ("GET", "/api/ps", self.ps),
             ("POST", "/api/show", self.show),
             ("GET", "/api/version", self.version),
+            *self._files.routes(),
         ]
 
     # -- listings
@@ -236,12 +250,13 @@ class OllamaHandlers:
                 return await reply.fail(e)
             return await reply.complete({**head, "created_at": _now(), **empty, "done": True, "done_reason": "load"})
 
+        constraint = _constraint(body)
         loaded_before = self.service.is_loaded(body.model)
         try:
             inst = await acquire(self.service, body.model, reply)
             size = len(prompt or "") + sum(len(m["content"]) for m in messages or [])
             ids = await tokenize(lambda: self._prompt_ids(inst, body, messages, prompt), size)
-            params = _params(body, len(ids), inst, self.service.config.max_tokens_cap)
+            params = _params(body, len(ids), inst, self.service.config.max_tokens_cap, constraint)
             (s,) = await submit(inst, inst.name, ids, params, t0, "ollama")
         except ApiError as e:
             return await reply.fail(e)

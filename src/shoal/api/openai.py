@@ -2,7 +2,7 @@
 
 Request bodies are pydantic models (strict types: a string where a number belongs is a 400, not a
 silent conversion); unknown fields are accepted and ignored, as clients send ones we do not use.
-Parameters we cannot honour (penalties, logit_bias, tools, JSON mode) are refused by name rather
+Parameters we cannot honour (penalties, logit_bias, tools) are refused by name rather
 than ignored, since ignoring them would change what the client gets without telling it.
 Responses are plain dicts in OpenAI's exact shapes; shoal's timings ride in an extra "shoal" field.
 """
@@ -21,6 +21,7 @@ from shoal.api.generation import (
     Reply,
     TokenPieces,
     acquire,
+    json_constraint,
     max_tokens_for,
     parse_stop,
     run_to_end,
@@ -34,6 +35,7 @@ from shoal.api.generation import (
 from shoal.api.instance import GenerationStream, Instance, new_request_id
 from shoal.api.service import ModelService
 from shoal.engine.generate import TokenEvent
+from shoal.engine.grammar import Constraint
 
 MAX_CHOICES = 16  # n, or prompts x n for /v1/completions
 MAX_STOPS = 16
@@ -58,6 +60,20 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+
+class JsonSchemaFormat(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="absent: any JSON object")
+    strict: bool | None = Field(None, description="true: a keyword that cannot be enforced is a 400; else it is ignored")
+
+
+class ResponseFormat(_Body):
+    """Structured output, by grammar-constrained decoding (engine/grammar.py)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class StreamOptions(_Body):
@@ -91,7 +107,7 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'}")
+    response_format: ResponseFormat | None = None
     tools: list[Any] | None = Field(None, description="not supported")
 
 
@@ -132,6 +148,17 @@ def _sampling_kwargs(body: _Sampling) -> dict[str, Any]:
         "stop": parse_stop(body.stop),
         "ignore_eos": bool(body.ignore_eos),
     }
+
+
+def _constraint(fmt: ResponseFormat | None) -> Constraint | None:
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return json_constraint(None, True, "response_format", "response_format")
+    if fmt.json_schema is None:
+        raise invalid("response_format of type 'json_schema' needs a 'json_schema' object", "response_format.json_schema")
+    js = fmt.json_schema
+    return json_constraint(js.schema_, bool(js.strict), f"response_format {js.name!r}", "response_format")
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -177,8 +204,7 @@ class OpenAIHandlers:
         _refuse_unsupported(body)
         if body.tools:
             raise invalid("tools are not supported by shoal yet", "tools", "unsupported_parameter")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise invalid("only response_format {'type': 'text'} is supported", "response_format", "unsupported_parameter")
+        constraint = _constraint(body.response_format)
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
         messages = [_template_message(m, i) for i, m in enumerate(body.messages)]
@@ -191,7 +217,8 @@ class OpenAIHandlers:
             requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
             param = "max_completion_tokens" if body.max_completion_tokens is not None else "messages"
             max_tokens = max_tokens_for(requested, len(ids), inst.max_context, self.service.config.max_tokens_cap, param)
-            params = sampling(max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None, **_sampling_kwargs(body))
+            params = sampling(max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                              constraint=constraint, **_sampling_kwargs(body))
             streams = await submit(inst, inst.name, ids, params, t0, "chatcmpl", n)
         except ApiError as e:
             return await reply.fail(e)

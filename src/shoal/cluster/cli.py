@@ -16,6 +16,7 @@ from shoal.config import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     HOME_ENV,
+    JOIN_ENV,
     KEY_ENV,
     KEY_FILE_NAME,
     NodeConfig,
@@ -53,6 +54,11 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
         "default: <home>/cluster.key, generated on first start",
     )
     parser.add_argument("--cluster-key-file", metavar="FILE", help="read the cluster key from FILE")
+    parser.add_argument(
+        "--join", metavar="TOKEN",
+        help=f"join the cluster of an invite (`shoal invite` on a member prints one; or ${JOIN_ENV}): its key "
+        "and addresses, kept in <home> so later starts need no token",
+    )
     parser.add_argument(
         "--api-key",
         help=f"the key clients on other machines send (visible in `ps`: prefer ${API_KEY_ENV}); "
@@ -106,9 +112,16 @@ def node_config(args: argparse.Namespace) -> NodeConfig | None:
         logging.getLogger("shoal.node").warning("%s", warning)
     if config.key_source == "generated":
         # Printed (not logged) once, on the start that made it, so it is easy to copy to the other
-        # machines; later starts do not put the secret on the console (`shoal key` shows it).
+        # machines; later starts do not put the secret on the console (`shoal key`, `shoal invite`).
+        from shoal.cluster.invite import node_invite
+
+        invite = node_invite(config.host, config.advertise_host, config.port, config.cluster_key)
         print(f"new cluster key, saved in {config.key_file}:\n\n    {config.cluster_key}\n", flush=True)
-        print(f"start the other nodes with  {KEY_ENV}=<key> shoal node  (or --cluster-key-file)\n", flush=True)
+        print(f"to add another machine, run there (the invite holds the key: keep it secret):\n\n"
+              f"    shoal node --join {invite.encode()}\n", flush=True)
+    elif config.key_source == "join":
+        logging.getLogger("shoal.node").info("joining through %s; the invite's cluster key is saved in %s",
+                                             ", ".join(f"{h}:{p}" for h, p in config.peers), config.key_file)
     elif config.key_source == "home":
         logging.getLogger("shoal.node").info("cluster key from %s", config.key_file)
     if config.api_key_source != "generated":  # a new one is shown once the node listens (api_key_banner)
@@ -176,7 +189,8 @@ def run_key(args: argparse.Namespace) -> int:
         print(f"API key (clients: 'Authorization: Bearer KEY' or 'x-api-key: KEY'):\n\n    {api_key}\n\n"
               f"dashboard:  {link}\n")
     if cluster_key is not None:
-        print(f"cluster key (the other nodes: {KEY_ENV}=<key> shoal node):\n\n    {cluster_key}\n")
+        print(f"cluster key (the other nodes: {KEY_ENV}=<key> shoal node; or `shoal invite`, then "
+              f"`shoal node --join TOKEN` there):\n\n    {cluster_key}\n")
     return 0
 
 

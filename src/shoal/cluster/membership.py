@@ -42,8 +42,9 @@ import psutil
 from aiohttp import web
 
 from shoal import __version__
-from shoal.cluster.auth import normal_host
+from shoal.cluster.auth import host_port, normal_host
 from shoal.cluster.identity import NodeIdentity, load_or_create_identity, node_id_of, verify
+from shoal.cluster.invite import remember_address
 from shoal.cluster.links import LinkTable
 from shoal.cluster.messages import (
     Ack,
@@ -66,13 +67,15 @@ from shoal.cluster.peer import (
     refuse,
     spawn,
 )
-from shoal.cluster.topology import NodeView
+from shoal.cluster.topology import NodeView, SeedView
 from shoal.config import NodeConfig
 
 log = logging.getLogger("shoal.membership")
 
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 LEFT = 1 << 62  # tombstone heartbeat of a node that announced its leave: newer than any it sent
+WRONG_KEY = "the cluster key does not match"
+SEED_WARN_EVERY_S = 60.0  # a seed that keeps refusing us is said once a minute, not every retry
 
 Status = Literal["up", "down"]
 EventKind = Literal["join", "down", "drop", "leave"]
@@ -134,6 +137,8 @@ class _Seed:
     backoff_s: float = 0.0
     node_id: str | None = None  # who answered at this address last time
     busy: bool = False
+    problem: str | None = None  # why the last hello failed; None once one was answered
+    warned: tuple[str, float] | None = None  # (problem, when) last said at WARNING
 
 
 @dataclass
@@ -235,6 +240,16 @@ class Membership:
             self.config.host if self.config.host not in WILDCARD_HOSTS else (self.observed_host or self.config.host)
         )
         return f"{rec_host}:{self.config.port}"
+
+    def seed_views(self) -> list[SeedView]:
+        """The addresses this node says hello to, and whether the last hello was answered."""
+        return [
+            SeedView(address=host_port(s.host, s.port), node_id=s.node_id, from_peer=s.permanent,
+                     status="answered" if s.problem is None and s.node_id else
+                     "unreachable" if s.problem is not None else "pending",
+                     problem=s.problem)
+            for s in self._seeds.values()
+        ]
 
     def views(self) -> list[NodeView]:
         """This node first, then the members by name."""
@@ -408,6 +423,11 @@ class Membership:
     async def start(self) -> None:
         assert self.client is not None, "the node sets membership.client before start()"
         self.incarnation = _next_incarnation(self.config)
+        try:
+            # `shoal invite`, which reads only the home, names where this node listens.
+            remember_address(self.config.home, self.config.host, self.config.advertise_host, self.config.port)
+        except OSError as e:
+            log.warning("could not note this node's address in %s: %s", self.config.home, e)
         self._refresh_memory()
         for coro in (self._gossip_loop(), self._detector_loop(), self._seed_loop()):
             self._spawn(coro)
@@ -494,12 +514,10 @@ class Membership:
                 seed.host, seed.port, "/peer/hello", self.hello_message(), HelloReply, t.call_timeout_s
             )
         except PeerError as e:
+            now = self.clock()
             seed.backoff_s = min(t.seed_retry_max_s, max(t.seed_retry_s, seed.backoff_s * 2))
-            seed.next_try = self.clock() + seed.backoff_s
-            # Loud only for a refusal (wrong key, misaddressed): an absent seed is normal while it boots.
-            loud = any(w in str(e) for w in ("HTTP 4", "unsigned", "tag"))
-            level = logging.WARNING if loud else logging.DEBUG
-            log.log(level, "hello to %s:%d failed: %s", seed.host, seed.port, e)
+            seed.next_try = now + seed.backoff_s
+            self._hello_failed(seed, str(e), now)
             return
         finally:
             seed.busy = False
@@ -513,6 +531,26 @@ class Membership:
         seed.node_id = replier
         seed.backoff_s = 0.0
         seed.next_try = self.clock() + t.seed_retry_max_s
+        seed.problem = seed.warned = None
+
+    def _hello_failed(self, seed: _Seed, error: str, now: float) -> None:
+        """Note why; say it on the console (once a minute per seed and reason) when the seed refused
+        us, which retrying alone will not fix. An absent seed is normal while it boots: debug only."""
+        # What PeerClient reports when the seed's tag check fails (auth.py: "bad tag (wrong
+        # cluster key, ...)"), answered before our request proved anything, so in plaintext.
+        wrong_key = "HTTP 401" in error and "bad tag" in error
+        refused = wrong_key or any(w in error for w in ("HTTP 4", "unsigned", "tag"))
+        seed.problem = WRONG_KEY if wrong_key else error
+        warned = seed.warned
+        if not refused or (warned is not None and warned[0] == seed.problem and now - warned[1] < SEED_WARN_EVERY_S):
+            log.debug("hello to %s:%d failed: %s", seed.host, seed.port, error)
+            return
+        seed.warned = (seed.problem, now)
+        if wrong_key:
+            log.warning("seed %s:%d refuses this node: %s (join with --join TOKEN from `shoal invite` on a member, "
+                        "or give its key); retrying", seed.host, seed.port, WRONG_KEY)
+        else:
+            log.warning("hello to %s:%d refused: %s; retrying", seed.host, seed.port, error)
 
     def _learn_host(self, observed: str) -> None:
         """How peers see us, for our record when we bind every interface and advertise nothing.

@@ -164,6 +164,7 @@ class Node:
             nodes=self.membership.views(),
             links=links,
             instances=self.instances_view(),
+            seeds=self.membership.seed_views(),
         )
 
     def request_stop(self) -> None:

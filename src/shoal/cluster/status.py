@@ -78,6 +78,8 @@ def render(data: dict[str, Any]) -> str:
             ]
         )
     out = [f"cluster {data.get('cluster', '?')}: {len(nodes)} nodes, {sum(n['status'] == 'up' for n in nodes)} up"]
+    out += [f"seed {sd['address']} unreachable: {sd.get('problem') or '?'}"
+            for sd in data.get("seeds", []) if sd.get("status") == "unreachable"]
     out.append(
         table(
             [

@@ -28,6 +28,18 @@ class NodeView(BaseModel):
     profile: NodeProfile | None = None
 
 
+class SeedView(BaseModel):
+    """An address this node says hello to (a --peer, an invite's, or found by mDNS)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    address: str  # host:port
+    from_peer: bool  # given (--peer, --join), not found by mDNS
+    status: Literal["pending", "answered", "unreachable"]
+    node_id: str | None = None  # who answered there last
+    problem: str | None = None  # why the last hello failed, e.g. "the cluster key does not match"
+
+
 class LinkView(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -47,6 +59,7 @@ class ClusterView(BaseModel):
     nodes: list[NodeView]
     links: list[LinkView]
     instances: list[dict[str, Any]] = []  # filled once placement lands
+    seeds: list[SeedView] = []
 
     def node(self, node_id: str) -> NodeView | None:
         return next((n for n in self.nodes if n.id == node_id), None)

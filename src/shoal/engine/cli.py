@@ -26,6 +26,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, metavar="TEXT", help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("prompt", help="the prompt ('-' reads standard input)")
+    p.add_argument("--local", action="store_true",
+                   help="run the model in this process even if a node runs on this machine (used by default)")
     # --cluster URL: run on the cluster's instance of the model (placed first if there is none).
     from shoal.daemon.cli import add_cluster_placement_arguments
 
@@ -48,7 +50,12 @@ def add_download_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_download(args) -> int:
     from shoal.catalog import CATALOG
-    from shoal.weights.download import DownloadError, cached_model_path, download, print_progress
+    from shoal.weights.download import (
+        DownloadError,
+        ProgressBar,
+        cached_model_path,
+        download,
+    )
 
     if args.list or not args.model:
         for e in CATALOG.values():
@@ -59,7 +66,7 @@ def run_download(args) -> int:
     if entry is None:
         return _fail(f"unknown model {args.model!r} (known: {', '.join(CATALOG)})")
     try:
-        path = download(entry, progress=print_progress)
+        path = download(entry, progress=ProgressBar())
     except DownloadError as e:
         return _fail(str(e))
     print(path)
@@ -99,6 +106,12 @@ def run_generate(args) -> int:
         )
     except ValueError as e:
         return _fail(str(e), 2)
+    if not args.cluster:
+        from shoal.engine.chat import node_for
+
+        args.cluster = node_for(args.model, args.local)
+        if args.cluster:
+            print(f"shoal generate: on the node at {args.cluster} (--local runs in this process)", file=sys.stderr)
     if args.cluster:
         import dataclasses
 

@@ -17,6 +17,7 @@ from typing import Iterator, Protocol
 import torch
 
 from shoal.engine import threads
+from shoal.engine.grammar import Grammars, Matcher
 from shoal.engine.prefix import PrefixKeeper, PrefixStore
 from shoal.engine.sampler import SamplingParams, is_greedy, make_generator, sample, skip_samples, token_logprobs
 from shoal.engine.tokenizer import StreamingDetokenizer, Tokenizer
@@ -91,6 +92,7 @@ class Sequence:
     prompt_logprobs: list | None = None
     resumed: int = 0  # tokens generated before this sequence moved here (the tail of `prompt`)
     rng_skip: int = 0  # samples the random generator drew before the move, to draw again first
+    matcher: Matcher | None = None  # where the output stands in its constraint's grammar, if it has one
     finish_reason: str | None = None
     stats: SequenceStats = field(default_factory=SequenceStats)
 
@@ -119,6 +121,7 @@ class BatchGenerator:
         self.sequences: dict[int, Sequence] = {}
         self._uids = itertools.count()
         self._eos = tokenizer.eos_token_ids
+        self.grammars = Grammars(tokenizer)
 
     def add(self, prompt: list[int], params: SamplingParams, resumed: list[int] | None = None) -> int:
         """A new sequence. `resumed`: the tokens it already generated elsewhere (a request moved
@@ -134,6 +137,10 @@ class BatchGenerator:
         uid = next(self._uids)
         seq = Sequence(uid, full, params, self.model.make_cache(), StreamingDetokenizer(self.tokenizer), make_generator(params))
         seq.stats.prompt_tokens, seq.stats.t_added = len(full), time.perf_counter()
+        if params.constraint is not None:  # an unusable one is this request's ValueError (InvalidConstraint)
+            seq.matcher = self.grammars.matcher(params.constraint)
+            for token in resumed:
+                seq.matcher.advance(token)
         if resumed:
             seq.resumed = seq.rng_skip = len(resumed)
             for token in resumed:  # the text they made was sent already; what it held back still is
@@ -201,6 +208,9 @@ class BatchGenerator:
             for seq in prefilled:
                 self.prefixes.store(seq.prompt, seq.caches)
         self._score_prompts(scored, logits[len(sampled) :])
+        constrained = [(i, seq.matcher) for i, (seq, _) in enumerate(sampled) if seq.matcher is not None]
+        if constrained:
+            logits = self.grammars.mask(logits, constrained)
         greedy = _argmax_rows(logits[: len(sampled)]) if any(is_greedy(s.params) for s, _ in sampled) else []
         for i, ((seq, _), row_logits) in enumerate(zip(sampled, logits)):
             if seq.params.max_tokens == 0:  # scoring only: the prompt is read, nothing is generated
@@ -236,6 +246,8 @@ class BatchGenerator:
         if p.logprobs is not None:
             lp, top = token_logprobs(logits, token, p.logprobs)
         seq.output.append(token)
+        if seq.matcher is not None:
+            seq.matcher.advance(token)
         st = seq.stats
         st.generation_tokens += 1
         st.t_last_token = now
@@ -252,10 +264,15 @@ class BatchGenerator:
             return [ev]
         ev = TokenEvent(seq.uid, token, text, None, lp, top)
         context_full = len(seq.prompt) + len(seq.output) >= self.max_context
-        if seq.resumed + len(seq.output) >= p.max_tokens or context_full:
-            fin = self._finish(seq, "length")
+        reason = None
+        if seq.matcher is not None and seq.matcher.done:  # the output is complete: its grammar takes nothing more
+            reason = "stop"
+        elif seq.resumed + len(seq.output) >= p.max_tokens or context_full:
+            reason = "length"
+        if reason is not None:
+            fin = self._finish(seq, reason)
             ev.text += fin.text
-            ev.finish_reason = "length"
+            ev.finish_reason = reason
         return [ev]
 
     def _match_stops(self, seq: Sequence, new_text: str) -> str:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shoal.engine.grammar import Constraint
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -20,6 +22,7 @@ class SamplingParams:
     logprobs: int | None = None  # return the chosen token's logprob and this many top alternatives
     prompt_logprobs: int | None = None  # also score the prompt (each token given the ones before it)
     stop_token_ids: tuple[int, ...] = field(default=())
+    constraint: Constraint | None = None  # the output must match this schema or grammar (engine/grammar.py)
 
     def __post_init__(self):
         if self.max_tokens < 0:
@@ -78,7 +81,8 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, l
     alts = []
     if top > 0:
         vals, ids = torch.topk(lp, top)
-        alts = [(int(i), float(v)) for i, v in zip(ids, vals)]
+        # A grammar's mask leaves some rows fewer possible tokens than `top`: the impossible ones are no alternative.
+        alts = [(int(i), float(v)) for i, v in zip(ids, vals) if v > float("-inf")]
     return float(lp[token]), alts
 
 

@@ -11,9 +11,9 @@ request gets the same care:
   streams a few short steps rather than one long stall;
 - prompt-prefix reuse (the generator's prefix store, kept per stage for a distributed model);
 - failure isolation: a request that cannot be served (token ids outside the vocabulary, a prompt
-  or `max_tokens` past the context, too many logprobs) is refused alone with a 4xx before it
-  reaches the model; a step that raises fails only the sequences it was computing, and the model
-  goes on serving the rest.
+  or `max_tokens` past the context, too many logprobs, a schema that cannot constrain decoding) is
+  refused alone with a 4xx before it reaches the model; a step that raises fails only the
+  sequences it was computing, and the model goes on serving the rest.
 
 Threads: `offer` and `cancel` may be called from any thread (the event loop, a runner's command
 reader); everything else runs on the one thread that owns the model.
@@ -35,6 +35,7 @@ from shoal.engine.generate import (
     ShardedModel,
     TokenEvent,
 )
+from shoal.engine.grammar import InvalidConstraint, check
 from shoal.engine.prefix import PrefixKeeper
 from shoal.engine.sampler import SamplingParams
 from shoal.engine.tokenizer import Tokenizer
@@ -153,6 +154,12 @@ class Scheduler:
         bad = next((t for t in params.stop_token_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise RequestRefused(400, f"stop token id {bad} is outside the model's vocabulary", param="stop_token_ids")
+        if params.constraint is not None:
+            try:
+                check(params.constraint)
+            except InvalidConstraint as e:
+                raise RequestRefused(400, f"invalid {params.constraint.kind.replace('_', ' ')}: {e}", "invalid_constraint",
+                                     "constraint") from None
         need = (n + params.max_tokens) * self.kv_bytes_per_token
         if need > self.kv_budget:
             raise RequestRefused(400, f"the request needs {need >> 20} MiB of KV cache, more than model {self.name!r}'s budget "

@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from shoal.engine.generate import SequenceStats, TokenEvent
+from shoal.engine.grammar import Constraint, Kind
 from shoal.engine.sampler import SamplingParams
 from shoal.engine.scheduler import MAX_LOGPROBS, RequestRefused
 from shoal.placement.contract import ShardPlan
@@ -56,6 +57,14 @@ class RunnerConfig(_Msg):
 
 
 # --------------------------------------------------------------------------------- request parts
+class Grammar(_Msg):
+    """A `Constraint` as it travels: the schema or grammar as text; the entry compiles it."""
+
+    kind: Kind
+    text: Annotated[str, Field(max_length=MAX_TEXT)] = ""
+    strict: bool = True
+
+
 class Sampling(_Msg):
     """`SamplingParams` as it travels, with the bounds a request may ask for."""
 
@@ -70,16 +79,20 @@ class Sampling(_Msg):
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOPS)] = []
+    constraint: Grammar | None = None
 
     def params(self) -> SamplingParams:
         d = self.model_dump()
-        return SamplingParams(**{**d, "stop": tuple(d["stop"]), "stop_token_ids": tuple(d["stop_token_ids"])})
+        c = None if self.constraint is None else Constraint(self.constraint.kind, self.constraint.text, self.constraint.strict)
+        return SamplingParams(**{**d, "stop": tuple(d["stop"]), "stop_token_ids": tuple(d["stop_token_ids"]), "constraint": c})
 
     @classmethod
     def of(cls, p: SamplingParams) -> Sampling:
         return cls(max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
                    seed=p.seed, stop=list(p.stop), ignore_eos=p.ignore_eos, logprobs=p.logprobs,
-                   prompt_logprobs=p.prompt_logprobs, stop_token_ids=list(p.stop_token_ids))
+                   prompt_logprobs=p.prompt_logprobs, stop_token_ids=list(p.stop_token_ids),
+                   constraint=None if p.constraint is None else Grammar(kind=p.constraint.kind, text=p.constraint.text,
+                                                                        strict=p.constraint.strict))
 
 
 class ChatTurn(_Msg):

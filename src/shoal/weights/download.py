@@ -14,16 +14,19 @@ hub gives no hash for, or whose bytes do not match, is not kept.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TextIO
 
 from shoal.catalog import CatalogEntry
 
@@ -72,6 +75,7 @@ class HubFile:
     name: str
     sha256: str | None = None  # a Git LFS file's
     git_blob: str | None = None  # a small file's: sha1 of "blob <size>\0" + bytes
+    size: int | None = None
 
     def check(self, path: Path) -> str | None:
         """None if the file's bytes are the ones the hub named, else what is wrong."""
@@ -100,7 +104,9 @@ def list_files(repo: str, revision: str = "main") -> dict[str, HubFile]:
     for s in info.get("siblings", []):
         if isinstance(s, dict) and isinstance(s.get("rfilename"), str):
             lfs = s.get("lfs") if isinstance(s.get("lfs"), dict) else {}
-            out[s["rfilename"]] = HubFile(s["rfilename"], lfs.get("sha256") or lfs.get("oid"), s.get("blobId"))
+            size = lfs.get("size", s.get("size"))
+            out[s["rfilename"]] = HubFile(s["rfilename"], lfs.get("sha256") or lfs.get("oid"), s.get("blobId"),
+                                          size if isinstance(size, int) else None)
     return out
 
 
@@ -146,29 +152,85 @@ def download_file(repo: str, file: HubFile, dest: Path, revision: str = "main",
     return dest
 
 
-def download(entry: CatalogEntry, progress: Callable[[str, int, int | None], None] | None = None) -> Path:
-    """Fetch what a catalog model needs; return the local path to load it from."""
-    d = model_dir(entry)
+def needed_files(entry: CatalogEntry) -> list[HubFile]:
+    """The files a catalog model needs, as the hub lists them (one request)."""
     listed = list_files(entry.hf_repo)
     if entry.filename:
         if entry.filename not in listed:
             raise DownloadError(f"{entry.hf_repo}: the hub does not list {entry.filename}")
-        return download_file(entry.hf_repo, listed[entry.filename], d / entry.filename, progress=progress)
+        return [listed[entry.filename]]
     files = [f for f in listed if f.endswith(_NEEDED_SUFFIXES) and "/" not in f]
     if "config.json" not in files:
         raise DownloadError(f"{entry.hf_repo}: no config.json in the repository")
+    return [listed[f] for f in files]
+
+
+def download(entry: CatalogEntry, progress: Callable[[str, int, int | None], None] | None = None,
+             files: list[HubFile] | None = None) -> Path:
+    """Fetch what a catalog model needs (`files`, when the caller listed them already); return the
+    local path to load it from."""
+    d = model_dir(entry)
+    files = needed_files(entry) if files is None else files
     for f in files:
-        download_file(entry.hf_repo, listed[f], d / f, progress=progress)
+        download_file(entry.hf_repo, f, d / f.name, progress=progress)
+    if entry.filename:
+        return d / entry.filename
     (d / ".complete").write_text(str(time.time()))
     return d
 
 
-def print_progress(filename: str, done: int, total: int | None) -> None:
-    """A one-line progress meter on stderr."""
-    if total:
-        sys.stderr.write(f"\r{filename}: {done / 1e6:8.1f} / {total / 1e6:.1f} MB ({100 * done / total:5.1f}%)")
-    else:
-        sys.stderr.write(f"\r{filename}: {done / 1e6:8.1f} MB")
-    if total and done >= total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+def remove(entry: CatalogEntry) -> bool:
+    """Delete a downloaded catalog model's files (finished or partial); False if there were none."""
+    d = model_dir(entry)
+    if entry.filename:
+        found = False
+        for f in (d / entry.filename, d / (entry.filename + ".partial")):
+            if f.exists():
+                f.unlink()
+                found = True
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only if nothing else lives there
+        return found
+    if not d.is_dir():
+        return False
+    shutil.rmtree(d)
+    return True
+
+
+class ProgressBar:
+    """One line on stderr, rewritten in place: file, bar, MB done of total, MB/s and time left.
+    Redrawn at most ten times a second (and once when a file completes)."""
+
+    WIDTH = 24
+
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream or sys.stderr
+        self._file: str | None = None
+        self._t0 = self._drawn_at = 0.0
+        self._start_bytes = 0
+
+    def __call__(self, filename: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if filename != self._file:  # rate and ETA count from this file's first bytes (a resume skips the rest)
+            self._file, self._t0, self._start_bytes, self._drawn_at = filename, now, done, 0.0
+        finished = total is not None and done >= total
+        if not finished and now - self._drawn_at < 0.1:
+            return
+        self._drawn_at = now
+        elapsed = now - self._t0
+        rate = (done - self._start_bytes) / elapsed if elapsed > 0 else 0.0
+        if total:
+            filled = int(self.WIDTH * done / total)
+            eta = _clock((total - done) / rate) if rate > 0 else "--:--"
+            line = (f"{filename}  [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done / 1e6:.1f}/{total / 1e6:.1f} MB "
+                    f"{100 * done / total:3.0f}%  {rate / 1e6:.1f} MB/s  ETA {eta}")
+        else:
+            line = f"{filename}  {done / 1e6:.1f} MB  {rate / 1e6:.1f} MB/s"
+        # \r rewrites the line; \x1b[K clears what a longer previous line left behind.
+        self.stream.write("\r" + line + "\x1b[K" + ("\n" if finished else ""))
+        self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
