@@ -26,6 +26,17 @@ SHORT = ["--temperature", "0", "--max-tokens", "24"]
 START_TIMEOUT_S = 180  # imports and model load (or placement on a node) on a busy machine
 
 
+# Runs the command in the pane and writes its exit status to a file (tmux's own #{pane_dead_status}
+# is sometimes left empty when the pty closes before the exit is reaped). The recorder ignores the
+# Ctrl-C the test types; the command gets it, with the default handling restored.
+_RECORD_EXIT = """
+import signal, subprocess, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+code = subprocess.call(sys.argv[2:], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+open(sys.argv[1], "w").write(str(code))
+"""
+
+
 class Terminal:
     """`shoal run ...` in a tmux session of its own (its own server socket), wide enough that no
     reply wraps. The pane stays when the command ends, so its exit status can be read: a shell
@@ -33,7 +44,9 @@ class Terminal:
 
     def __init__(self, tmp_path: Path, args: list[str], env: dict[str, str]):
         self.socket = tmp_path / "tmux.sock"
-        cmd = ["env", *(f"{k}={v}" for k, v in env.items()), sys.executable, "-m", "shoal.cli", "run", *args]
+        self.status = tmp_path / "exit-status"
+        run = ["env", *(f"{k}={v}" for k, v in env.items()), sys.executable, "-m", "shoal.cli", "run", *args]
+        cmd = [sys.executable, "-c", _RECORD_EXIT, str(self.status), *run]
         self.tmux("-f", "/dev/null", "start-server", ";", "set-option", "-g", "remain-on-exit", "on", ";",
                   "new-session", "-d", "-x", "400", "-y", "100", shlex.join(cmd))
 
@@ -59,11 +72,11 @@ class Terminal:
         return "\n".join(lines[start + 1: -1])
 
     def exit_status(self) -> int:
-        def dead() -> str:  # "1:<status>" once the command has ended and tmux has its status
-            return self.tmux("display-message", "-p", "#{pane_dead}:#{pane_dead_status}").strip()
-
-        wait_for(lambda: dead().startswith("1:") and dead()[2:].isdigit(), 60, 0.1, "shoal run to exit")
-        return int(dead()[2:])
+        try:
+            wait_for(self.status.exists, 60, 0.1, "shoal run to exit")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; the screen:\n" + "\n".join(self.screen()[-30:])) from None
+        return int(self.status.read_text())
 
     def close(self) -> None:
         subprocess.run(["tmux", "-S", str(self.socket), "kill-server"], check=False, capture_output=True)
