@@ -14,17 +14,22 @@ alike. What differs is the shape:
   message_stop; a non-streaming `Message` is the fold of that same stream (`fold`);
 - errors are {"type": "error", "error": {"type", "message"}} (`ApiError.to_anthropic`).
 
-Tools, images, documents, extended thinking and structured output (`output_config.format`) are
-refused by name with a 400.
+Tools (api/tools.py) are client tools: `tools` with an `input_schema`, `tool_choice` auto / any /
+tool / none, `tool_use` blocks in the reply (streamed as a content block whose input arrives as
+`input_json_delta`), `tool_result` blocks in the next user turn. Server tools (web search, code
+execution...), images, documents, extended thinking and structured output (`output_config.format`)
+are refused by name with a 400.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from typing import Annotated, Any
 
 from aiohttp import web
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 
 from shoal.api.errors import ApiError, invalid, json_response, parse, read_json
@@ -39,16 +44,34 @@ from shoal.api.generation import (
     tokenize,
     watch_disconnect,
 )
-from shoal.api.instance import GenerationRequest, GenerationStream, Instance, new_request_id
+from shoal.api.instance import (
+    GenerationRequest,
+    GenerationStream,
+    Instance,
+    new_request_id,
+)
 from shoal.api.service import ModelService
+from shoal.api.tools import (
+    CallStream,
+    Family,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    chat_messages,
+    check_tools,
+    dialect,
+    make_tool,
+)
+from shoal.api.tools import constraint as tool_constraint
 from shoal.engine.generate import TokenEvent
 from shoal.engine.tokenizer import Tokenizer
 
 MAX_TOKENS_LIMIT = 1 << 24
 MAX_STOP_SEQUENCES = 16
 ROLES = ("user", "assistant")
-# Block types that belong to tool use; named in the refusal so a client knows what to turn off.
-TOOL_BLOCKS = frozenset({"tool_use", "tool_result", "server_tool_use", "web_search_tool_result"})
+# Blocks of Anthropic's own server tools, which shoal does not run.
+SERVER_TOOL_BLOCKS = frozenset({"server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
+                                "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result"})
 
 Event = tuple[str, dict[str, Any]]  # (SSE event name, its data)
 
@@ -61,8 +84,27 @@ class _Body(BaseModel):
 
 
 class Block(_Body):
-    type: str = Field(min_length=1, description="only 'text' blocks are supported")
+    type: str = Field(min_length=1, description="'text', 'tool_use' or 'tool_result'")
     text: str | None = None
+    id: str | None = Field(None, max_length=128, description="tool_use")
+    name: str | None = Field(None, max_length=64, description="tool_use")
+    input: dict[str, Any] | None = Field(None, description="tool_use")
+    tool_use_id: str | None = Field(None, max_length=128, description="tool_result")
+    content: str | list[Block] | None = Field(None, description="tool_result: text, or text blocks")
+    is_error: bool | None = Field(None, description="tool_result")
+
+
+class ToolDef(_Body):
+    name: Any = None
+    description: Any = None
+    input_schema: dict[str, Any] | None = None
+    type: str | None = Field(None, description="'custom' or absent; server tools are not supported")
+
+
+class ToolChoiceParam(_Body):
+    type: str
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
 
 
 class Message(_Body):
@@ -74,8 +116,8 @@ class _Conversation(_Body):
     model: str = Field(min_length=1, max_length=512)
     messages: list[Message] = Field(min_length=1)
     system: str | list[Block] | None = None
-    tools: list[Any] | None = Field(None, description="not supported")
-    tool_choice: dict[str, Any] | None = Field(None, description="only {'type': 'none'}")
+    tools: list[ToolDef] | None = None
+    tool_choice: ToolChoiceParam | None = None
     thinking: dict[str, Any] | None = Field(None, description="'enabled' is refused; 'adaptive' never thinks here")
     output_config: dict[str, Any] | None = Field(None, description="'effort' is ignored; 'format' is refused")
 
@@ -97,12 +139,32 @@ class CountTokensRequest(_Conversation):
 # ----------------------------------------------------------------------------- the prompt
 
 
+def tools_of(body: _Conversation) -> tuple[list[Tool], ToolChoice]:
+    tools = []
+    for i, t in enumerate(body.tools or []):
+        if t.type not in (None, "custom"):
+            raise invalid(f"tools[{i}]: server tools ({t.type!r}) are not supported by shoal; client tools with an "
+                          "input_schema are", f"tools.{i}.type", "unsupported_parameter")
+        if t.input_schema is None:
+            raise invalid(f"tools.{i}.input_schema: Field required", f"tools.{i}.input_schema")
+        tools.append(make_tool(t.name, t.description, t.input_schema, f"tools.{i}"))
+    c = body.tool_choice
+    kinds = {"auto": "auto", "any": "required", "tool": "required", "none": "none"}
+    if c is not None and c.type not in kinds:
+        raise invalid(f"tool_choice.type: must be 'auto', 'any', 'tool' or 'none', not {c.type!r}", "tool_choice.type")
+    if c is not None and c.type == "tool" and not c.name:
+        raise invalid("tool_choice.name: Field required for type 'tool'", "tool_choice.name")
+    if not tools:
+        if c is not None and c.type != "none":
+            raise invalid("tool_choice needs tools", "tool_choice")
+        return [], ToolChoice("none")
+    choice = ToolChoice("auto") if c is None else ToolChoice(kinds[c.type], c.name if c.type == "tool" else None,  # type: ignore[arg-type]
+                                                             not c.disable_parallel_tool_use)
+    check_tools(tools, choice, "tools")
+    return tools, choice
+
+
 def _refuse_unsupported(body: _Conversation) -> None:
-    if body.tools:
-        raise invalid("tools are not supported by shoal's Messages API yet", "tools", "unsupported_parameter")
-    if body.tool_choice is not None and body.tool_choice.get("type") != "none":
-        raise invalid("tool_choice needs tools, which shoal's Messages API does not support yet", "tool_choice",
-                      "unsupported_parameter")
     if body.thinking is not None and body.thinking.get("type") == "enabled":
         raise invalid("extended thinking is not supported by shoal", "thinking", "unsupported_parameter")
     if body.output_config is not None and body.output_config.get("format") is not None:
@@ -110,14 +172,20 @@ def _refuse_unsupported(body: _Conversation) -> None:
                       "output_config.format", "unsupported_parameter")
 
 
-def _text(content: str | list[Block], where: str) -> str:
+def _text(content: str | list[Block], where: str, allowed: tuple[str, ...] = ()) -> str:
+    """The text blocks' text (blocks of the `allowed` types are left to the caller)."""
     if isinstance(content, str):
         return content
     texts = []
     for j, block in enumerate(content):
-        if block.type in TOOL_BLOCKS:
-            raise invalid(f"{where}.content[{j}]: {block.type!r} blocks need tool use, which shoal's Messages API "
-                          "does not support yet", f"{where}.content", "unsupported_content")
+        if block.type in allowed:
+            continue
+        if block.type in SERVER_TOOL_BLOCKS:
+            raise invalid(f"{where}.content[{j}]: {block.type!r} blocks belong to server tools, which shoal does not run",
+                          f"{where}.content", "unsupported_content")
+        if block.type in ("tool_use", "tool_result"):
+            role = "assistant" if block.type == "tool_use" else "user"
+            raise invalid(f"{where}.content[{j}]: {block.type!r} blocks belong in {role} turns", f"{where}.content")
         if block.type != "text" or block.text is None:
             raise invalid(f"{where}.content[{j}]: content blocks of type {block.type!r} are not supported (text only)",
                           f"{where}.content", "unsupported_content")
@@ -125,9 +193,28 @@ def _text(content: str | list[Block], where: str) -> str:
     return "\n".join(texts)  # as the OpenAI route joins text parts
 
 
-def conversation(body: _Conversation) -> tuple[list[dict[str, str]], str | None]:
-    """The chat-template messages, and the text of a final assistant turn to continue (or None)."""
-    turns: list[dict[str, str]] = []
+def _blocks(content: str | list[Block], kind: str) -> list[Block]:
+    return [] if isinstance(content, str) else [b for b in content if b.type == kind]
+
+
+def _tool_result(block: Block, where: str) -> dict[str, Any]:
+    if not block.tool_use_id:
+        raise invalid(f"{where}.tool_use_id: Field required", f"{where}.tool_use_id")
+    text = "" if block.content is None else _text(block.content, where)
+    return {"role": "tool", "tool_call_id": block.tool_use_id, "content": ("Error: " + text) if block.is_error else text}
+
+
+def _tool_use(block: Block, where: str) -> dict[str, Any]:
+    if not block.id or not block.name or block.input is None:
+        raise invalid(f"{where}: a tool_use block needs an id, a name and an input", where)
+    return ToolCall(block.id, block.name, json.dumps(block.input, ensure_ascii=False)).as_hf()
+
+
+def conversation(body: _Conversation) -> tuple[list[dict[str, Any]], str | None]:
+    """The chat-template messages (transformers' convention: an assistant turn's `tool_calls`,
+    `tool` turns for results), and the text of a final assistant turn to continue (or None)."""
+    turns: list[dict[str, Any]] = []
+    asked: set[str] = set()  # the ids of the calls in the assistant turn before
     for i, m in enumerate(body.messages):
         where = f"messages[{i}]"
         if m.role == "system":
@@ -135,17 +222,33 @@ def conversation(body: _Conversation) -> tuple[list[dict[str, str]], str | None]
                           "top-level 'system' parameter", f"{where}.role")
         if m.role not in ROLES:
             raise invalid(f"{where}.role: must be 'user' or 'assistant', not {m.role!r}", f"{where}.role")
-        text = _text(m.content, where)
+        kind = "tool_use" if m.role == "assistant" else "tool_result"
+        text = _text(m.content, where, (kind,))
+        tool_blocks = _blocks(m.content, kind)
         last = i == len(body.messages) - 1
-        if not text and not (last and m.role == "assistant"):
+        if not text and not tool_blocks and not (last and m.role == "assistant"):
             raise invalid(f"{where}: all messages must have non-empty content except for the optional final "
                           "assistant message", f"{where}.content")
+        if m.role == "user":  # results first: they answer the turn before
+            for b in tool_blocks:
+                if b.tool_use_id not in asked:
+                    raise invalid(f"{where}.content: unexpected tool_use_id {b.tool_use_id!r} in a tool_result block: each "
+                                  "must answer a tool_use block in the assistant turn just before", f"{where}.content")
+            turns += [_tool_result(b, f"{where}.content") for b in tool_blocks]
+            asked = set()
+            if not text:
+                continue
+        calls = [_tool_use(b, f"{where}.content") for b in tool_blocks]
+        if m.role == "assistant":
+            asked = {c["id"] for c in calls}
         if turns and turns[-1]["role"] == m.role:
-            turns[-1]["content"] += "\n" + text
+            turns[-1]["content"] = "\n".join(p for p in (turns[-1]["content"], text) if p)
+            if calls:
+                turns[-1]["tool_calls"] = turns[-1].get("tool_calls", []) + calls
         else:
-            turns.append({"role": m.role, "content": text})
+            turns.append({"role": m.role, "content": text, **({"tool_calls": calls} if calls else {})})
     prefill = None
-    if turns[-1]["role"] == "assistant":
+    if turns[-1]["role"] == "assistant" and not turns[-1].get("tool_calls"):
         prefill = turns.pop()["content"]
         if prefill != prefill.rstrip():
             raise invalid("final assistant content cannot end with trailing whitespace", "messages")
@@ -157,21 +260,22 @@ def conversation(body: _Conversation) -> tuple[list[dict[str, str]], str | None]
     return turns, prefill or None
 
 
-def prompt_ids(tokenizer: Tokenizer, turns: list[dict[str, str]], prefill: str | None) -> list[int]:
+def prompt_ids(tokenizer: Tokenizer, turns: list[dict[str, Any]], prefill: str | None, tools: list[Tool] = ()) -> list[int]:  # type: ignore[assignment]
     """The prompt's token ids. A prefill is rendered as the final assistant turn and cut right after
     its text (what transformers' continue_final_message does), so the reply continues that turn."""
+    msgs, extra = chat_messages(tokenizer, turns, list(tools))
     if prefill is None:
-        return tokenizer.encode_chat(turns)
-    text = tokenizer.apply_chat_template([*turns, {"role": "assistant", "content": prefill}], add_generation_prompt=False)
+        return tokenizer.encode(tokenizer.apply_chat_template(msgs, True, **extra), add_special_tokens=False)
+    text = tokenizer.apply_chat_template([*msgs, {"role": "assistant", "content": prefill}], add_generation_prompt=False, **extra)
     end = text.rfind(prefill)
     if end < 0:  # a template that rewrites assistant text: the generation prompt, then the prefill
-        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True) + prefill
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, **extra) + prefill
     else:
         text = text[: end + len(prefill)]
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _size(turns: list[dict[str, str]], prefill: str | None) -> int:
+def _size(turns: list[dict[str, Any]], prefill: str | None) -> int:
     return sum(len(t["content"]) for t in turns) + len(prefill or "")
 
 
@@ -183,31 +287,63 @@ class _Turn:
     event a text delta, and on its finish the closing events."""
 
     def __init__(self, msg_id: str, model: str, request: GenerationRequest, tokenizer: Tokenizer,
-                 context_bound: bool):
+                 context_bound: bool, family: Family | None = None):
         self.msg_id, self.model, self.request, self.tokenizer = msg_id, model, request, tokenizer
         self.context_bound = context_bound  # the context, not max_tokens, limits the reply's length
         self.text = ""
+        # With tools, blocks open as the reply needs them: text while the model writes text, a
+        # tool_use block per call; without, one text block from the start, as Anthropic sends it.
+        self.calls = CallStream(family) if family is not None else None
+        self.blocks = 0  # content blocks opened so far
+        self.text_open = False
 
     def opening(self) -> list[Event]:
         message = {"id": self.msg_id, "type": "message", "role": "assistant", "content": [], "model": self.model,
                    "stop_reason": None, "stop_sequence": None,
                    "usage": {"input_tokens": len(self.request.prompt_ids), "output_tokens": 0}}
-        return [
-            ("message_start", {"type": "message_start", "message": message}),
-            ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-            ("ping", {"type": "ping"}),
-        ]
+        out: list[Event] = [("message_start", {"type": "message_start", "message": message})]
+        if self.calls is None:
+            out += self._open({"type": "text", "text": ""})
+            self.text_open = True
+        return out + [("ping", {"type": "ping"})]
+
+    def _open(self, block: dict[str, Any]) -> list[Event]:
+        self.blocks += 1
+        return [("content_block_start", {"type": "content_block_start", "index": self.blocks - 1, "content_block": block})]
+
+    def _close(self) -> list[Event]:
+        return [("content_block_stop", {"type": "content_block_stop", "index": self.blocks - 1})]
 
     def step(self, ev: TokenEvent) -> list[Event]:
         out: list[Event] = []
-        if ev.text:
-            self.text += ev.text
-            out.append(("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                "delta": {"type": "text_delta", "text": ev.text}}))
-        if ev.finish_reason is not None and ev.finish_reason != "cancelled":
-            reason, sequence = self._stop_reason(ev.finish_reason)
+        finished = ev.finish_reason is not None and ev.finish_reason != "cancelled"
+        text, made = self.calls.feed(ev.text) if self.calls else (ev.text, [])
+        if finished and self.calls:
+            more, rest = self.calls.finish()
+            text, made = text + more, made + rest
+        if text:
+            if not self.text_open:
+                out += self._open({"type": "text", "text": ""})
+                self.text_open = True
+            self.text += text
+            out.append(("content_block_delta", {"type": "content_block_delta", "index": self.blocks - 1,
+                                                "delta": {"type": "text_delta", "text": text}}))
+        for call in made:
+            if self.text_open:
+                out += self._close()
+                self.text_open = False
+            out += self._open({"type": "tool_use", "id": _tool_use_id(call), "name": call.name, "input": {}})
+            out.append(("content_block_delta", {"type": "content_block_delta", "index": self.blocks - 1,
+                                                "delta": {"type": "input_json_delta", "partial_json": call.arguments}}))
+            out += self._close()
+        if finished:
+            if self.text_open:
+                out += self._close()
+                self.text_open = False
+            reason, sequence = self._stop_reason(ev.finish_reason)  # type: ignore[arg-type]
+            if reason == "end_turn" and self.calls is not None and self.calls.calls:
+                reason = "tool_use"
             out += [
-                ("content_block_stop", {"type": "content_block_stop", "index": 0}),
                 ("message_delta", {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
                                    "usage": {"output_tokens": len(self.request.output_ids)}}),
                 ("message_stop", {"type": "message_stop"}),
@@ -227,16 +363,27 @@ class _Turn:
         return "stop_sequence", min(hits)[1] if hits else stops[0]
 
 
+def _tool_use_id(call: ToolCall) -> str:
+    return "toolu_" + call.id.removeprefix("call_") if call.id.startswith("call_") else call.id
+
+
 def fold(events: list[Event]) -> dict[str, Any]:
     """The `Message` a stream of events describes (what Anthropic's clients accumulate)."""
     message: dict[str, Any] = {}
+    partial: dict[int, str] = {}  # a tool_use block's input JSON, until the block stops
     for name, data in events:
         if name == "message_start":
             message = {**data["message"], "content": [], "usage": dict(data["message"]["usage"])}
         elif name == "content_block_start":
             message["content"].append(dict(data["content_block"]))
         elif name == "content_block_delta":
-            message["content"][data["index"]]["text"] += data["delta"]["text"]
+            delta = data["delta"]
+            if delta["type"] == "input_json_delta":
+                partial[data["index"]] = partial.get(data["index"], "") + delta["partial_json"]
+            else:
+                message["content"][data["index"]]["text"] += delta["text"]
+        elif name == "content_block_stop" and data["index"] in partial:
+            message["content"][data["index"]]["input"] = json.loads(partial.pop(data["index"]) or "{}")
         elif name == "message_delta":
             message.update(data["delta"])
             message["usage"].update(data["usage"])
@@ -295,22 +442,35 @@ class AnthropicHandlers:
     async def count_tokens(self, request: web.Request) -> web.Response:
         body: CountTokensRequest = parse(CountTokensRequest, await read_json(request))
         _refuse_unsupported(body)
+        tools, choice = tools_of(body)
         turns, prefill = conversation(body)
+        offered = tools if choice.mode != "none" else []
         inst = await self.service.acquire(body.model)
-        ids = await tokenize(lambda: prompt_ids(inst.tokenizer, turns, prefill), _size(turns, prefill))
+        try:
+            ids = await tokenize(lambda: prompt_ids(inst.tokenizer, turns, prefill, offered), _size(turns, prefill))
+        except TemplateError as e:
+            raise invalid(f"the model's chat template refused these messages: {e}", "messages") from None
         return json_response({"input_tokens": len(ids)})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         t0 = time.perf_counter()
         body: MessagesRequest = parse(MessagesRequest, await read_json(request))
         _refuse_unsupported(body)
+        tools, choice = tools_of(body)
         turns, prefill = conversation(body)
+        if prefill is not None and choice.mode == "required":
+            raise invalid("a final assistant turn (prefill) cannot be combined with a tool_choice that forces a call",
+                          "messages")
+        offered = tools if choice.mode != "none" else []
         reply = _AnthropicReply(request, bool(body.stream))
         try:
             inst = await acquire(self.service, body.model, reply)
-            ids = await tokenize(lambda: prompt_ids(inst.tokenizer, turns, prefill), _size(turns, prefill))
+            ids = await tokenize(lambda: prompt_ids(inst.tokenizer, turns, prefill, offered), _size(turns, prefill))
             max_tokens, context_bound = self._budget(body.max_tokens, len(ids), inst)
+            d = dialect(inst.tokenizer) if offered else None
             params = sampling(
+                constraint=tool_constraint(inst.tokenizer, tools, choice) if d else None,
+                skip_special_tokens=not (d and d.keep_special),
                 max_tokens=max_tokens,
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p,
@@ -320,7 +480,10 @@ class AnthropicHandlers:
             [stream] = await submit(inst, inst.name, ids, params, t0, "msg")
         except ApiError as e:
             return await reply.fail(e)
-        turn = _Turn(new_request_id("msg").replace("-", "_"), inst.name, stream.request, inst.tokenizer, context_bound)
+        except TemplateError as e:
+            return await reply.fail(invalid(f"the model's chat template refused these messages: {e}", "messages"))
+        turn = _Turn(new_request_id("msg").replace("-", "_"), inst.name, stream.request, inst.tokenizer, context_bound,
+                     d.family if d else None)
         async with watch_disconnect(request, [stream]):
             try:
                 if body.stream:

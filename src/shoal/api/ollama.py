@@ -10,6 +10,7 @@ prompt (or message list) only loads the model; with keep_alive 0 it unloads it, 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -36,6 +37,16 @@ from shoal.api.generation import (
 from shoal.api.instance import GenerationStream, Instance, ModelCard
 from shoal.api.ollama_pull import OllamaModelFiles
 from shoal.api.service import ModelService
+from shoal.api.tools import (
+    CallStream,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    check_tools,
+    dialect,
+    encode_chat,
+    make_tool,
+)
 from shoal.engine.generate import TokenEvent
 from shoal.engine.grammar import Constraint
 
@@ -59,10 +70,32 @@ class Options(_Body):
     num_ctx: int | None = Field(None, description="ignored: the model's own context is used")
 
 
+class CalledFunction(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class MessageToolCall(_Body):
+    function: CalledFunction
+
+
 class Message(_Body):
     role: str = Field(min_length=1, max_length=64)
     content: str | None = ""
     images: list[Any] | None = Field(None, description="not supported")
+    tool_calls: list[MessageToolCall] | None = Field(None, description="an assistant turn's calls")
+    tool_name: str | None = Field(None, description="a tool turn's: the function that answered")
+
+
+class FunctionDef(_Body):
+    name: Any = None
+    description: Any = None
+    parameters: Any = None
+
+
+class ToolDef(_Body):
+    type: str = "function"
+    function: FunctionDef
 
 
 class _Common(_Body):
@@ -77,7 +110,7 @@ class _Common(_Body):
 
 class ChatRequest(_Common):
     messages: list[Message] | None = None
-    tools: list[Any] | None = Field(None, description="not supported")
+    tools: list[ToolDef] | None = None
     think: bool | str | None = None
 
 
@@ -121,7 +154,8 @@ def _constraint(body: _Common) -> Constraint | None:
     return json_constraint(None, False, "format", "format") if body.format == "json" else None
 
 
-def _params(body: _Common, prompt_tokens: int, inst: Instance, cap: int | None, constraint: Constraint | None = None):
+def _params(body: _Common, prompt_tokens: int, inst: Instance, cap: int | None, constraint: Constraint | None = None,
+            skip_special_tokens: bool = True):
     o = body.options or Options()
     n = None if o.num_predict is None or o.num_predict < 0 else o.num_predict
     stop = () if o.stop is None else ((o.stop,) if isinstance(o.stop, str) else tuple(o.stop))
@@ -135,6 +169,7 @@ def _params(body: _Common, prompt_tokens: int, inst: Instance, cap: int | None, 
         stop=stop,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         constraint=constraint,
+        skip_special_tokens=skip_special_tokens,
     )
 
 
@@ -197,7 +232,7 @@ class OllamaHandlers:
             "template": template,
             "details": card.details(),
             "model_info": {"general.architecture": arch, f"{arch}.context_length": card.context_length},
-            "capabilities": ["completion"],
+            "capabilities": ["completion", "tools"],
             "modified_at": _iso(card.modified_at),
         })
 
@@ -212,14 +247,29 @@ class OllamaHandlers:
         t0 = time.perf_counter()
         body: ChatRequest = parse(ChatRequest, await read_json(request))
         _refuse_unsupported(body)
-        if body.tools:
-            raise invalid("tools are not supported by shoal yet", "tools")
+        tools = []
+        for i, t in enumerate(body.tools or []):
+            if t.type != "function":
+                raise invalid(f"tools[{i}]: only tools of type 'function' are supported", f"tools[{i}].type")
+            tools.append(make_tool(t.function.name, t.function.description, t.function.parameters, f"tools[{i}].function"))
+        check_tools(tools, ToolChoice(), "tools")
         messages = []
+        pending: list[str] = []  # ids given to the last assistant turn's calls, for the tool turns that answer them
         for i, m in enumerate(body.messages or []):
             if m.images:
                 raise invalid("images are not supported by shoal yet", f"messages[{i}].images")
-            messages.append({"role": m.role, "content": m.content or ""})
-        return await self._run(request, body, t0, messages=messages)
+            msg: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+            if m.tool_calls:
+                calls = [ToolCall(f"call_{i}_{k}", c.function.name, json.dumps(c.function.arguments, ensure_ascii=False))
+                         for k, c in enumerate(m.tool_calls)]
+                msg["tool_calls"] = [c.as_hf() for c in calls]
+                pending = [c.id for c in calls]
+            if m.role == "tool":
+                msg["tool_call_id"] = pending.pop(0) if pending else f"call_{i}"
+                if m.tool_name:
+                    msg["name"] = m.tool_name
+            messages.append(msg)
+        return await self._run(request, body, t0, messages=messages, tools=tools)
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         t0 = time.perf_counter()
@@ -233,7 +283,8 @@ class OllamaHandlers:
         return await self._run(request, body, t0, prompt=body.prompt or "")
 
     async def _run(self, request: web.Request, body: ChatRequest | GenerateRequest, t0: float,
-                   messages: list[dict] | None = None, prompt: str | None = None) -> web.StreamResponse:
+                   messages: list[dict] | None = None, prompt: str | None = None,
+                   tools: list[Tool] | None = None) -> web.StreamResponse:
         is_chat = messages is not None
         head = {"model": body.model, "created_at": ""}
         empty = {"message": {"role": "assistant", "content": ""}} if is_chat else {"response": ""}
@@ -255,8 +306,9 @@ class OllamaHandlers:
         try:
             inst = await acquire(self.service, body.model, reply)
             size = len(prompt or "") + sum(len(m["content"]) for m in messages or [])
-            ids = await tokenize(lambda: self._prompt_ids(inst, body, messages, prompt), size)
-            params = _params(body, len(ids), inst, self.service.config.max_tokens_cap, constraint)
+            ids = await tokenize(lambda: self._prompt_ids(inst, body, messages, prompt, tools or []), size)
+            d = dialect(inst.tokenizer) if tools else None
+            params = _params(body, len(ids), inst, self.service.config.max_tokens_cap, constraint, not (d and d.keep_special))
             (s,) = await submit(inst, inst.name, ids, params, t0, "ollama")
         except ApiError as e:
             return await reply.fail(e)
@@ -265,9 +317,12 @@ class OllamaHandlers:
         load_ns = 0 if loaded_before else int(inst.load_seconds * 1e9)
         pieces = self.pieces(inst) if body.logprobs else None
         text_key = "message" if is_chat else "response"
+        calls = CallStream(d.family) if d else None
 
-        def record(text: str, lps: list | None) -> dict[str, Any]:
+        def record(text: str, lps: list | None, made: list[ToolCall] | None = None) -> dict[str, Any]:
             out = {**head, "created_at": _now(), text_key: {"role": "assistant", "content": text} if is_chat else text, "done": False}
+            if made:
+                out["message"]["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments_value()}} for c in made]
             if lps is not None:
                 out["logprobs"] = lps
             return out
@@ -285,8 +340,12 @@ class OllamaHandlers:
                 if stream:
                     async def on_event(_: int, ev: TokenEvent) -> None:
                         lp = token_logprobs_openai(pieces, ev) if pieces else None
-                        if ev.text or lp:
-                            await reply.send(record(ev.text, [lp] if lp else ([] if pieces else None)))
+                        text, made = calls.feed(ev.text) if calls else (ev.text, [])
+                        if calls and ev.finish_reason is not None:
+                            more, rest = calls.finish()
+                            text, made = text + more, made + rest
+                        if text or lp or made:
+                            await reply.send(record(text, [lp] if lp else ([] if pieces else None), made))
                         if ev.finish_reason is not None and ev.finish_reason != "cancelled":
                             await reply.send(final(ev.finish_reason, "", [] if pieces else None))
 
@@ -304,17 +363,26 @@ class OllamaHandlers:
                         reason[0] = ev.finish_reason
 
                 await run_to_end([s], collect, reply.keepalive)
-                return await reply.complete(final(reason[0], "".join(parts), lps if pieces else None))
+                text, made = "".join(parts), []
+                if calls:
+                    text, made = calls.feed(text)
+                    more, rest = calls.finish()
+                    text, made = text + more, made + rest
+                out = final(reason[0], text, lps if pieces else None)
+                if made:
+                    out["message"]["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments_value()}} for c in made]
+                return await reply.complete(out)
             except ApiError as e:
                 return await reply.fail(e)
             except ConnectionError:
                 return reply.response or web.Response(status=499)
 
     @staticmethod
-    def _prompt_ids(inst: Instance, body: ChatRequest | GenerateRequest, messages: list[dict] | None, prompt: str | None) -> list[int]:
+    def _prompt_ids(inst: Instance, body: ChatRequest | GenerateRequest, messages: list[dict] | None, prompt: str | None,
+                    tools: list[Tool]) -> list[int]:
         tok = inst.tokenizer
         if messages is not None:
-            return tok.encode_chat(messages)
+            return encode_chat(tok, messages, tools)
         assert isinstance(body, GenerateRequest) and prompt is not None
         context = list(body.context or [])
         if context and max(context) >= tok.vocab_size:

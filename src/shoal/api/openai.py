@@ -2,7 +2,7 @@
 
 Request bodies are pydantic models (strict types: a string where a number belongs is a 400, not a
 silent conversion); unknown fields are accepted and ignored, as clients send ones we do not use.
-Parameters we cannot honour (penalties, logit_bias, tools) are refused by name rather
+Parameters we cannot honour (penalties, logit_bias) are refused by name rather
 than ignored, since ignoring them would change what the client gets without telling it.
 Responses are plain dicts in OpenAI's exact shapes; shoal's timings ride in an extra "shoal" field.
 """
@@ -34,6 +34,17 @@ from shoal.api.generation import (
 )
 from shoal.api.instance import GenerationStream, Instance, new_request_id
 from shoal.api.service import ModelService
+from shoal.api.tools import (
+    CallStream,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    check_tools,
+    dialect,
+    encode_chat,
+    make_tool,
+)
+from shoal.api.tools import constraint as tool_constraint
 from shoal.engine.generate import TokenEvent
 from shoal.engine.grammar import Constraint
 
@@ -56,10 +67,44 @@ class ContentPart(_Body):
     text: str | None = None
 
 
+class FunctionCall(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(description="a JSON object, as text")
+
+
+class MessageToolCall(_Body):
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = Field(None, description="an assistant turn's calls")
+    tool_call_id: str | None = Field(None, description="a tool turn's: the call it answers")
+
+
+class FunctionDef(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = Field(None, description="calls forced by tool_choice always match the schema")
+
+
+class ToolDef(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(_Body):
@@ -108,7 +153,9 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = Field(None, description="not supported")
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -148,6 +195,23 @@ def _sampling_kwargs(body: _Sampling) -> dict[str, Any]:
         "stop": parse_stop(body.stop),
         "ignore_eos": bool(body.ignore_eos),
     }
+
+
+def _tools(body: ChatCompletionRequest) -> tuple[list[Tool], ToolChoice]:
+    if not body.tools:
+        if body.tool_choice is not None and body.tool_choice != "none":
+            raise invalid("tool_choice is only allowed when tools are specified", "tool_choice")
+        return [], ToolChoice("none")
+    tools = [make_tool(t.function.name, t.function.description, t.function.parameters, f"tools[{i}].function")
+             for i, t in enumerate(body.tools)]
+    parallel = body.parallel_tool_calls is not False
+    c = body.tool_choice
+    choice = (ToolChoice("required", c.function.name, parallel) if isinstance(c, NamedToolChoice)
+              else ToolChoice(c or "auto", None, parallel))
+    check_tools(tools, choice, "tools")
+    if choice.mode == "required" and body.response_format is not None and body.response_format.type != "text":
+        raise invalid("response_format cannot be combined with a tool_choice that forces a call", "response_format")
+    return tools, choice
 
 
 def _constraint(fmt: ResponseFormat | None) -> Constraint | None:
@@ -202,8 +266,7 @@ class OpenAIHandlers:
         t0 = time.perf_counter()
         body: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
         _refuse_unsupported(body)
-        if body.tools:
-            raise invalid("tools are not supported by shoal yet", "tools", "unsupported_parameter")
+        tools, choice = _tools(body)
         constraint = _constraint(body.response_format)
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
@@ -212,13 +275,18 @@ class OpenAIHandlers:
         reply = Reply(request, "sse" if body.stream else "json")
         try:
             inst = await acquire(self.service, body.model, reply)
-            size = sum(len(m["content"]) for m in messages)
-            ids = await tokenize(lambda: inst.tokenizer.encode_chat(messages), size)
+            size = sum(len(m["content"]) for m in messages) + sum(len(str(t.parameters)) for t in tools)
+            offered = tools if choice.mode != "none" else []
+            ids = await tokenize(lambda: encode_chat(inst.tokenizer, messages, offered), size)
+            d = dialect(inst.tokenizer) if offered else None
+            if d is not None:
+                constraint = tool_constraint(inst.tokenizer, tools, choice) or constraint
             requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
             param = "max_completion_tokens" if body.max_completion_tokens is not None else "messages"
             max_tokens = max_tokens_for(requested, len(ids), inst.max_context, self.service.config.max_tokens_cap, param)
             params = sampling(max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-                              constraint=constraint, **_sampling_kwargs(body))
+                              constraint=constraint, skip_special_tokens=not (d and d.keep_special),
+                              **_sampling_kwargs(body))
             streams = await submit(inst, inst.name, ids, params, t0, "chatcmpl", n)
         except ApiError as e:
             return await reply.fail(e)
@@ -228,19 +296,20 @@ class OpenAIHandlers:
         base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": inst.name,
                 "system_fingerprint": FINGERPRINT}
         pieces = self.pieces(inst) if body.logprobs else None
+        calls = [CallStream(d.family) for _ in streams] if d else None
         async with watch_disconnect(request, streams):
             try:
                 if body.stream:
                     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                    return await self._chat_stream(reply, base, streams, pieces, include_usage)
-                return await self._chat_whole(reply, {**base, "object": "chat.completion"}, streams, pieces)
+                    return await self._chat_stream(reply, base, streams, pieces, include_usage, calls)
+                return await self._chat_whole(reply, {**base, "object": "chat.completion"}, streams, pieces, calls)
             except ApiError as e:
                 return await reply.fail(e)
             except ConnectionError:  # the client went away mid-write; the guard cancels its sequences
                 return reply.response or web.Response(status=499)
 
     async def _chat_stream(self, reply: Reply, base: dict, streams: list[GenerationStream], pieces: TokenPieces | None,
-                           include_usage: bool) -> web.StreamResponse:
+                           include_usage: bool, calls: list[CallStream] | None) -> web.StreamResponse:
         usage_null = {"usage": None} if include_usage else {}
 
         async def send(choice: dict, **extra: Any) -> None:
@@ -249,13 +318,29 @@ class OpenAIHandlers:
         for i in range(len(streams)):
             await send({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
 
+        async def send_calls(i: int, new: list[ToolCall]) -> None:
+            # As OpenAI streams a call: its id and name first, then its arguments.
+            for call in new:
+                k = calls[i].calls.index(call)  # type: ignore[index]
+                await send({"index": i, "delta": {"tool_calls": [{"index": k, "id": call.id, "type": "function",
+                                                                  "function": {"name": call.name, "arguments": ""}}]},
+                            "logprobs": None, "finish_reason": None})
+                await send({"index": i, "delta": {"tool_calls": [{"index": k, "function": {"arguments": call.arguments}}]},
+                            "logprobs": None, "finish_reason": None})
+
         async def on_event(i: int, ev: TokenEvent) -> None:
             lp = token_logprobs_openai(pieces, ev) if pieces else None
-            if ev.text or lp:
-                await send({"index": i, "delta": {"content": ev.text}, "logprobs": {"content": [lp]} if lp else None,
+            text, new = calls[i].feed(ev.text) if calls else (ev.text, [])
+            finished = ev.finish_reason is not None and ev.finish_reason != "cancelled"
+            if finished and calls:
+                more, rest = calls[i].finish()
+                text, new = text + more, new + rest
+            if text or lp:
+                await send({"index": i, "delta": {"content": text}, "logprobs": {"content": [lp]} if lp else None,
                             "finish_reason": None})
-            if ev.finish_reason is not None and ev.finish_reason != "cancelled":
-                await send({"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason},
+            await send_calls(i, new)
+            if finished:
+                await send({"index": i, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(ev.finish_reason, calls, i)},
                            shoal=timings(streams[i].request))
 
         await run_to_end(streams, on_event, reply.keepalive)
@@ -264,7 +349,7 @@ class OpenAIHandlers:
         return await reply.end()
 
     async def _chat_whole(self, reply: Reply, base: dict, streams: list[GenerationStream],
-                          pieces: TokenPieces | None) -> web.StreamResponse:
+                          pieces: TokenPieces | None, calls: list[CallStream] | None) -> web.StreamResponse:
         texts = [""] * len(streams)
         lps: list[list[dict]] = [[] for _ in streams]
         finish: list[str | None] = [None] * len(streams)
@@ -277,11 +362,18 @@ class OpenAIHandlers:
                 finish[i] = ev.finish_reason
 
         await run_to_end(streams, on_event, reply.keepalive)
-        choices = [
-            {"index": i, "message": {"role": "assistant", "content": texts[i], "refusal": None},
-             "logprobs": {"content": lps[i], "refusal": None} if pieces else None, "finish_reason": finish[i]}
-            for i in range(len(streams))
-        ]
+        choices = []
+        for i in range(len(streams)):
+            message: dict[str, Any] = {"role": "assistant", "content": texts[i], "refusal": None}
+            if calls:
+                content, made = calls[i].feed(texts[i])
+                more, rest = calls[i].finish()
+                message["content"] = (content + more) or (None if made + rest else "")
+                if made + rest:
+                    message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                             for c in made + rest]
+            choices.append({"index": i, "message": message, "logprobs": {"content": lps[i], "refusal": None} if pieces else None,
+                            "finish_reason": _finish_reason(finish[i], calls, i)})
         return await reply.complete({**base, "choices": choices, "usage": _usage(streams), "shoal": timings(streams[0].request)})
 
     # -- legacy completions
@@ -430,6 +522,10 @@ def _usage(streams: list[GenerationStream], prompt_ids: list[list[int]] | None =
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+def _finish_reason(reason: str | None, calls: list[CallStream] | None, i: int) -> str | None:
+    return "tool_calls" if reason == "stop" and calls and calls[i].calls else reason
+
+
 def _template_message(m: ChatMessage, index: int) -> dict[str, Any]:
     if m.content is None:
         content = ""
@@ -447,6 +543,14 @@ def _template_message(m: ChatMessage, index: int) -> dict[str, Any]:
     msg: dict[str, Any] = {"role": role, "content": content}
     if m.name:
         msg["name"] = m.name
+    if m.tool_calls:
+        if m.role != "assistant":
+            raise invalid("only assistant messages carry tool_calls", f"messages[{index}].tool_calls")
+        msg["tool_calls"] = [ToolCall(c.id, c.function.name, c.function.arguments).as_hf() for c in m.tool_calls]
+    if m.role == "tool":
+        if not m.tool_call_id:
+            raise invalid("a tool message needs the tool_call_id of the call it answers", f"messages[{index}].tool_call_id")
+        msg["tool_call_id"] = m.tool_call_id
     return msg
 
 

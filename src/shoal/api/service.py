@@ -145,7 +145,7 @@ class ModelService:
     @staticmethod
     def canonical(name: str) -> str:
         # Ollama clients add a tag; ours has one version per name.
-        return name[: -len(":latest")] if name.endswith(":latest") else name
+        return name.removesuffix(":latest")
 
     def get(self, name: str) -> Instance | None:
         return self.instances.get(self.canonical(name))

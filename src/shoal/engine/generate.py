@@ -135,7 +135,7 @@ class BatchGenerator:
         if len(full) >= self.max_context:
             raise ContextOverflowError(len(full), self.max_context)
         uid = next(self._uids)
-        seq = Sequence(uid, full, params, self.model.make_cache(), StreamingDetokenizer(self.tokenizer), make_generator(params))
+        seq = Sequence(uid, full, params, self.model.make_cache(), StreamingDetokenizer(self.tokenizer, params.skip_special_tokens), make_generator(params))
         seq.stats.prompt_tokens, seq.stats.t_added = len(full), time.perf_counter()
         if params.constraint is not None:  # an unusable one is this request's ValueError (InvalidConstraint)
             seq.matcher = self.grammars.matcher(params.constraint)

@@ -23,6 +23,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # also score the prompt (each token given the ones before it)
     stop_token_ids: tuple[int, ...] = field(default=())
     constraint: Constraint | None = None  # the output must match this schema or grammar (engine/grammar.py)
+    # False: special tokens the model writes stay in the text (tool-call markers that are tokens).
+    skip_special_tokens: bool = True
 
     def __post_init__(self):
         if self.max_tokens < 0:

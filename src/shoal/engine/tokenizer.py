@@ -163,15 +163,16 @@ class StreamingDetokenizer:
     Decodes a short window (from the last emitted boundary) rather than the whole text each step,
     and holds text back while the window ends in a replacement character (an incomplete byte run)."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.prefix = 0  # window start
         self.read = 0  # tokens before this are emitted
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        decode = self.tokenizer.decode
+        decode = self._decode
         before = decode(self.ids[self.prefix : self.read])
         text = decode(self.ids[self.prefix :])
         if len(text) > len(before) and not text.endswith("\ufffd"):
@@ -179,8 +180,11 @@ class StreamingDetokenizer:
             return text[len(before) :]
         return ""
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, self.skip_special_tokens)
+
     def flush(self) -> str:
-        decode = self.tokenizer.decode
+        decode = self._decode
         text = decode(self.ids[self.prefix :])
         before = decode(self.ids[self.prefix : self.read])
         self.prefix = self.read = len(self.ids)

@@ -80,6 +80,7 @@ class Sampling(_Msg):
     prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOPS)] = []
     constraint: Grammar | None = None
+    skip_special_tokens: bool = True
 
     def params(self) -> SamplingParams:
         d = self.model_dump()
@@ -91,6 +92,7 @@ class Sampling(_Msg):
         return cls(max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
                    seed=p.seed, stop=list(p.stop), ignore_eos=p.ignore_eos, logprobs=p.logprobs,
                    prompt_logprobs=p.prompt_logprobs, stop_token_ids=list(p.stop_token_ids),
+                   skip_special_tokens=p.skip_special_tokens,
                    constraint=None if p.constraint is None else Grammar(kind=p.constraint.kind, text=p.constraint.text,
                                                                         strict=p.constraint.strict))
 
