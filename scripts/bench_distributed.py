@@ -100,8 +100,11 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        subprocess.run([sys.executable, "-c", "import sys, pathlib; from shoal.cluster.profile import load_or_measure; "
-                        "load_or_measure(pathlib.Path(sys.argv[1]))", str(root / "profile.json")], check=True)
+        # One profile for the three nodes, kept even if measured under load (its warning says so):
+        # three nodes measuring the same cores at once would all be.
+        subprocess.run([sys.executable, "-c", "import sys, pathlib; from shoal.cluster.profile import measure_profile, "
+                        "write_cache; write_cache(pathlib.Path(sys.argv[1]), measure_profile().model_copy(update={'reliable': True}))",
+                        str(root / "profile.json")], check=True)
         urls = []
         for i in range(3):
             home = root / f"n{i}"

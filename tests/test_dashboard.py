@@ -85,7 +85,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, cached_profile: Path) -> I
     launcher = NodeLauncher(root, cached_profile)
     try:
         a = launcher.start("node-a")
-        b = launcher.start("node-b", peers=[a])
+        b = launcher.start("node-b", peers=[a], extra=["--device", "torch-cpu"])  # its card says where it computes
         assert _serves_dashboard(a), f"node-a serves no dashboard:\n{a.log()[-3000:]}"
         wait_for(lambda: sum(n["status"] == "up" for n in a.cluster()["nodes"]) == 2, 15, what="2 nodes up")
         yield Cluster(a, b)
@@ -157,6 +157,8 @@ def test_topology_shows_both_nodes(page: Any, cluster: Cluster) -> None:
         expect(card.locator(".meter-text")).to_contain_text("free")
     expect(page.locator("li.node")).to_have_count(2)
     expect(node_card(page, "node-a")).to_contain_text("this node")
+    expect(node_card(page, "node-a").locator("dd[data-device]")).to_have_attribute("data-device", "cpu")
+    expect(node_card(page, "node-b").locator("dd[data-device]")).to_contain_text("CPU (torch)")
     # The link between them, measured and drawn with its RTT and bandwidth.
     expect(page.locator("#topo-links .label text.rtt")).to_contain_text(" ms", timeout=20_000)
     expect(page.locator("#topo-links .label text.bw")).to_contain_text("b/s")

@@ -100,11 +100,14 @@ def decode(ids: list[int]) -> str:
 # -- fixtures --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory, cached_profile: Path):
-    """Nodes a (the entry, with a small KV budget) and b, and the bundled model as a pipeline over both."""
+    """Nodes a (the entry, with a small KV budget) and b, and the bundled model as a pipeline over both.
+    a computes with the numba engine, b with the torch backend (`--device torch-cpu`): every test
+    of this module runs through a pipeline of two devices, and its greedy text must equal the
+    single-process run's."""
     nl = NodeLauncher(tmp_path_factory.mktemp("pipeline2"), cached_profile)
     try:
         a = nl.start("a", extra=["--kv-budget", KV_BUDGET])
-        b = nl.start("b", peers=[a])
+        b = nl.start("b", peers=[a], extra=["--device", "torch-cpu"])
         wait_for(lambda: all(len([x for x in n.cluster()["nodes"] if x["status"] == "up"]) == 2 for n in (a, b)), 30,
                  what="two nodes up")
         status, out, _ = call(a, "POST", "/v1/instances", {"model": DEFAULT_MODEL, "strategy": "pipeline", "nodes": ["a", "b"],
@@ -112,6 +115,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, cached_profile: Path):
         assert status == 202, out
         inst = wait_ready(a, out["instance"]["id"])
         assert [s["node_name"] for s in inst["shards"]] == ["a", "b"]
+        logs = {n: "".join(p.read_text() for p in (nl.root / n / "runners").glob("*.log")) for n in "ab"}
+        assert "on cpu" in logs["a"] and "on torch-cpu" in logs["b"], logs
         yield a, b, inst
     finally:
         nl.close()

@@ -323,3 +323,221 @@ def test_probe_measures_this_machine():
     # (the per-layer cost is a difference of two timings, floored at 1 µs), but always usable ones.
     assert math.isfinite(got["layer_overhead_us"]) and got["layer_overhead_us"] >= 1.0
     assert math.isfinite(got["q4_read_gbps"]) and got["q4_read_gbps"] > 0.0
+    assert math.isfinite(got["spread"]) and got["spread"] >= 0.0  # the worst round / the best - 1
+
+
+# -- profiles that can be trusted -----------------------------------------------------------------------
+def _measured_here() -> NodeProfile:
+    """A profile of this machine as measured (fingerprint included), without the decode probe's
+    child process; marked reliable whatever the machine was doing, for the cache tests below."""
+    from shoal.cluster.profile import measure_profile
+
+    return measure_profile(budget_s=0.5, decode_budget_s=None).model_copy(update={"reliable": True})
+
+
+def test_a_profile_with_absurd_figures_is_not_cached_and_measured_again(tmp_path):
+    """Figures no machine gives (the issue's 128 ms per layer, a read rate of a few MB/s, a NaN) are
+    named; such a profile is used for the run but never written, so the next start measures again;
+    and a cache holding one, or one marked unreliable, is ignored."""
+    from shoal.cluster.profile import implausible, load_cached, load_or_measure, untrusted, write_cache
+
+    good = _measured_here()
+    absurd = good.model_copy(update={"layer_overhead_us": 128_000.0, "q4_read_gbps": 0.003})
+    assert untrusted(good) == []
+    assert [w.split()[0] for w in implausible(absurd)] == ["q4_read_gbps", "layer_overhead_us"]
+    assert [w.split()[0] for w in implausible(good.model_copy(update={"memory_bandwidth_gbps": math.nan}))] == [
+        "memory_bandwidth_gbps"]
+
+    path = tmp_path / "profile.json"
+    measured: list[NodeProfile] = []
+
+    def measure(budget_s: float) -> NodeProfile:
+        measured.append(absurd)
+        return absurd
+
+    for start in (1, 2):  # two node starts: each measures, neither caches
+        prof, cached = load_or_measure(path, measure=measure)
+        assert (prof, cached, len(measured)) == (absurd, False, start)
+        assert not path.exists()
+
+    write_cache(path, good)
+    assert load_cached(path) == good
+    for bad in (absurd, good.model_copy(update={"reliable": False})):
+        write_cache(path, bad)  # as an older version, or a hand, might have left it
+        assert load_cached(path) is None
+    prof, cached = load_or_measure(path, measure=measure)
+    assert (prof, cached, len(measured)) == (absurd, False, 3)
+
+
+def test_a_profile_measured_while_other_processes_load_the_cpu_is_not_cached(tmp_path):
+    """Busy loops on every core: the load meter sees them, the profile measured meanwhile is marked
+    unreliable and not cached, and the next start (the loops gone) measures again. What the detection
+    returns for the load made here is checked, not how fast anything ran."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from shoal.cluster.profile import busy_limit, load_or_measure, measure_profile, other_load
+
+    path = tmp_path / "profile.json"
+    cores = psutil.cpu_count(logical=True) or 1
+
+    def measure(budget_s: float) -> NodeProfile:
+        return measure_profile(budget_s, decode_budget_s=None)  # the load check, without the probe's child
+
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        # Until every loop is spinning (past the interpreter's start), whatever the machine's speed.
+        deadline = time.monotonic() + 60
+        while min(psutil.Process(p.pid).cpu_times().user for p in loops) < 0.2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert other_load(0.5) > busy_limit(cores)
+        prof, cached = load_or_measure(path, 1.0, measure=measure)
+    finally:
+        for p in loops:
+            p.kill()
+        for p in loops:
+            p.wait()
+    assert not cached and not prof.reliable
+    assert not path.exists()
+    again, cached = load_or_measure(path, 1.0, measure=measure)
+    assert not cached and again.measured_at > prof.measured_at
+
+
+# -- measured decode speeds feed back into the plans ------------------------------------------------------
+def test_a_measured_decode_corrects_the_next_plan_for_that_node(tmp_path):
+    """A single-node instance that decoded at 60% of its prediction: the correction it gives makes
+    the next plan on that node predict what was measured; measuring that again changes nothing (the
+    plan says which correction it was priced with, so corrections do not compound); it is bounded,
+    learned from one node's placements only, and kept in <home> for the profile it was learned on."""
+    from shoal.placement.cost import CORRECTION_BOUNDS
+    from shoal.placement.feedback import DecodeFeedback, target_correction
+
+    m = spec()
+    a = probed("a", 10.0, 100.0, me=True)
+    first = plan(m, cluster([a]))
+    assert first.strategy == "single" and first.shards[0].decode_correction == 1.0
+    measured = 0.6 * first.prediction.decode_tokens_per_s
+    target = target_correction(first, a.id, measured)
+    assert target is not None and target < 0.6  # the entry's fixed per-step cost is not the node's speed
+
+    fb = DecodeFeedback(tmp_path / "decode_correction.json")
+    assert a.profile is not None
+    c = fb.add(a.profile, target)
+    assert c == pytest.approx(target)
+    corrected = a.model_copy(update={"profile": a.profile.model_copy(update={"decode_correction": c})})
+    second = plan(m, cluster([corrected]))
+    assert second.prediction.decode_tokens_per_s == pytest.approx(measured, rel=1e-3)
+    assert second.shards[0].decode_correction == c and "measured decodes" in second.reason
+    assert target_correction(second, a.id, measured) == pytest.approx(c, rel=1e-3)
+
+    # Bounded both ways; only a placement held whole by the node teaches it anything.
+    assert target_correction(first, a.id, 1e6 * measured) == CORRECTION_BOUNDS[1]
+    assert target_correction(first, a.id, 1e-6 * measured) == CORRECTION_BOUNDS[0]
+    two = cluster([a, probed("b", 10.0, 100.0)], rtt_ms=0.2)
+    pipe = plan(m, two, PlacementRequest(strategy="pipeline", node_count=2))
+    assert target_correction(pipe, a.id, measured) is None
+    assert target_correction(first, "another node", measured) is None
+
+    # Kept for the next start of the same profile; a profile measured again starts from 1.
+    assert DecodeFeedback(tmp_path / "decode_correction.json").load(a.profile) == pytest.approx(c)
+    remeasured = a.profile.model_copy(update={"measured_at": a.profile.measured_at + 60})
+    assert DecodeFeedback(tmp_path / "decode_correction.json").load(remeasured) == 1.0
+    # The median of the last few: one odd request does not swing the next plan.
+    assert fb.add(a.profile, CORRECTION_BOUNDS[1]) == pytest.approx((c + CORRECTION_BOUNDS[1]) / 2)
+    assert fb.add(a.profile, target) == pytest.approx(c)
+
+
+def test_a_node_learns_its_decode_speed_from_the_instance_it_runs(launcher):
+    """For real: a node runs the bundled model alone, a request decodes 40 tokens, and the node's
+    profile now carries the correction that makes its next plan predict the measured speed (the
+    relation between what was measured and what is predicted, not how fast this machine is)."""
+    import urllib.request
+
+    from conftest import wait_for
+
+    from shoal.catalog import CATALOG, DEFAULT_MODEL, bundled_path
+    from shoal.placement.cost import CORRECTION_BOUNDS
+
+    if bundled_path(CATALOG[DEFAULT_MODEL]) is None:
+        pytest.skip("the bundled model is not installed")
+
+    def call(method: str, path: str, body: dict | None = None) -> tuple[int, str]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(a.url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, r.read().decode()
+
+    a = launcher.start("a")
+    status, out = call("POST", "/v1/instances", {"model": DEFAULT_MODEL, "context": 256})
+    assert status == 202, out
+    inst = json.loads(out)["instance"]
+    assert inst["strategy"] == "single"
+    predicted = inst["prediction"]["decode_tokens_per_s"]
+
+    def ready() -> bool:
+        listed = json.loads(call("GET", "/v1/instances")[1])["instances"]
+        return next(i for i in listed if i["id"] == inst["id"])["status"] == "ready"
+
+    wait_for(ready, 240, interval_s=0.3, what="the instance ready")
+    _, out = call("POST", f"/v1/instances/{inst['id']}/generate",
+                  {"prompt_ids": [504, 3575, 282], "params": {"max_tokens": 40, "ignore_eos": True}})
+    stats = json.loads(out.splitlines()[-1])["stats"]
+    assert stats["generation_tokens"] == 40
+
+    def correction() -> float:
+        me = next(n for n in a.cluster()["nodes"] if n["is_self"])
+        return me["profile"]["decode_correction"]
+
+    wait_for(lambda: correction() != 1.0, 10, what="the node's decode correction")
+    c = correction()
+    kept = json.loads((a.home / "decode_correction.json").read_text())
+    assert kept["targets"] == [c]
+    _, out = call("GET", f"/v1/placement?model={DEFAULT_MODEL}&context=256")
+    again = json.loads(out)["plans"]["auto"]
+    assert again["strategy"] == "single" and again["shards"][0]["decode_correction"] == c
+    now = again["prediction"]["decode_tokens_per_s"]
+    if CORRECTION_BOUNDS[0] < c < CORRECTION_BOUNDS[1]:
+        assert now == pytest.approx(stats["decode_tps"], rel=0.02), (predicted, stats["decode_tps"], c)
+    else:  # a measurement beyond the bounds moves the prediction only part of the way
+        assert min(predicted, stats["decode_tps"]) <= now <= max(predicted, stats["decode_tps"])
+
+
+# -- nodes that compute on a card ------------------------------------------------------------------
+def carded(name: str, card_gib: float, card_gbs: float, ram_gib: float = 32, me: bool = False) -> NodeView:
+    """A node started with `--device cuda` on a machine with one card (its profile as such a node's)."""
+    from shoal.cluster.messages import Accelerator
+
+    n = node(name, ram_gib, me=me)
+    assert n.profile is not None
+    card = Accelerator(kind="cuda", name="GeForce RTX 4090", memory_total_bytes=int(card_gib * GiB), gflops_fp32=80_000.0,
+                       memory_bandwidth_gbps=card_gbs)
+    return n.model_copy(update={"profile": n.profile.model_copy(update={"accelerators": [card], "device": "cuda"})})
+
+
+def test_a_node_with_a_24gb_card_takes_the_layers_and_is_priced_by_its_card():
+    from shoal.placement.cost import CALIBRATION as cal
+
+    m = spec()  # 8B-like: 8.5 GiB as the CPU engine holds its 4.5-bit weights; ~2x that in bf16 on a card
+    cpu, gpu = node("cpu", 64, me=True), carded("gpu", 24, 1000)
+    p = plan(m, cluster([cpu, gpu]))
+    assert p.strategy == "single" and [s.node_name for s in p.shards] == ["gpu"] and p.shards[0].device == "cuda"
+    # Priced by the card: weights read at its bandwidth (as bf16), not at the CPU's 20 GB/s.
+    per_param = m.embed_bytes / (m.vocab_size * m.hidden_size)
+    read_s = m.weight_bytes * 2 / per_param / (1000e9 * cal.gpu_read_efficiency)
+    assert p.prediction.step_s == pytest.approx(read_s + m.num_layers * cal.gpu_layer_overhead_s, rel=0.1)
+    alone = plan(m, cluster([node("cpu", 64, me=True)]))
+    assert p.prediction.decode_tokens_per_s > 5 * alone.prediction.decode_tokens_per_s
+    # A model too big for the card: a pipeline with most layers on the card, the rest on the CPU node.
+    big = spec(layers=48)
+    q = plan(big, cluster([cpu, gpu]))
+    n = layers_of(q)
+    assert q.strategy == "pipeline" and n["gpu"] > 3 * n["cpu"] and sum(n.values()) == 48, n
+    card_bytes = sum(s.weight_bytes for s in q.shards if s.node_name == "gpu") * 2 / per_param
+    assert card_bytes <= 24 * GiB * 0.9  # what the card holds, in bf16, fits in it
+    # Nothing fits: refused, saying what is missing.
+    with pytest.raises(PlacementError, match="GiB"):
+        plan(spec(layers=400), cluster([carded("gpu", 24, 1000, me=True)]))

@@ -287,15 +287,22 @@ def test_a_coordinator_that_leaves_hands_its_instance_over_as_it_runs(launcher: 
 
 
 def test_an_idle_instance_moves_back_when_a_faster_node_returns(launcher: NodeLauncher) -> None:
-    """A node measured three times faster holds the model; it dies and the model recovers on a slower
-    one (degraded from then on, once the fast node is back); when it is back and the instance idle,
-    the instance is re-placed onto it, and serves the same text."""
+    """A node measured much faster holds the model; it dies and the model recovers on a slower one
+    (degraded from then on, once the fast node is back); when it is back and the instance idle, the
+    instance is re-placed onto it, and serves the same text.
+
+    "Much faster": past what the slow nodes' own decode feedback can make of them (each learns a
+    correction of at most CORRECTION_BOUNDS[1] from the requests it serves, placement/feedback.py),
+    and the fast node comes back without the correction it learned, as a new machine would."""
+    from shoal.placement.cost import CORRECTION_BOUNDS
+
     a, b = cluster(launcher, ["a", "b"])
     fast_home = launcher.root / "f"
     fast_home.mkdir()
     profile = json.loads((a.home / "profile.json").read_text())
-    profile.update(q4_read_gbps=3 * profile["q4_read_gbps"], layer_overhead_us=profile["layer_overhead_us"] / 3,
-                   memory_bandwidth_gbps=3 * profile["memory_bandwidth_gbps"], gflops_fp32=3 * profile["gflops_fp32"])
+    x = 4 * CORRECTION_BOUNDS[1]
+    profile.update(q4_read_gbps=x * profile["q4_read_gbps"], layer_overhead_us=profile["layer_overhead_us"] / x,
+                   memory_bandwidth_gbps=x * profile["memory_bandwidth_gbps"], gflops_fp32=x * profile["gflops_fp32"])
     (fast_home / "profile.json").write_text(json.dumps(profile))
     f = launcher.start("f", peers=[a])
     wait_for(lambda: sum(x["status"] == "up" for x in a.cluster()["nodes"]) == 3, 30, what="three up")
@@ -308,6 +315,7 @@ def test_an_idle_instance_moves_back_when_a_faster_node_returns(launcher: NodeLa
     machine_dies(f)
     wait_for(lambda: find(a, iid)["epoch"] == 1 and find(a, iid)["status"] == "ready", 60, interval_s=0.3, what="recovered")
     assert "f" not in [s["node_name"] for s in find(a, iid)["shards"]]
+    (fast_home / "decode_correction.json").unlink(missing_ok=True)
     f.start()
     f.wait_ready()
     wait_for(lambda: find(a, iid)["epoch"] == 2 and find(a, iid)["status"] == "ready", 90, interval_s=0.3,

@@ -52,9 +52,10 @@ def build(config: NodeConfig) -> Node:
     node.add_component(instances)
     node.add_drain(instances.drain)
     instances.request_leave = node.request_stop
+    instances.set_profile = node.set_profile
     node.instances_view = instances.cluster_instances
 
-    service_config = ServiceConfig()
+    service_config = ServiceConfig(device=config.device)
     if config.kv_budget_bytes is not None:
         service_config = dataclasses.replace(
             service_config, limits=dataclasses.replace(service_config.limits, kv_budget_bytes=config.kv_budget_bytes))

@@ -108,6 +108,7 @@ class NodeConfig:
     # KV cache the sequences of a model whose entry runs here may reserve together (prompt +
     # max_tokens each); None: half the memory free when the model starts.
     kv_budget_bytes: int | None = None
+    device: str = "cpu"  # where shards compute (engine/device.py): cpu, torch-cpu, cuda[:N], mps; auto resolved
     # The front door (api/guard.py): the key clients send, and who may skip it. The API key is not
     # the cluster key: it lets a client use the node, never act as a member of the cluster.
     api_key: str = field(default="", repr=False)  # "": no key matches, only loopback gets in
@@ -127,6 +128,10 @@ class NodeConfig:
     @property
     def profile_file(self) -> Path:
         return self.home / "profile.json"
+
+    @property
+    def decode_correction_file(self) -> Path:
+        return self.home / "decode_correction.json"
 
     @property
     def models_dir(self) -> Path:
@@ -169,6 +174,9 @@ class NodeConfig:
             raise ValueError(f"--port {port} is not a TCP port (1-65535)")
         limit = getattr(args, "memory_limit", None)
         kv_budget = getattr(args, "kv_budget", None)
+        from shoal.engine.device import parse_device  # torch: only for a node that starts
+
+        device = parse_device(getattr(args, "device", None) or "auto").name
         return cls(
             home=home,
             node_id=load_or_create_node_id(home),
@@ -182,6 +190,7 @@ class NodeConfig:
             discovery=not getattr(args, "no_discovery", False),
             memory_limit_bytes=parse_size(limit) if isinstance(limit, str) else limit,
             kv_budget_bytes=parse_size(kv_budget) if isinstance(kv_budget, str) else kv_budget,
+            device=device,
             api_key=api_key,
             api_key_source=api_key_source,
             loopback_exempt=not getattr(args, "no_loopback_exemption", False),

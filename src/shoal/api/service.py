@@ -41,6 +41,7 @@ class ServiceConfig:
     auto_load: bool = True  # place a model when a request names one that has no instance yet
     max_tokens_cap: int | None = None  # the most tokens one request may generate (None: up to the context)
     threads: int | None = None  # CPU threads for local models (None: every core)
+    device: str = "cpu"  # where local models compute (engine/device.py)
     limits: SchedulerLimits = field(default_factory=SchedulerLimits)
 
 
@@ -60,8 +61,9 @@ class LocalPlacer:
     """Places a whole model in this process: catalog ids whose weights are on this machine, plus the
     references the node was started with (`--model PATH` is served under the file's stem)."""
 
-    def __init__(self, limits: SchedulerLimits, metrics: Metrics, refs: tuple[str, ...] = (), threads: int | None = None):
-        self.limits, self.metrics = limits, metrics
+    def __init__(self, limits: SchedulerLimits, metrics: Metrics, refs: tuple[str, ...] = (), threads: int | None = None,
+                 compute_device: str = "cpu"):
+        self.limits, self.metrics, self.compute_device = limits, metrics, compute_device
         self.refs: dict[str, str] = {_name_for_ref(r): r for r in refs}  # served name -> reference
         self.device = DeviceWorker("cpu", threads)
 
@@ -98,7 +100,7 @@ class LocalPlacer:
         t0 = time.perf_counter()
         try:
             ref = self._ref(name)
-            lm = await run_in_fresh_thread(lambda: _load_and_warm(load_model, ref, self.device.threads), f"shoal-load-{name}")
+            lm = await run_in_fresh_thread(lambda: _load_and_warm(load_model, ref, self.device.threads, self.compute_device), f"shoal-load-{name}")
         except (ModelNotFound, FileNotFoundError) as e:
             raise not_found(str(e)) from None
         except (ModelFileError, ValueError) as e:
@@ -113,7 +115,7 @@ class ModelService:
     def __init__(self, config: ServiceConfig, placer: Placer | None = None, metrics: Metrics | None = None):
         self.config = config
         self.metrics = metrics or Metrics()
-        self.placer = placer or LocalPlacer(config.limits, self.metrics, config.preload, config.threads)
+        self.placer = placer or LocalPlacer(config.limits, self.metrics, config.preload, config.threads, config.device)
         self.instances: dict[str, Instance] = {}
         self._loading: dict[str, asyncio.Task[Instance]] = {}
         self._preloads: list[asyncio.Task[Instance]] = []
@@ -232,14 +234,16 @@ def _log_failure(task: asyncio.Task, name: str) -> None:
         log.error("could not load %s: %s", name, e.message if isinstance(e, ApiError) else e)
 
 
-def _load_and_warm(load_model, ref: str, threads: int | None):
+def _load_and_warm(load_model, ref: str, threads: int | None, device: str = "cpu"):
     """Load, then run two short sequences batched together so the first client does not pay for
     kernel compilation (numba JIT, first-touch allocations)."""
     from shoal.engine.generate import BatchGenerator
     from shoal.engine.sampler import SamplingParams
 
+    from shoal.engine.device import Device
+
     use_threads(threads)
-    lm = load_model(ref)
+    lm = load_model(ref, device=Device(device))
     gen = BatchGenerator(lm.model, lm.tokenizer, lm.args.max_context)
     for text in ("Hello", "Warm up the kernels, please. " * 50):  # one short prompt, one several chunks long
         gen.add(lm.tokenizer.encode(text) or [0], SamplingParams(max_tokens=2, ignore_eos=True))

@@ -80,6 +80,11 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
         "requests beyond it wait, and past a bounded queue get 429 (default: half the free memory)",
     )
     parser.add_argument(
+        "--device", default="auto", metavar="DEVICE",
+        help="where this node's shards compute: auto (the GPU torch sees, else cpu), cpu (the numba engine), "
+        "torch-cpu (torch on the CPU), cuda, cuda:N or mps",
+    )
+    parser.add_argument(
         "--memory-limit", type=_size, metavar="SIZE", help="cap the memory this node offers, e.g. 8GB, 12GiB"
     )
     parser.add_argument("--no-discovery", action="store_true", help="no mDNS: only --peer seeds and what they tell")

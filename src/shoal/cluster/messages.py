@@ -33,6 +33,7 @@ class Accelerator(Message):
     name: ShortStr
     memory_total_bytes: NonNeg
     gflops_fp32: float | None = None  # measured matmul throughput on this device
+    memory_bandwidth_gbps: float | None = None  # measured device copy bandwidth, bytes read + written / s / 1e9
 
 
 class NodeProfile(Message):
@@ -54,6 +55,15 @@ class NodeProfile(Message):
     measured_at: float  # unix time
     measure_seconds: float
     fingerprint: Annotated[str, Field(max_length=128)]  # machine identity the cache is valid for
+    # False: measured under load or with absurd figures (profile.py): used, never cached. True by
+    # default so that caches and peers from before the check stay readable.
+    reliable: bool = True
+    # Measured decode speed / the cost model's prediction on this node, learned from the instances it
+    # ran (placement/feedback.py); not measured at start, so 1.0 in a fresh profile.
+    decode_correction: float = 1.0
+    # Where this node's shards compute (`shoal node --device`, engine/device.py): cpu (the numba
+    # engine), torch-cpu, cuda, cuda:N or mps. A setting, not a measurement: filled in at start.
+    device: Annotated[str, Field(max_length=16)] = "cpu"
 
 
 # -- membership ------------------------------------------------------------------------------------

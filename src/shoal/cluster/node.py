@@ -3,7 +3,7 @@
 Order of life (each step bounded, so a stuck part cannot hang start or exit):
 
     start   1. lock <home> (one daemon per home: the node id in it is an identity)
-            2. profile: cached, else measured in a worker thread (≤ ~5 s)
+            2. profile: cached, else measured in a worker thread (≤ ~6 s; cached only if trusted)
             3. open the peer HTTP session; bind the port (fails fast if it is taken)
             4. start components in order: membership (hello to seeds), links, discovery
             5. log "ready"
@@ -145,6 +145,11 @@ class Node:
         DRAIN_TIMEOUT_S in all, while the node is still a member and still serves."""
         self._drains.append(drain)
 
+    def set_profile(self, profile: NodeProfile) -> None:
+        """This node's profile with a learned figure changed (the decode correction of
+        placement/feedback.py); peers get it with the next heartbeat."""
+        self.profile = self.membership.profile = profile
+
     def cluster_view(self) -> ClusterView:
         now = time.time()
         links = [
@@ -179,16 +184,19 @@ class Node:
         self.profile, cached = await loop.run_in_executor(
             None, load_or_measure, self.config.profile_file, PROFILE_BUDGET_S
         )
-        p = self.profile
+        # Where shards compute is this start's setting (--device), whatever the cached profile says.
+        self.profile = p = self.profile.model_copy(update={"device": self.config.device})
         log.info(
-            "profile (%s): %s, %d cores, %.1f GiB RAM, %.0f GFLOP/s fp32, %.1f GB/s memory%s",
-            "cached" if cached else f"measured in {p.measure_seconds:.1f} s",
+            "profile (%s): %s, %d cores, %.1f GiB RAM, %.0f GFLOP/s fp32, %.1f GB/s memory%s; shards compute on %s",
+            "cached" if cached else f"measured in {p.measure_seconds:.1f} s"
+            + ("" if p.reliable else ", unreliable: not cached, measured again at the next start"),
             p.cpu_model,
             p.cpu_cores_logical,
             p.ram_total_bytes / 2**30,
             p.gflops_fp32,
             p.memory_bandwidth_gbps,
             "".join(f"; {a.kind} {a.name} {a.memory_total_bytes / 2**30:.0f} GiB" for a in p.accelerators),
+            p.device,
         )
         self.membership.profile = p
 

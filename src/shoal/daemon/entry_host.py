@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from shoal.daemon.messages import PollReply
 from shoal.daemon.records import Hosted, InstanceError, RequestLog
@@ -34,6 +35,8 @@ class EntryHost:
         self.hosted = hosted  # the host's table of running shards (shared, read only here)
         self.requests: dict[str, dict[str, RequestLog]] = {}  # instance id -> request id -> log
         self.last_done: dict[str, float] = {}  # instance id -> monotonic time its last request ended
+        # A request that finished with its stats (the node's decode feedback reads them).
+        self.on_finished: Callable[[Hosted, RequestLog], None] = lambda h, req: None
 
     def _entry(self, iid: str) -> Hosted:
         h = self.hosted.get((iid, 0))
@@ -50,7 +53,11 @@ class EntryHost:
         logs = self.requests.setdefault(iid, {})
         if request.rid in logs:
             raise InstanceError(409, f"request {request.rid} exists")
+        running = [r for r in logs.values() if not r.done]
         req = logs[request.rid] = RequestLog(request.rid, iid, request)
+        if running:  # they share the cores: none of them times the node's own decode speed
+            for r in (req, *running):
+                r.alone = False
         if not h.runner.send(request):
             req.fail(Failure(status=503, message="the entry runner is gone", code="model_unavailable", retry_after=1.0))
         try:
@@ -106,6 +113,8 @@ class EntryHost:
         if req.done:
             self.last_done[h.instance_id] = time.monotonic()
             self._trim(h.instance_id)
+            if req.stats is not None and req.error is None:
+                self.on_finished(h, req)
 
     def on_runner_gone(self, h: Hosted) -> None:
         if h.rank != 0:

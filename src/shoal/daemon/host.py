@@ -50,11 +50,18 @@ RequestEvent = Accepted | Refused | Tokens | Failed
 
 class Host:
     def __init__(self, node_id: str, home: Path, memory_limit_bytes: int | None, runner_env: dict[str, str],
-                 report: Callable[[Hosted, ShardState], None], kv_budget_bytes: int | None = None, *, cluster_key: str):
+                 report: Callable[[Hosted, ShardState], None], kv_budget_bytes: int | None = None, *, cluster_key: str,
+                 device: str = "cpu"):
         self.node_id, self.home, self.memory_limit_bytes = node_id, home, memory_limit_bytes
         # Each placement's wire secret is derived from this here, never received (runner/wire.py).
         self._wire_root = subkey(cluster_key, "instance wire")
         self.kv_budget_bytes = kv_budget_bytes  # for the entries that run here
+        self.device = device  # where the shards hosted here compute (engine/device.py)
+        self.card_bytes = None  # a card's memory is what shards on it use, not the host's
+        if device.startswith("cuda"):
+            from shoal.engine.device import card_memory
+
+            self.card_bytes = card_memory(device)
         self.runner_env = runner_env
         self.report_to_coordinator = report
         self.hosted: dict[tuple[str, int], Hosted] = {}
@@ -70,6 +77,8 @@ class Host:
         less its reservations. Runners' resident memory is added back to what is available, since
         their reservations already count it."""
         self._expire_reservations()
+        if self.card_bytes is not None:
+            return self.card_bytes - self.reserved_bytes()
         avail = psutil.virtual_memory().available + sum(h.runner.rss for h in self.hosted.values() if h.runner.running)
         cap = avail if self.memory_limit_bytes is None else min(avail, self.memory_limit_bytes)
         return cap - self.reserved_bytes()
@@ -135,7 +144,7 @@ class Host:
                            num_layers=max(s.layers[1] for s in msg.placement.shards), context=msg.placement.context,
                            master_port=msg.master_port, threads=shard.threads,
                            secret=instance_secret(self._wire_root, msg.instance_id, msg.epoch, msg.coordinator).hex(),
-                           kv_budget_bytes=self.kv_budget_bytes if msg.rank == 0 else None)
+                           kv_budget_bytes=self.kv_budget_bytes if msg.rank == 0 else None, device=self.device)
         log_path = self.home / "runners" / f"{msg.instance_id}-{msg.rank}.log"
         hosted: Hosted | None = None
 

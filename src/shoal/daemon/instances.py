@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from shoal.api.metrics import Metrics
-from shoal.cluster.messages import Ack, Message
+from shoal.cluster.messages import Ack, Message, NodeProfile
 from shoal.cluster.peer import (
     PEER_ID,
     PeerClient,
@@ -59,9 +59,10 @@ from shoal.daemon.messages import (
     WeightsRead,
 )
 from shoal.daemon.peers import Peers
-from shoal.daemon.records import Hosted, InstanceError, public_instance
+from shoal.daemon.records import Hosted, InstanceError, RequestLog, public_instance
 from shoal.daemon.routes import PublicRoutes
 from shoal.daemon.weights import WeightsCopier, WeightsError, WeightsSource, has_weights
+from shoal.placement.feedback import MIN_TOKENS, DecodeFeedback, target_correction
 from shoal.runner.contract import Failure, Submit
 
 log = logging.getLogger("shoal.instances")
@@ -83,11 +84,13 @@ class InstancesComponent:
         self.node_id = config.node_id
         self.peers = Peers(config.node_id, cluster_view, client)
         self.host = Host(config.node_id, config.home, config.memory_limit_bytes, runner_env or {}, self._report,
-                         config.kv_budget_bytes, cluster_key=config.cluster_key)
+                         config.kv_budget_bytes, cluster_key=config.cluster_key, device=config.device)
         self.entries = EntryHost(self.host.hosted)
         self.host.on_request_event = self.entries.on_event
         self.host.on_runner_gone = self.entries.on_runner_gone
         self.host.on_instance_stopped = self.entries.forget
+        self.entries.on_finished = self._learn_decode
+        self.feedback = DecodeFeedback(config.decode_correction_file)
         self.coordinator = Coordinator(config.node_id, self.peers, self.host, self._list_reply, metrics)
         self.weights_source = WeightsSource()
         self.copier = WeightsCopier(
@@ -95,6 +98,7 @@ class InstancesComponent:
             lambda src, msg: self.peers.fetch(src, "/peer/weights/read", msg, READ_TIMEOUT_S))
         self._tasks: set[asyncio.Task[None]] = set()
         self.request_leave: Callable[[], None] = lambda: None  # the node's own stop (drain, then leave)
+        self.set_profile: Callable[[NodeProfile], None] = lambda p: None  # the node's, with a new decode correction
 
     # -- life
     def routes(self) -> list[web.RouteDef]:
@@ -123,6 +127,9 @@ class InstancesComponent:
         self.coordinator.on_member(kind, node_id)
 
     async def start(self) -> None:
+        prof = self._own_profile()
+        if prof is not None and self.feedback.load(prof) != prof.decode_correction:
+            self.set_profile(prof.model_copy(update={"decode_correction": self.feedback.value}))
         spawn(self._refresh_loop(), self._tasks, log)
 
     async def stop(self) -> None:
@@ -130,6 +137,26 @@ class InstancesComponent:
             task.cancel()
         await self.coordinator.stop()
         await self.host.stop_all()  # runners go with the node
+
+    def _own_profile(self) -> NodeProfile | None:
+        me = self.peers.cluster_view().node(self.node_id)
+        return me.profile if me is not None else None
+
+    def _learn_decode(self, h: Hosted, req: RequestLog) -> None:
+        """A request finished at an entry here: if it timed this node's decode alone, correct the
+        node's speed for the plans to come (placement/feedback.py)."""
+        stats, prof = req.stats, self._own_profile()
+        if stats is None or prof is None or not req.alone or stats.generation_tokens < MIN_TOKENS:
+            return
+        if any(iid != h.instance_id for iid, _ in self.host.hosted):
+            return  # another instance's runner shares the cores
+        target = target_correction(h.placement, self.node_id, stats.decode_tps)
+        if target is None:
+            return
+        c = self.feedback.add(prof, target)
+        log.info("decoded %.1f tok/s where %.1f was predicted: this node's decode speed is corrected x%.2f from now on",
+                 stats.decode_tps, h.placement.prediction.decode_tokens_per_s, c)
+        self.set_profile(prof.model_copy(update={"decode_correction": c}))
 
     async def _refresh_loop(self) -> None:
         while True:

@@ -43,6 +43,7 @@ class RequestLog:
         self.stats: SeqStats | None = None
         self.done = False
         self.created_at = time.time()
+        self.alone = True  # no other request of its instance ran at the entry while it did
         loop = asyncio.get_running_loop()
         self.answered: asyncio.Future[Failure | None] = loop.create_future()  # None: accepted
         self._changed: asyncio.Future[None] = loop.create_future()

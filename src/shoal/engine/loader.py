@@ -12,6 +12,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from shoal.catalog import CATALOG, DEFAULT_MODEL, bundled_path
+from shoal.engine.device import Device, to_device
 from shoal.engine.tokenizer import Tokenizer
 from shoal.models import deepseek, llama, mixtral
 from shoal.models.base import Part, Shard, Weight
@@ -117,14 +118,14 @@ class LoadedModel:
     tokenizer: Tokenizer | None
 
 
-def load_shard(ref: str | None, part: Part | None = None, with_tokenizer: bool = False) -> LoadedModel:
+def load_shard(ref: str | None, part: Part | None = None, with_tokenizer: bool = False, device: Device | None = None) -> LoadedModel:
     """Load the part of a model a process holds (the whole model by default).
 
     Tensors are read one at a time, each cut to the part as it arrives (see the architecture's
     `slice_weight`), so the process never holds more than its share plus one whole tensor; a
     part with some of the routed experts reads only theirs (safetensors are memory-mapped: the
     other experts' bytes are never touched). A parallel rank then joins its group with
-    `model.shard(group)`."""
+    `model.shard(group)`. With a torch `device` (engine/device.py) the shard computes there."""
     path = resolve_model(ref)
     ckpt = open_checkpoint(path)
     try:
@@ -149,6 +150,8 @@ def load_shard(ref: str | None, part: Part | None = None, with_tokenizer: bool =
         rope_freqs = getattr(ckpt, "rope_freqs", None)
         if rope_freqs is not None:
             model.rope.rescale(torch.from_numpy(rope_freqs))
+        if device is not None:
+            to_device(model, device)
         tokenizer = load_tokenizer(ckpt) if with_tokenizer else None
     finally:
         ckpt.close()
@@ -166,6 +169,7 @@ def _check_split(model_type: str, arch: Architecture, part: Part) -> None:
         raise ValueError(f"{model_type} is not a mixture of experts: a rank of its group holds KV heads and MLP columns")
 
 
-def load_model(ref: str | None = None, start: int | None = None, end: int | None = None, with_tokenizer: bool = True) -> LoadedModel:
+def load_model(ref: str | None = None, start: int | None = None, end: int | None = None, with_tokenizer: bool = True,
+               device: Device | None = None) -> LoadedModel:
     """Load layers [start, end) of a model (the whole model by default), with its tokenizer."""
-    return load_shard(ref, Part(start or 0, end), with_tokenizer=with_tokenizer)
+    return load_shard(ref, Part(start or 0, end), with_tokenizer=with_tokenizer, device=device)

@@ -35,10 +35,10 @@ def _silu_mul(gate_up, hidden, out):
             out[t, i] = (g * w) / (one + e) * gate_up[t, hidden + i]
 
 
-def silu_mul(gate_up: torch.Tensor, hidden: int) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, hidden: int, kernel: bool = True) -> torch.Tensor:
     """silu(gate_up[:, :hidden]) * gate_up[:, hidden:] for a (T, 2·hidden) tensor (the fused gate/up
-    projection). float32 CPU input goes to the kernel; anything else to torch."""
-    if gate_up.dtype != torch.float32 or gate_up.device.type != "cpu" or gate_up.dim() != 2 or gate_up.shape[1] != 2 * hidden:
+    projection). float32 CPU input goes to the kernel (unless `kernel` is False); anything else to torch."""
+    if not kernel or gate_up.dtype != torch.float32 or gate_up.device.type != "cpu" or gate_up.dim() != 2 or gate_up.shape[1] != 2 * hidden:
         return torch.nn.functional.silu(gate_up[..., :hidden]) * gate_up[..., hidden:]
     out = np.empty((gate_up.shape[0], hidden), dtype=np.float32)
     _silu_mul(gate_up.numpy(), hidden, out)

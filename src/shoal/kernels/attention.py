@@ -171,8 +171,8 @@ class DecodeBatch:
 
 
 def supports(cache: KVCache) -> bool:
-    """The kernel reads float32 caches on the CPU."""
-    return cache.keys.dtype == torch.float32 and cache.keys.device.type == "cpu"
+    """The kernel reads float32 caches on the CPU, the numba engine's."""
+    return not cache.torch_only and cache.keys.dtype == torch.float32 and cache.keys.device.type == "cpu"
 
 
 def _f32(t: torch.Tensor) -> np.ndarray:

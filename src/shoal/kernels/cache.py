@@ -11,10 +11,13 @@ class KVCache:
 
     Storage grows by doubling, so appending one token is a copy of one row, not of the history."""
 
-    def __init__(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32, capacity: int = 256):
-        self.keys = torch.empty(n_kv_heads, capacity, head_dim, dtype=dtype)
-        self.values = torch.empty(n_kv_heads, capacity, head_dim, dtype=dtype)
+    def __init__(self, n_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32, capacity: int = 256,
+                 device: torch.device | None = None):
+        self.keys = torch.empty(n_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.values = torch.empty(n_kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.offset = 0
+        # A torch-device shard's cache (engine/device.py), never handed to the numba attention kernel.
+        self.torch_only = device is not None
 
     def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k, v (T, kv_heads, head_dim); return all keys and values (kv_heads, offset, head_dim)."""
@@ -39,7 +42,7 @@ class KVCache:
         capacity = max(needed, 2 * self.keys.shape[1])
         for name in ("keys", "values"):
             old = getattr(self, name)
-            new = torch.empty(old.shape[0], capacity, old.shape[2], dtype=old.dtype)
+            new = torch.empty(old.shape[0], capacity, old.shape[2], dtype=old.dtype, device=old.device)
             new[:, : self.offset] = old[:, : self.offset]
             setattr(self, name, new)
 

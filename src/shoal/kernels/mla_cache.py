@@ -16,9 +16,10 @@ class MLACache:
     Latent and rope key share one buffer so that the absorbed attention scores of every head are one
     matmul against it ([q_latent | q_rope] @ kv.T). Storage grows by doubling."""
 
-    def __init__(self, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype = torch.float32, capacity: int = 256):
+    def __init__(self, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype = torch.float32, capacity: int = 256,
+                 device: torch.device | None = None):
         self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
-        self.kv = torch.empty(capacity, kv_lora_rank + rope_dim, dtype=dtype)
+        self.kv = torch.empty(capacity, kv_lora_rank + rope_dim, dtype=dtype, device=device)
         self.offset = 0
 
     def update_and_fetch(self, latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
@@ -26,7 +27,7 @@ class MLACache:
         n = latent.shape[0]
         end = self.offset + n
         if end > self.kv.shape[0]:
-            new = torch.empty(max(end, 2 * self.kv.shape[0]), self.kv.shape[1], dtype=self.kv.dtype)
+            new = torch.empty(max(end, 2 * self.kv.shape[0]), self.kv.shape[1], dtype=self.kv.dtype, device=self.kv.device)
             new[: self.offset] = self.kv[: self.offset]
             self.kv = new
         self.kv[self.offset : end, : self.kv_lora_rank] = latent

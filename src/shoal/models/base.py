@@ -202,6 +202,8 @@ def as_tensor(w: Weight) -> torch.Tensor:
 
 
 class RMSNorm(DirectModule):
+    kernels = True  # the numba kernel for float32 CPU rows; False: torch's op (engine/device.py)
+
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
@@ -209,7 +211,7 @@ class RMSNorm(DirectModule):
         self._weight = weight.float().contiguous().numpy()  # the kernel's view of it (same memory when float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu":
+        if not self.kernels or x.dtype != torch.float32 or x.device.type != "cpu":
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return norm.rms_norm(x, self._weight, self.eps)
 
@@ -272,6 +274,9 @@ class Shard(nn.Module):
 
     layers: nn.ModuleList
     rope: nn.Module
+    # Where it computes (engine/device.py): None is the numba engine on the host's CPU cores.
+    torch_device: torch.device | None = None
+    compute_dtype: torch.dtype = torch.float32
 
     def __init__(self, args: Any, part: Part, weights: dict[str, Weight]):
         super().__init__()
@@ -302,33 +307,54 @@ class Shard(nn.Module):
         """One cache per layer of this shard, for one sequence."""
         raise NotImplementedError
 
+    def cache_options(self) -> dict[str, Any]:
+        """The dtype and device of this shard's caches (a torch device's caches are torch's alone)."""
+        return {} if self.torch_device is None else {"dtype": self.compute_dtype, "device": self.torch_device}
+
+    # Each step of the forward takes its input from the host and gives its output to the host in
+    # float32, whatever device computes it (engine/device.py): the sampler, the runner and the wire
+    # between stages see one format. `forward` chains the steps on the device.
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (T,) -> hidden states (T, hidden)."""
-        return self.embed_tokens(ids)
+        return self._to_host(self._embed(ids))
 
     def run_layers(self, h: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
         """Hidden states (T, hidden) through this shard's layers."""
-        cos, sin = self.rope(layout.positions)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, layout, i)
-        return h
+        return self._to_host(self._run_layers(self._in(h), layout))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and head of some rows (R, hidden) -> logits (R, vocab rows held here)."""
-        return self.lm_head(self.norm(h))
+        return self._to_host(self.lm_head(self.norm(self._in(h))))
 
     def forward(self, x: torch.Tensor, layout: BatchLayout, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         """x: token ids (T,) on the first shard, hidden states (T, hidden) otherwise.
 
         Returns hidden states (T, hidden) on a middle shard; on the last shard, logits (R, vocab)
         for the rows `logit_rows` of the flat batch (default: each sequence's last token)."""
-        h = self.embed(x) if self.embed_tokens is not None else x
-        h = self.run_layers(h, layout)
+        h = self._embed(x) if self.embed_tokens is not None else self._in(x)
+        h = self._run_layers(h, layout)
         if self.lm_head is None:
-            return h
+            return self._to_host(h)
         if logit_rows is None:
             logit_rows = torch.tensor(np.cumsum(layout.lengths) - 1)
-        return self.logits(h[logit_rows])
+        return self._to_host(self.lm_head(self.norm(h[logit_rows.to(h.device)])))
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids if self.torch_device is None else ids.to(self.torch_device))
+
+    def _run_layers(self, h: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+        positions = layout.positions if self.torch_device is None else layout.positions.to(self.torch_device)
+        cos, sin = self.rope(positions)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, layout, i)
+        return h
+
+    def _in(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.torch_device is None else h.to(self.torch_device, self.compute_dtype)
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.torch_device is None else t.to("cpu", torch.float32)
 
 
 __all__ = [

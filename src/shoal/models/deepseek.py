@@ -254,7 +254,7 @@ class MLAttention(nn.Module):
         latent = self.kv_a_layernorm(ckv[:, :r])  # (T, r)
         k_rope = apply_rope(ckv[:, None, r:], cos, sin, self.interleaved)[:, 0]  # (T, rope), shared by heads
 
-        out = torch.empty(H, T, self.v_dim, dtype=x.dtype)
+        out = torch.empty(H, T, self.v_dim, dtype=x.dtype, device=x.device)
         start = 0
         for seq, n in enumerate(layout.lengths):
             cache: MLACache = layout.caches[seq][layer]
@@ -288,7 +288,7 @@ class MLAttention(nn.Module):
 
 def _mask(scores: torch.Tensor, n: int, past: int) -> torch.Tensor:
     if n > 1:  # causal within the chunk, full view of the past: lower-right aligned
-        mask = torch.ones(n, past + n, dtype=torch.bool).tril(diagonal=past)
+        mask = torch.ones(n, past + n, dtype=torch.bool, device=scores.device).tril(diagonal=past)
         scores.masked_fill_(~mask, float("-inf"))
     return scores
 
@@ -340,7 +340,7 @@ class DeepseekShard(base.Shard):
 
     def make_cache(self) -> list[MLACache]:
         """One compressed cache per layer of this shard, for one sequence."""
-        return [MLACache(self.args.kv_lora_rank, self.args.qk_rope_head_dim) for _ in self.layers]
+        return [MLACache(self.args.kv_lora_rank, self.args.qk_rope_head_dim, **self.cache_options()) for _ in self.layers]
 
 
 # ----------------------------------------------------------------------------- loading

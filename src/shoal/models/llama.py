@@ -179,7 +179,7 @@ class Attention(DirectModule):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
 
-        out = torch.empty(T, self.n_heads, self.head_dim, dtype=x.dtype)
+        out = torch.empty(T, self.n_heads, self.head_dim, dtype=x.dtype, device=x.device)
         done: set[int] = set()
         if layout.decode_batch is not None:
             # One kernel call for every decoding sequence (RoPE, cache append and attention).
@@ -202,7 +202,7 @@ class Attention(DirectModule):
             qs = qs.reshape(self.n_kv_heads, group * n, self.head_dim)  # (Hkv, group*n, D)
             scores = torch.bmm(qs, keys.transpose(1, 2)).mul_(self.scale)  # (Hkv, group*n, L)
             if n > 1:  # causal within the chunk, full view of the past: lower-right aligned
-                mask = torch.ones(n, past + n, dtype=torch.bool).tril(diagonal=past)
+                mask = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(diagonal=past)
                 scores.masked_fill_(~mask.repeat(group, 1), float("-inf"))
             o = torch.bmm(torch.softmax(scores, dim=-1), values)  # (Hkv, group*n, D)
             out[start : start + n] = o.view(self.n_kv_heads, group, n, self.head_dim).permute(2, 0, 1, 3).reshape(n, self.n_heads, self.head_dim)
@@ -212,6 +212,8 @@ class Attention(DirectModule):
 
 
 class MLP(DirectModule):
+    kernels = True  # silu·up by the numba kernel on float32 CPU rows; False: torch ops (engine/device.py)
+
     def __init__(self, w: dict[str, Weight], prefix: str):
         super().__init__()
         gate, up = w[f"{prefix}.gate_proj.weight"], w[f"{prefix}.up_proj.weight"]
@@ -223,7 +225,7 @@ class MLP(DirectModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         # down_proj holds this rank's input columns: a partial sum, completed over the group.
-        return all_reduce(self.down_proj(silu_mul(gate_up, self.hidden)), self.group)
+        return all_reduce(self.down_proj(silu_mul(gate_up, self.hidden, self.kernels)), self.group)
 
 
 class Block(base.Block):
@@ -257,7 +259,7 @@ class LlamaShard(base.Shard):
     def make_cache(self) -> list[KVCache]:
         """One cache per layer of this shard, for one sequence (this rank's KV heads only)."""
         kv0, kv1 = self.kv_heads
-        return [KVCache(kv1 - kv0, self.args.head_dim) for _ in self.layers]
+        return [KVCache(kv1 - kv0, self.args.head_dim, **self.cache_options()) for _ in self.layers]
 
 
 # ----------------------------------------------------------------------------- loading

@@ -111,7 +111,7 @@ class MixtralShard(base.Shard):
         self.layers = nn.ModuleList(Block(args, weights, i, self.experts) for i in range(self.part.start, self.part.end))
 
     def make_cache(self) -> list[KVCache]:
-        return [KVCache(self.args.num_key_value_heads, self.args.head_dim) for _ in self.layers]
+        return [KVCache(self.args.num_key_value_heads, self.args.head_dim, **self.cache_options()) for _ in self.layers]
 
 
 # ----------------------------------------------------------------------------- loading

@@ -104,6 +104,8 @@ class RoutedExperts(nn.Module):
     `names` are the checkpoint's (gate, up, down) names under `{prefix}.{expert}.`: gate_proj,
     up_proj, down_proj for DeepSeek and Qwen; w1, w3, w2 for Mixtral."""
 
+    kernels = True  # silu·up by the numba kernel on float32 CPU rows; False: torch ops (engine/device.py)
+
     def __init__(self, w: dict[str, Weight], prefix: str, names: tuple[str, str, str], expert_ids: tuple[int, ...], num_experts: int):
         super().__init__()
         gate, up, down = names
@@ -127,7 +129,7 @@ class RoutedExperts(nn.Module):
         for j in torch.unique(local[local >= 0]).tolist():  # ascending expert order, like transformers
             tok, slot = torch.where(local == j)
             gu = self.gate_up[j](x[tok])
-            y = self.down[j](silu_mul(gu, h))
+            y = self.down[j](silu_mul(gu, h, self.kernels))
             out.index_add_(0, tok, y * weights[tok, slot, None].to(y.dtype))
         return out
 

@@ -47,6 +47,9 @@ class ShardPlan(BaseModel):
     device: str = "cpu"
     experts: tuple[int, int] | None = None  # expert parallel: the routed experts [a, b) held here
     shared: tuple[int, int] | None = None  # expert parallel: the shared experts' columns [a, b) held here
+    # The node's measured-decode correction this rank was priced with (placement/feedback.py): what
+    # a measurement of this placement is corrected from.
+    decode_correction: float = 1.0
 
     @property
     def memory_bytes(self) -> int:

@@ -3,19 +3,23 @@
 Per token and per rank, decode reads every weight byte it holds once, so its compute time is
 bytes / the node's measured 4-bit read rate, plus the node's measured fixed cost per layer (Python
 and kernel dispatch, which dominates small models; both from engine/probe.py) and FLOPs / the
-node's GFLOP/s (negligible at batch 1, what prefill is made of). Ranks that share a machine (same
-profile fingerprint) and run at the same time (a tensor group) share its bandwidth and cores.
-Messages cost a software overhead (a send, the receiver's wake-up) plus, on the wire, RTT/2 +
-bytes / link throughput; an all-reduce among g ranks is one exchange of partial sums. The
-constants are in `Calibration`, measured with scripts/bench_distributed.py on the reference
-machines (2 cores, loopback).
+node's GFLOP/s (negligible at batch 1, what prefill is made of); the reads and per-layer cost are
+scaled by what the node's instances measured against their predictions (placement/feedback.py).
+Ranks that share a machine (same profile fingerprint) and run at the same time (a tensor group)
+share its bandwidth and cores. Messages cost a software overhead (a send, the receiver's wake-up)
+plus, on the wire, RTT/2 + bytes / link throughput; an all-reduce among g ranks is one exchange of
+partial sums. The constants are in `Calibration`, measured with scripts/bench_distributed.py on the
+reference machines (2 cores, loopback).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from shoal.cluster.messages import Accelerator, NodeProfile
 from shoal.cluster.topology import ClusterView, NodeView
+from shoal.placement.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,14 @@ class Calibration:
 
     def runner_overhead(self, quantized: bool) -> int:
         return self.runner_base_bytes + self.activation_bytes + (self.kernel_bytes if quantized else 0)
+    # Nodes computing on a card (engine/device.py's torch backend). Not yet measured on a card
+    # (no GPU in this project's CI): the share of the card's bandwidth that decode reads reach with
+    # torch's eager ops, and the fixed cost of a layer — ~15 kernel launches at ~10 us each, no CUDA
+    # graphs yet. A card whose bandwidth the profile did not measure is priced at a mid-range one's.
+    gpu_read_efficiency: float = 0.6
+    gpu_layer_overhead_s: float = 1.5e-4
+    gpu_bandwidth_gbps_guess: float = 400.0
+    device_copy_Bps: float = 12e9  # host <-> card over PCIe, per direction (hidden states in and out)
     default_rtt_s: float = 1e-3  # links not measured yet: a LAN guess
     default_link_Bps: float = 100e6
     loopback_rtt_s: float = 1e-4  # two nodes on one machine
@@ -57,6 +69,13 @@ class Calibration:
 
 
 CALIBRATION = Calibration()
+# A node's measured-decode correction is kept within these, so that one broken measurement (or a
+# peer's figure) cannot make a node look 100x faster or push it out of every plan.
+CORRECTION_BOUNDS = (0.2, 5.0)
+
+
+def clamp_correction(c: float) -> float:
+    return min(max(c, CORRECTION_BOUNDS[0]), CORRECTION_BOUNDS[1]) if math.isfinite(c) else 1.0
 
 
 @dataclass(frozen=True)
@@ -73,8 +92,14 @@ class NodeRes:
     flops: float  # fp32 FLOP/s
     cores: int
     layer_overhead_s: float = 1.5e-4  # fixed cost of one decode layer (dispatch, small ops)
-    device: str = "cpu"
+    decode_correction: float = 1.0  # already applied to read_Bps and layer_overhead_s
+    device: str = "cpu"  # where its shards compute (engine/device.py)
     is_self: bool = False
+    copy_Bps: float = float("inf")  # host <-> device for the hidden states of a step (a card: PCIe)
+
+    @property
+    def on_card(self) -> bool:
+        return self.device.split(":")[0] in ("cuda", "mps")
 
 
 @dataclass(frozen=True)
@@ -101,8 +126,23 @@ def node_resources(
         # copy bandwidth scaled by what the kernels reached of it on the reference machine.
         read_Bps = p.q4_read_gbps * 1e9 if p.q4_read_gbps else p.memory_bandwidth_gbps * 1e9 * cal.read_efficiency
         overhead = p.layer_overhead_us * 1e-6 * cal.probe_overhead_scale if p.layer_overhead_us else cal.layer_overhead_s
+        # What the node's instances measured against what was predicted (placement/feedback.py):
+        # its reads and per-layer cost c times as fast as priced.
+        c = clamp_correction(p.decode_correction)
         host_avail = max(m.memory_available_bytes for m in hosts[host])
         host_reserved = sum(reserved.get(m.id, 0) for m in hosts[host])
+        card = device_accelerator(p)
+        if card is not None:
+            # The card is the node's device: its memory is what it offers, its bandwidth what
+            # decode reads at, and it shares neither with the machine's CPU nodes.
+            free = max(0, int(card.memory_total_bytes * CARD_USABLE) - reserved.get(n.id, 0))
+            bw = (card.memory_bandwidth_gbps or cal.gpu_bandwidth_gbps_guess) * 1e9 * cal.gpu_read_efficiency
+            out.append(NodeRes(
+                id=n.id, name=n.name, address=n.address, host=f"{host}/{p.device}", free_bytes=free, host_free_bytes=free,
+                read_Bps=bw * c, flops=(card.gflops_fp32 or p.gflops_fp32) * 1e9, cores=64,
+                layer_overhead_s=cal.gpu_layer_overhead_s / c, decode_correction=c, device=p.device, is_self=n.is_self,
+                copy_Bps=cal.device_copy_Bps))
+            continue
         out.append(
             NodeRes(
                 id=n.id,
@@ -111,13 +151,45 @@ def node_resources(
                 host=host,
                 free_bytes=max(0, n.memory_offered_bytes - reserved.get(n.id, 0)),
                 host_free_bytes=max(0, host_avail - host_reserved),
-                read_Bps=read_Bps,
+                read_Bps=read_Bps * c,
                 flops=p.gflops_fp32 * 1e9,
                 cores=max(1, p.cpu_cores_physical or p.cpu_cores_logical),
-                layer_overhead_s=overhead,
+                layer_overhead_s=overhead / c,
+                decode_correction=c,
+                device=p.device,
                 is_self=n.is_self,
             )
         )
+    return out
+
+
+CARD_USABLE = 0.9  # of a card's memory: the rest is the CUDA context, allocator slack, activations
+
+
+def device_accelerator(p: NodeProfile) -> Accelerator | None:
+    """The card a node's shards compute on (its profile's accelerator for `device`), or None."""
+    kind, _, index = p.device.partition(":")
+    if kind not in ("cuda", "mps"):
+        return None
+    cards = [a for a in p.accelerators if a.kind == kind]
+    i = int(index) if index.isdigit() else 0
+    return cards[i] if i < len(cards) else None
+
+
+def held_as(nodes: list[NodeRes], spec: ModelSpec) -> list[NodeRes]:
+    """Nodes as they would hold `spec`: the torch backend holds weights in its device's dtype
+    (engine/device.py: bf16 on a card, float32 on torch-cpu; quantized weights dequantized), where
+    the spec counts them as the numba engine holds them. A node holding the weights x times larger
+    has 1/x of the room and reads 1/x of the weights per second."""
+    import dataclasses
+
+    per_param = spec.embed_bytes / max(1, spec.vocab_size * spec.hidden_size)  # the spec's bytes per weight
+    out = []
+    for n in nodes:
+        held = 2.0 if n.on_card else 4.0 if n.device == "torch-cpu" else per_param
+        x = held / per_param
+        out.append(n if abs(x - 1.0) < 1e-6 else dataclasses.replace(
+            n, free_bytes=int(n.free_bytes / x), host_free_bytes=int(n.host_free_bytes / x), read_Bps=n.read_Bps / x))
     return out
 
 
@@ -169,6 +241,7 @@ class RankWork:
     weight_bytes: float
     flops_per_token: float
     layers: int
+    hidden: int = 0  # the model's hidden size: what a step's rows carry between host and device
 
 
 def group_compute_time(work: list[RankWork], tokens: int, prefill: bool, cal: Calibration = CALIBRATION) -> float:
@@ -186,5 +259,11 @@ def group_compute_time(work: list[RankWork], tokens: int, prefill: bool, cal: Ca
         flops = sum(w.flops_per_token for w in ranks) * tokens / (node.flops * (cal.prefill_efficiency if prefill else 1.0))
         # Python overhead runs on one core per rank: ranks beyond the core count wait their turn.
         overhead = max(w.layers for w in ranks) * node.layer_overhead_s * max(1.0, share / node.cores)
-        worst = max(worst, max(read, flops) + overhead)
+        # A card's stage copies its step's hidden states in from the host and out again (float32).
+        copy = 2 * tokens * _hidden(ranks) * 4 / node.copy_Bps if node.on_card else 0.0
+        worst = max(worst, max(read, flops) + overhead + copy)
     return worst
+
+
+def _hidden(ranks: list[RankWork]) -> float:
+    return max((w.hidden for w in ranks), default=0)

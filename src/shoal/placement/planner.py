@@ -45,6 +45,7 @@ from shoal.placement.cost import (
     RankWork,
     allreduce_time,
     group_compute_time,
+    held_as,
     link_between,
     message_time,
     node_resources,
@@ -68,7 +69,7 @@ def plan(
     already promised to other instances, by node id."""
     request = request or PlacementRequest()
     context = min(request.context or DEFAULT_CONTEXT, spec.max_context)
-    nodes = node_resources(view, reserved, cal)
+    nodes = held_as(node_resources(view, reserved, cal), spec)
     if request.nodes:
         nodes = _pick(nodes, request.nodes, view)
     if not nodes:
@@ -407,7 +408,7 @@ def _build(
                     tp_rank=r, tp_size=len(g.nodes), kv_heads=g.kv[r], ffn=g.ffn[r], vocab=g.vocab[r],
                     experts=g.experts[r], shared=g.shared[r],
                     weight_bytes=weight, kv_bytes=kv, overhead_bytes=overhead,
-                    threads=max(1, n.cores // same_host), device=n.device,
+                    threads=max(1, n.cores // same_host), device=n.device, decode_correction=n.decode_correction,
                 )
             )
             by_host[n.host] = by_host.get(n.host, 0) + shards[-1].memory_bytes
@@ -463,7 +464,8 @@ def _predict(
         # The entry sends the step message to the other ranks of its stage.
         comm += sum(message_time(link_between(view, entry, m, cal), 2048, cal) for m in g0.nodes[1:])
         for i, (g, n_layers) in enumerate(zip(groups, counts)):
-            work = [RankWork(n, g.layer_read[r] * n_layers, g.layer_flops[r] * n_layers, n_layers) for r, n in enumerate(g.nodes)]
+            work = [RankWork(n, g.layer_read[r] * n_layers, g.layer_flops[r] * n_layers, n_layers, spec.hidden_size)
+                    for r, n in enumerate(g.nodes)]
             compute += group_compute_time(work, tokens, prefill, cal)
             comm += g.allreduces_per_layer * n_layers * allreduce_time(links[i], len(g.nodes), H * tokens, cal, one_host[i] and len(g.nodes) > 1)
             nxt = groups[i + 1] if i + 1 < len(groups) else (g0 if len(groups) > 1 else None)
@@ -498,6 +500,9 @@ def _gib(n: float) -> str:
 def _reason(p: Placement, nodes: list[NodeRes], request: PlacementRequest) -> str:
     pred = p.prediction
     speed = f"predicted {pred.decode_tokens_per_s:.1f} tok/s decode, TTFT {pred.ttft_s * 1000:.0f} ms for {pred.prompt_tokens} tokens"
+    corrected = {s.node_name: s.decode_correction for s in p.shards if abs(s.decode_correction - 1) >= 0.01}
+    if corrected:
+        speed += " (measured decodes set " + ", ".join(f"{n}'s speed x{c:.2f}" for n, c in corrected.items()) + ")"
     names = [s.node_name for s in p.shards]
     if p.strategy == "single":
         why = f"fits on {names[0]} alone, no network hops"

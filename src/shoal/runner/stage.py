@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from shoal.engine import threads
+from shoal.engine.device import Device
 from shoal.engine.loader import load_shard
 from shoal.engine.prefix import CopyKeeper
 from shoal.models.base import BatchLayout, Part
@@ -44,7 +45,8 @@ class LoadedStage:
     tokenizer: object | None
 
 
-def load_stage(ref: str, shard: ShardPlan, num_layers: int | None = None, with_tokenizer: bool = False) -> LoadedStage:
+def load_stage(ref: str, shard: ShardPlan, num_layers: int | None = None, with_tokenizer: bool = False,
+               device: Device | None = None) -> LoadedStage:
     """Load this rank's part of the model (`load_shard`: only its tensors, each cut to its slice as
     it arrives). A placement's rank holds the embedding and head iff it is on the entry stage."""
     entry = shard.vocab is not None
@@ -54,7 +56,7 @@ def load_stage(ref: str, shard: ShardPlan, num_layers: int | None = None, with_t
         kv_heads=shard.kv_heads if tensor else None, ffn=shard.ffn if tensor else None,
         experts=tuple(range(*shard.experts)) if shard.experts is not None else None, shared=shard.shared, vocab=shard.vocab,
     )
-    loaded = load_shard(ref, part, with_tokenizer=with_tokenizer)
+    loaded = load_shard(ref, part, with_tokenizer=with_tokenizer, device=device)
     _trim_heap()
     return LoadedStage(loaded.model, loaded.args, loaded.tokenizer)
 

@@ -69,6 +69,14 @@ function shardsOnNode(nodeId) {
   return liveInstances().flatMap((inst) => inst.shards.filter((sh) => sh.node_id === nodeId).map((sh) => ({ inst, sh })));
 }
 
+// Where a node's shards compute (`shoal node --device`), in words.
+const COMPUTES_ON = { cpu: "CPU", "torch-cpu": "CPU (torch)", cuda: "CUDA GPU", mps: "Apple GPU", mlx: "Apple GPU (MLX)" };
+
+function computesOn(device) {
+  const [kind, index] = (device || "cpu").split(":");
+  return (COMPUTES_ON[kind] ?? kind) + (index !== undefined ? ` ${index}` : "");
+}
+
 function nodeCard(entry) {
   const n = entry.view;
   const p = n.profile; // null until the node has measured itself
@@ -77,7 +85,7 @@ function nodeCard(entry) {
   const avail = n.memory_available_bytes;
   const used = total !== null ? Math.max(0, total - avail) : null;
   const accels = p ? p.accelerators : [];
-  const device = accels.length ? accels.map((a) => a.kind.toUpperCase()).join(" + ") : "CPU";
+  const device = p ? computesOn(p.device) : "CPU";
   const statusText = status === "up" ? "up" : status === "down" ? `down · seen ${fmtAgo(n.last_seen_s)}` : "gone";
 
   const chips = shardsOnNode(n.id).map(({ inst, sh }) =>
@@ -91,7 +99,8 @@ function nodeCard(entry) {
       h("span", { class: `pill ${status}`, "data-status": status }, statusText)),
     h("div", { class: "addr" }, n.address),
     h("dl", {},
-      h("dt", {}, "Device"), h("dd", {}, p ? `${device} · ${p.cpu_cores_logical} cores` : device),
+      h("dt", { title: "where this node's shards compute (shoal node --device)" }, "Device"),
+      h("dd", { "data-device": p ? p.device : "" }, p ? `${device} · ${p.cpu_cores_logical} cores` : device),
       h("dt", {}, "CPU"), h("dd", {}, p ? p.cpu_model : "not measured yet"),
       accels.length ? [h("dt", {}, "GPU"), h("dd", {}, accels.map((a) => `${a.name} (${fmtBytes(a.memory_total_bytes)})`).join(", "))] : null,
       h("dt", { title: "measured fp32 matrix multiply throughput, and memory bandwidth" }, "Speed"),
