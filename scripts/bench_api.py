@@ -8,7 +8,12 @@ generation throughput (all clients' tokens / wall time of the round), the time t
 p50/p99 over the clients, and the engine's mean batch size read from /metrics; finally the ratio
 of 8-client to 1-client aggregate throughput (the bar: >= 4x).
 
-    .venv/bin/python scripts/bench_api.py [--levels 1,4,8,16] [--max-tokens 64] [--json]
+With llama.cpp's tools built (../shared/tools/llama-cpp-tools.sh .peers/llama.cpp, or
+$SHOAL_LLAMA_CPP), --peer also starts `llama-server -np <most clients>` on the same GGUF with the
+same threads and runs every level against both, alternating, and prints llama-server's figures and
+the ratio beside shoal's.
+
+    .venv/bin/python scripts/bench_api.py [--levels 1,4,8,16] [--max-tokens 64] [--peer] [--json]
 """
 
 from __future__ import annotations
@@ -69,6 +74,32 @@ def start_server(model: str, threads: int | None, max_running: int, prefix_cache
     return proc, f"http://127.0.0.1:{port}"
 
 
+def start_llama_server(gguf: str, threads: int, slots: int, max_tokens: int) -> tuple[subprocess.Popen, str]:
+    from shoal.engine.bench import llama_cpp_bin
+
+    tools = llama_cpp_bin()
+    if tools is None:
+        raise SystemExit("--peer: llama.cpp's tools are not built (../shared/tools/llama-cpp-tools.sh .peers/llama.cpp)")
+    port = free_port()
+    ctx = slots * (max_tokens + 256)  # each slot: a chat prompt and the reply
+    cmd = [str(tools / "llama-server"), "-m", gguf, "--port", str(port), "-t", str(threads), "-tb", str(threads), "-np", str(slots),
+           "-c", str(ctx), "--cont-batching", "--log-disable"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            import urllib.request
+
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("llama-server did not start")
+
+
 async def one_client(session: aiohttp.ClientSession, url: str, model: str, prompt: str, max_tokens: int, start: asyncio.Event) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
@@ -84,7 +115,7 @@ async def one_client(session: aiohttp.ClientSession, url: str, model: str, promp
             chunk = json.loads(raw[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            for ch in chunk["choices"]:
+            for ch in chunk.get("choices") or []:
                 if ttft is None and ch["delta"].get("content"):
                     ttft = time.perf_counter() - t0
     return {"t0": t0, "t1": time.perf_counter(), "ttft": ttft, "tokens": tokens}
@@ -92,7 +123,7 @@ async def one_client(session: aiohttp.ClientSession, url: str, model: str, promp
 
 async def scrape_batches(session: aiohttp.ClientSession, url: str) -> tuple[float, float]:
     async with session.get(f"{url}/metrics") as r:
-        text = await r.text()
+        text = await r.text() if r.status == 200 else ""  # llama-server: no metrics unless asked
     steps = sum(float(v) for v in re.findall(r"^shoal_engine_steps_total\{[^}]*\} (\S+)$", text, re.M))
     seqs = sum(float(v) for v in re.findall(r"^shoal_engine_step_sequences_total\{[^}]*\} (\S+)$", text, re.M))
     return steps, seqs
@@ -133,18 +164,28 @@ async def run_level(url: str, model: str, clients: int, max_tokens: int, rounds:
     }
 
 
-async def bench(args: argparse.Namespace, url: str) -> list[dict]:
+def _line(who: str, res: dict) -> str:
+    return (f"{who:12s} {res['clients']:3d} clients  aggregate {res['aggregate_tokens_per_s']:7.1f} tok/s"
+            f"  per client {res['per_client_tokens_per_s']:6.1f} tok/s"
+            f"  TTFT p50 {res['ttft_p50_ms']:7.0f} ms  p99 {res['ttft_p99_ms']:7.0f} ms")
+
+
+async def bench(args: argparse.Namespace, url: str, peer_url: str | None = None) -> list[dict]:
     levels = [int(x) for x in args.levels.split(",")]
     await run_level(url, args.model, 2, 8, 1)  # warm-up: first requests, batched path
+    if peer_url:
+        await run_level(peer_url, args.model, 2, 8, 1)
     out = []
     for c in levels:
         res = await run_level(url, args.model, c, args.max_tokens, args.rounds)
+        if peer_url:  # right after shoal's, on the same prompts
+            res["llama_server"] = await run_level(peer_url, args.model, c, args.max_tokens, args.rounds)
+            res["ratio_vs_llama_server"] = res["aggregate_tokens_per_s"] / res["llama_server"]["aggregate_tokens_per_s"]
         out.append(res)
         if not args.json:
-            print(f"{c:3d} clients  aggregate {res['aggregate_tokens_per_s']:7.1f} tok/s"
-                  f"  per client {res['per_client_tokens_per_s']:6.1f} tok/s"
-                  f"  TTFT p50 {res['ttft_p50_ms']:7.0f} ms  p99 {res['ttft_p99_ms']:7.0f} ms  mean batch {res['mean_batch']:5.1f}",
-                  flush=True)
+            print(_line("shoal", res) + f"  mean batch {res['mean_batch']:5.1f}", flush=True)
+            if peer_url:
+                print(_line("llama-server", res["llama_server"]) + f"  ratio {res['ratio_vs_llama_server']:.2f}x", flush=True)
     return out
 
 
@@ -159,16 +200,25 @@ def main() -> int:
     p.add_argument("--max-running", type=int, default=32)
     p.add_argument("--prefix-cache-mb", type=int, default=None,
                    help="the server's prompt-prefix store (default: the server's; 0: off, every prompt prefilled in full)")
+    p.add_argument("--peer", action="store_true", help="also run every level against llama-server on the same GGUF")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    proc = None
-    url = args.url
-    if url is None:
-        proc, url = start_server(args.model, args.threads, args.max_running, args.prefix_cache_mb)
+    procs = []
+    url, peer_url = args.url, None
     try:
-        results = asyncio.run(bench(args, url))
+        if url is None:
+            proc, url = start_server(args.model, args.threads, args.max_running, args.prefix_cache_mb)
+            procs.append(proc)
+        if args.peer:
+            from shoal.engine.loader import resolve_model
+
+            slots = max(int(x) for x in args.levels.split(","))
+            proc, peer_url = start_llama_server(str(resolve_model(args.model)), args.threads or os.cpu_count() or 1, slots,
+                                                args.max_tokens)
+            procs.append(proc)
+        results = asyncio.run(bench(args, url, peer_url))
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.terminate()
             try:
                 proc.wait(10)

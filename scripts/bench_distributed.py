@@ -10,6 +10,10 @@ and runs greedy requests on them in turns (so that load from elsewhere on the ma
 alike). Decode tokens/s is what the entry runner's generator measured; communication per token
 is the entry's step time less the compute time of each stage's slowest rank (runner counters).
 Every process it starts is stopped by its own pid at the end.
+
+With --peer (llama.cpp's tools built: ../shared/tools/llama-cpp-tools.sh .peers/llama.cpp, or
+$SHOAL_LLAMA_CPP), each turn also runs llama.cpp's own `llama-bench` on the same GGUF alone and over
+three `ggml-rpc-server` processes on 127.0.0.1 (its distributed mode), and prints both beside shoal.
 """
 
 from __future__ import annotations
@@ -86,6 +90,35 @@ def comm_per_token(before: list[dict[str, Any]], after: list[dict[str, Any]]) ->
     return max(0.0, d[0]["step_s"] - compute) / steps, compute / steps
 
 
+def start_rpc_servers(tools: Path, n: int, threads: int, procs: list) -> list[str]:
+    """`n` ggml-rpc-servers on loopback; their host:port."""
+    endpoints = []
+    for _ in range(n):
+        port = free_port()
+        procs.append(subprocess.Popen([str(tools / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port), "-t", str(threads)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("ggml-rpc-server did not start") from None
+                time.sleep(0.1)
+        endpoints.append(f"127.0.0.1:{port}")
+    return endpoints
+
+
+def llama_bench_decode(tools: Path, gguf: str, tokens: int, threads: int, rpc: list[str] | None = None) -> float:
+    """llama-bench's decode tokens/s (one run), alone or over RPC servers."""
+    cmd = [str(tools / "llama-bench"), "-m", gguf, "-p", "0", "-n", str(tokens), "-t", str(threads), "-r", "1", "-o", "json"]
+    if rpc:
+        cmd += ["--rpc", ",".join(rpc)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+    return max(json.loads(out[out.index("["):])[0]["samples_ts"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -94,8 +127,16 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5, help="requests per configuration (the best is reported, as `shoal bench` does)")
     ap.add_argument("--configs", default=",".join(c[0] for c in CONFIGS),
                     help="which of " + ", ".join(c[0] for c in CONFIGS) + " to run (single always runs: the ratios need it)")
+    ap.add_argument("--peer", action="store_true", help="also llama.cpp alone and over 3 RPC servers, in the same turns")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    tools = None
+    if args.peer:
+        from shoal.engine.bench import llama_cpp_bin
+
+        tools = llama_cpp_bin()
+        if tools is None:
+            raise SystemExit("--peer: llama.cpp's tools are not built (../shared/tools/llama-cpp-tools.sh .peers/llama.cpp)")
 
     root = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -152,9 +193,19 @@ def main() -> int:
             generate(url, inst["id"], prompt, 16)
         before = {label: shard_stats(url, inst["id"]) for label, inst in placed.items()}
         runs: dict[str, list[float]] = {label: [] for label in placed}
+        peer: dict[str, list[float]] = {"llama.cpp": [], "llama.cpp RPC-3": []}
+        rpc: list[str] = []
+        if tools is not None:
+            from shoal.engine.loader import resolve_model
+
+            gguf = str(resolve_model(args.model))
+            rpc = start_rpc_servers(tools, 3, os.cpu_count() or 1, procs)
         for _ in range(args.repeats):
             for label, inst in placed.items():
                 runs[label].append(generate(url, inst["id"], prompt, args.tokens)["decode_tps"])
+            if tools is not None:  # in the same turn, so load from elsewhere hits both alike
+                peer["llama.cpp"].append(llama_bench_decode(tools, gguf, args.tokens, os.cpu_count() or 1))
+                peer["llama.cpp RPC-3"].append(llama_bench_decode(tools, gguf, args.tokens, os.cpu_count() or 1, rpc))
         after = {label: shard_stats(url, inst["id"]) for label, inst in placed.items()}
 
         rows = []
@@ -173,8 +224,9 @@ def main() -> int:
                 "predicted_comm_ms_per_token": pred["comm_s"] * 1e3,
                 "layers": [s["layers"] for s in inst["shards"]],
             })
+        peers = {k: max(v) for k, v in peer.items() if v}
         if args.json:
-            print(json.dumps({"model": args.model, "tokens": args.tokens, "rows": rows}, indent=2))
+            print(json.dumps({"model": args.model, "tokens": args.tokens, "rows": rows, "llama_cpp": peers}, indent=2))
             return 0
         prof = json.loads((root / "profile.json").read_text())
         print(f"model {args.model}, {args.prompt}-token prompt, {args.tokens} tokens greedy, best of {args.repeats} "
@@ -187,6 +239,13 @@ def main() -> int:
             print(f"{r['config']:<11} {r['decode_tps']:7.1f} {r['median_tps']:7.1f} {r['vs_single']:9.2f} {r['predicted_tps']:10.1f} "
                   f"{r['predicted_vs_single']:7.2f} {100 * r['prediction_error']:8.0f}% {r['comm_ms_per_token']:12.2f} "
                   f"{r['predicted_comm_ms_per_token']:10.2f} {r['compute_ms_per_token']:11.2f}  {r['layers']}")
+        if peers:
+            by = {r["config"]: r["decode_tps"] for r in rows}
+            one, three = peers["llama.cpp"], peers["llama.cpp RPC-3"]
+            print(f"llama.cpp (llama-bench, same turns): alone {one:.1f} tok/s, over 3 RPC servers {three:.1f} tok/s "
+                  f"({three / one:.2f}x its own single)")
+            print(f"shoal / llama.cpp: single {by['single'] / one:.2f}x"
+                  + (f", pipeline-3 / RPC-3 {by['pipeline-3'] / three:.2f}x" if "pipeline-3" in by else ""))
         return 0
     finally:
         for p in procs:

@@ -1,10 +1,17 @@
-"""Prefill and decode speed of shoal's engine, and of llama.cpp on the same GGUF in the same run."""
+"""Prefill and decode speed of shoal's engine, and of llama.cpp on the same GGUF in the same run.
+
+The peer is llama.cpp's own `llama-bench` where its tools are built (`../shared/tools/llama-cpp-tools.sh
+.peers/llama.cpp` from the checkout; or `$SHOAL_LLAMA_CPP` naming their bin folder), else
+llama-cpp-python where it is installed. Rounds alternate between the two, and each reports its best.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import time
 from pathlib import Path
-
 
 from shoal.engine.generate import BatchGenerator
 from shoal.engine.sampler import SamplingParams
@@ -42,6 +49,30 @@ def bench_shoal(lm, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict:
         if n:
             best_decode = max(best_decode, n / (t2 - t1))
     return {"prefill_tokens_per_s": best_prefill, "decode_tokens_per_s": best_decode, "prompt_ids": prompt}
+
+
+def llama_cpp_bin() -> Path | None:
+    """The folder of llama.cpp's built tools: $SHOAL_LLAMA_CPP, else .peers/llama.cpp/bin in the
+    current folder or the checkout this package runs from."""
+    candidates = [os.environ.get("SHOAL_LLAMA_CPP", "")]
+    candidates += [str(root / ".peers" / "llama.cpp" / "bin") for root in (Path.cwd(), Path(__file__).resolve().parents[3])]
+    for c in candidates:
+        if c and (Path(c) / "llama-bench").is_file() and os.access(Path(c) / "llama-bench", os.X_OK):
+            return Path(c)
+    return None
+
+
+def bench_llama_bench(bin_dir: Path, path: Path, prompt_tokens: int, gen_tokens: int, threads: int, repeats: int) -> dict:
+    """llama-bench's best prefill (pp) and decode (tg) of `repeats` runs each, on the same GGUF."""
+    cmd = [str(bin_dir / "llama-bench"), "-m", str(path), "-p", str(prompt_tokens), "-n", str(gen_tokens), "-t", str(threads),
+           "-r", str(repeats), "-o", "json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True).stdout
+    rows = json.loads(out[out.index("[") :])
+    best = {"prefill_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0}
+    for row in rows:
+        key = "decode_tokens_per_s" if row.get("n_gen", 0) > 0 else "prefill_tokens_per_s"
+        best[key] = max(best[key], *row.get("samples_ts", [row["avg_ts"]]))
+    return best
 
 
 def bench_llama_cpp(path: Path, prompt: list[int], gen_tokens: int, threads: int, repeats: int) -> dict | None:

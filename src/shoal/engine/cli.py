@@ -40,6 +40,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-tokens", type=int, default=128, help="tokens generated for the decode measurement (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the best is reported")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="alternating rounds of shoal and llama.cpp (each of --repeats runs); the best of each is reported")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -148,11 +150,19 @@ def run_generate(args) -> int:
 def run_bench(args) -> int:
     import resource
 
-    from shoal.engine.bench import bench_llama_cpp, bench_shoal
+    from shoal.engine.bench import bench_llama_bench, bench_llama_cpp, bench_shoal, llama_cpp_bin
 
     threads = set_threads(args.threads)
     lm = _load(args)
-    ours = bench_shoal(lm, args.prompt_tokens, args.gen_tokens, args.repeats)
+    tools = llama_cpp_bin() if not args.no_llama_cpp and lm.path.suffix == ".gguf" else None
+    ours, peer = None, None
+    for _ in range(max(1, args.rounds) if tools else 1):  # interleaved: the machine's state hits both alike
+        got = bench_shoal(lm, args.prompt_tokens, args.gen_tokens, args.repeats)
+        ours = got if ours is None else {k: max(v, got[k]) if k != "prompt_ids" else v for k, v in ours.items()}
+        if tools:
+            r = bench_llama_bench(tools, lm.path, args.prompt_tokens, args.gen_tokens, threads, args.repeats)
+            peer = r if peer is None else {k: max(v, r[k]) for k, v in peer.items()}
+    assert ours is not None
     result = {
         "model": lm.name,
         "threads": threads,
@@ -162,7 +172,9 @@ def run_bench(args) -> int:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if not args.no_llama_cpp and lm.path.suffix == ".gguf":
-        ref = bench_llama_cpp(lm.path, ours["prompt_ids"], args.gen_tokens, threads, args.repeats)
+        ref = peer if peer is not None else bench_llama_cpp(lm.path, ours["prompt_ids"], args.gen_tokens, threads, args.repeats)
+        if ref is not None:
+            ref["tool"] = f"llama-bench ({tools})" if peer is not None else "llama-cpp-python"
         if ref is not None:
             result["llama_cpp"] = ref
             result["prefill_ratio_vs_llama_cpp"] = ours["prefill_tokens_per_s"] / ref["prefill_tokens_per_s"]
@@ -175,8 +187,9 @@ def run_bench(args) -> int:
     print(f"shoal      prefill {result['prefill_tokens_per_s']:8.1f} tok/s   decode {result['decode_tokens_per_s']:8.1f} tok/s   peak RSS {result['peak_rss_mb']:.0f} MB")
     if "llama_cpp" in result:
         r = result["llama_cpp"]
-        print(f"llama.cpp  prefill {r['prefill_tokens_per_s']:8.1f} tok/s   decode {r['decode_tokens_per_s']:8.1f} tok/s")
+        print(f"llama.cpp  prefill {r['prefill_tokens_per_s']:8.1f} tok/s   decode {r['decode_tokens_per_s']:8.1f} tok/s   ({r['tool']})")
         print(f"ratio      prefill {result['prefill_ratio_vs_llama_cpp']:8.2f}x        decode {result['decode_ratio_vs_llama_cpp']:8.2f}x")
     else:
-        print("llama.cpp  not measured (llama-cpp-python not installed, or not a GGUF model)")
+        print("llama.cpp  not measured (not a GGUF model, or no llama.cpp: build its tools with "
+              "../shared/tools/llama-cpp-tools.sh .peers/llama.cpp, or set $SHOAL_LLAMA_CPP to their bin folder)")
     return 0
