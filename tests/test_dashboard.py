@@ -162,6 +162,7 @@ def test_topology_shows_both_nodes(page: Any, cluster: Cluster) -> None:
     # The link between them, measured and drawn with its RTT and bandwidth.
     expect(page.locator("#topo-links .label text.rtt")).to_contain_text(" ms", timeout=20_000)
     expect(page.locator("#topo-links .label text.bw")).to_contain_text("b/s")
+    expect(page.locator("#topo-links line[data-kind]")).to_have_attribute("data-kind", "tcp")  # loopback: TCP
     expect(page.locator("#conn")).to_have_class("conn live")
     shot(page, "01-topology-laptop")
     shot(page, "01-topology-narrow", NARROW)

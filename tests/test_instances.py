@@ -97,6 +97,24 @@ def decode(ids: list[int]) -> str:
     return load_model(DEFAULT_MODEL).tokenizer.decode(ids)
 
 
+def two_node_pipeline(nl: NodeLauncher, b_extra: list[str], a_extra: tuple[str, ...] = ()) -> tuple[NodeProc, NodeProc, dict]:
+    """Nodes a (numba) and b (started with `b_extra`, e.g. another --device), and the bundled model
+    placed as a pipeline over both; checks from the runners' logs where each stage computes."""
+    a = nl.start("a", extra=list(a_extra))
+    b = nl.start("b", peers=[a], extra=b_extra)
+    wait_for(lambda: all(len([x for x in n.cluster()["nodes"] if x["status"] == "up"]) == 2 for n in (a, b)), 30,
+             what="two nodes up")
+    status, out, _ = call(a, "POST", "/v1/instances", {"model": DEFAULT_MODEL, "strategy": "pipeline", "nodes": ["a", "b"],
+                                                        "context": CONTEXT})
+    assert status == 202, out
+    inst = wait_ready(a, out["instance"]["id"])
+    assert [s["node_name"] for s in inst["shards"]] == ["a", "b"]
+    device_b = b_extra[b_extra.index("--device") + 1] if "--device" in b_extra else "cpu"
+    logs = {n: "".join(p.read_text() for p in (nl.root / n / "runners").glob("*.log")) for n in "ab"}
+    assert "on cpu" in logs["a"] and f"on {device_b}" in logs["b"], logs
+    return a, b, inst
+
+
 # -- fixtures --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory, cached_profile: Path):
@@ -106,18 +124,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, cached_profile: Path):
     single-process run's."""
     nl = NodeLauncher(tmp_path_factory.mktemp("pipeline2"), cached_profile)
     try:
-        a = nl.start("a", extra=["--kv-budget", KV_BUDGET])
-        b = nl.start("b", peers=[a], extra=["--device", "torch-cpu"])
-        wait_for(lambda: all(len([x for x in n.cluster()["nodes"] if x["status"] == "up"]) == 2 for n in (a, b)), 30,
-                 what="two nodes up")
-        status, out, _ = call(a, "POST", "/v1/instances", {"model": DEFAULT_MODEL, "strategy": "pipeline", "nodes": ["a", "b"],
-                                                            "context": CONTEXT})
-        assert status == 202, out
-        inst = wait_ready(a, out["instance"]["id"])
-        assert [s["node_name"] for s in inst["shards"]] == ["a", "b"]
-        logs = {n: "".join(p.read_text() for p in (nl.root / n / "runners").glob("*.log")) for n in "ab"}
-        assert "on cpu" in logs["a"] and "on torch-cpu" in logs["b"], logs
-        yield a, b, inst
+        yield two_node_pipeline(nl, ["--device", "torch-cpu"], ("--kv-budget", KV_BUDGET))
     finally:
         nl.close()
 

@@ -541,3 +541,142 @@ def test_a_node_with_a_24gb_card_takes_the_layers_and_is_priced_by_its_card():
     # Nothing fits: refused, saying what is missing.
     with pytest.raises(PlacementError, match="GiB"):
         plan(spec(layers=400), cluster([carded("gpu", 24, 1000, me=True)]))
+
+
+# -- planner against published clusters (placement/cluster_spec.py) -------------------------------------
+# exo's published decode tokens/s on 1, 2 and 4 M3 Ultra Mac Studios (512 GB, ~800 GB/s), tensor
+# parallel over Thunderbolt 5 RDMA (~5 us, ~75 Gbit/s); TCP over the same cable: ~300 us.
+EXO = {"qwen3-235b-a22b-4bit": {1: 19.5, 2: 26.2, 4: 31.9}, "deepseek-v3.1-4bit": {1: 21.1, 2: 27.8, 4: 32.5}}
+
+
+def studios(n: int, kind: str = "rdma") -> dict:
+    names = [f"s{i + 1}" for i in range(n)]
+    latency, gbps = (5, 75) if kind == "rdma" else (300, 40)
+    return {"nodes": [{"name": x, "device": "mlx", "memory_gb": 512, "bandwidth_gbs": 800, "tflops": 28} for x in names],
+            "links": [{"a": a, "b": b, "kind": kind, "latency_us": latency, "bandwidth_gbps": gbps}
+                      for i, a in enumerate(names) for b in names[i + 1 :]]}
+
+
+def test_a_cluster_spec_becomes_the_view_a_node_would_see():
+    from shoal.placement.cluster_spec import cluster_view, parse_cluster_spec
+
+    view = cluster_view(parse_cluster_spec({**studios(2), "future_field": 1}))
+    s1, s2 = view.nodes
+    assert (s1.name, s1.profile.device, s1.memory_offered_bytes) == ("s1", "mlx", 512 * GiB) and s1.is_self
+    lk = view.link(s1.id, s2.id)
+    assert lk.kind == "rdma" and lk.rtt_ms == pytest.approx(0.010) and lk.bandwidth_mbps == 75_000
+    cuda = cluster_view(parse_cluster_spec({"nodes": [{"name": "g", "device": "cuda", "memory_gb": 80, "bandwidth_gbs": 3350}]}))
+    assert cuda.nodes[0].profile.accelerators[0].memory_bandwidth_gbps == 3350
+
+
+@pytest.mark.parametrize("data, message", [
+    ([], "Input should be a valid dictionary"),
+    ({"nodes": []}, "nodes: List should have at least 1 item"),
+    ({"nodes": [{"name": "a", "device": "tpu", "memory_gb": 1, "bandwidth_gbs": 1}]}, "nodes[0].device: Input should be 'cpu', 'cuda' or 'mlx'"),
+    ({"nodes": [{"name": "a", "device": "mlx", "memory_gb": -1, "bandwidth_gbs": 1}]}, "nodes[0].memory_gb: Input should be greater than 0"),
+    ({"nodes": [{"name": "a", "device": "mlx", "memory_gb": 1}]}, "nodes[0].bandwidth_gbs: Field required"),
+    ({**studios(2), "links": [{"a": "s1", "b": "s9", "latency_us": 5, "bandwidth_gbps": 1}]}, "links[0] names unknown node 's9'"),
+    ({**studios(2), "links": [{"a": "s1", "b": "s2", "kind": "udp", "latency_us": 5, "bandwidth_gbps": 1}]}, "links[0].kind: Input should be 'tcp' or 'rdma'"),
+    ({"nodes": studios(2)["nodes"] * 2}, "node name 's1' is used twice"),
+])
+def test_a_bad_cluster_spec_is_refused_in_one_line(data, message):
+    from shoal.placement.cluster_spec import ClusterSpecError, parse_cluster_spec
+
+    with pytest.raises(ClusterSpecError) as e:
+        parse_cluster_spec(data)
+    assert str(e.value) == message or str(e.value).startswith(message), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_cluster_spec_file_errors_and_the_cli_json(tmp_path, capsys):
+    import argparse
+
+    from shoal.daemon.cli import add_place_arguments, run_place
+    from shoal.placement.cluster_spec import ClusterSpecError, load_cluster_spec
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nodes: 1}")
+    with pytest.raises(ClusterSpecError, match="is not JSON"):
+        load_cluster_spec(bad)
+    good = tmp_path / "studios.json"
+    good.write_text(json.dumps(studios(2)))
+    ap = argparse.ArgumentParser()
+    add_place_arguments(ap)
+    assert run_place(ap.parse_args(["deepseek-v3.1-4bit", "--dry-run", "--json", "--cluster-spec", str(good)])) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plans"]["auto"]["strategy"] == "tensor" and out["plans"]["auto"]["prediction"]["decode_tokens_per_s"] > 20
+    assert set(out["plans"]) == {"auto", "pipeline", "tensor", "expert", "hybrid"}
+    assert run_place(ap.parse_args(["deepseek-v3.1-4bit", "--cluster-spec", str(good)])) == 2  # needs --dry-run
+    assert run_place(ap.parse_args(["deepseek-v3.1-4bit", "--dry-run", "--cluster-spec", str(bad)])) == 2
+    assert "is not JSON" in capsys.readouterr().err
+
+
+def _preview(model: str, n: int, kind: str = "rdma") -> dict:
+    from shoal.placement.cluster_spec import dry_run, parse_cluster_spec
+
+    return dry_run(model, parse_cluster_spec(studios(n, kind)))["plans"]
+
+
+@pytest.mark.parametrize("model, n", [(m, n) for m in EXO for n in (1, 2, 4)])
+def test_the_dry_run_predicts_exo_published_decode_within_20_percent(model, n):
+    best = _preview(model, n)["auto"]
+    predicted, published = best["prediction"]["decode_tokens_per_s"], EXO[model][n]
+    assert abs(predicted / published - 1) <= 0.20, (model, n, predicted, published)
+    # Tensor parallel over RDMA is what pays on 2 and 4 nodes, over all of them.
+    assert best["strategy"] == ("single" if n == 1 else "tensor") and len(best["shards"]) == n
+    assert n == 1 or "priced only" in best["reason"]
+
+
+@pytest.mark.parametrize("model", list(EXO))
+def test_over_tcp_tensor_does_not_pay_and_no_pipeline_beats_one_whole_node(model):
+    one = _preview(model, 1)["auto"]["prediction"]["decode_tokens_per_s"]
+    for n in (2, 4):
+        for kind in ("rdma", "tcp"):
+            plans = _preview(model, n, kind)
+            assert plans["pipeline"]["prediction"]["decode_tokens_per_s"] <= one
+        tcp, rdma = _preview(model, n, "tcp"), _preview(model, n, "rdma")
+        # ~300 us per all-reduce, two per layer: tensor over TCP is slower than one node alone.
+        assert tcp["tensor"]["prediction"]["decode_tokens_per_s"] < one < rdma["tensor"]["prediction"]["decode_tokens_per_s"]
+        assert tcp["auto"]["strategy"] == "single"
+
+
+def test_a_real_placement_never_chooses_tensor_parallel_for_an_moe():
+    from shoal.catalog import CATALOG
+    from shoal.placement.cluster_spec import cluster_view, parse_cluster_spec
+
+    m = ModelSpec.from_catalog(CATALOG["qwen3-235b-a22b-4bit"])
+    view = cluster_view(parse_cluster_spec(studios(4)))
+    assert plan(m, view).strategy != "tensor"
+    assert "tensor" not in plan_each_strategy(m, view)
+    with pytest.raises(PlacementError, match="use strategy expert"):
+        plan(m, view, PlacementRequest(strategy="tensor"))
+
+
+def test_link_kinds_are_priced_differently():
+    from shoal.cluster.messages import LinkRecord
+    from shoal.placement.cost import CALIBRATION as cal
+    from shoal.placement.cost import Link, allreduce_time, message_time
+
+    tcp, rdma = Link(10e-6, 9.4e9, "tcp"), Link(10e-6, 9.4e9, "rdma")
+    assert message_time(rdma, 8192) == pytest.approx(cal.rdma_message_overhead_s + 5e-6 + 8192 / 9.4e9)
+    assert message_time(tcp, 8192) - message_time(rdma, 8192) == pytest.approx(cal.message_overhead_s - cal.rdma_message_overhead_s)
+    assert allreduce_time([rdma] * 3, 4, 16384) < allreduce_time([tcp] * 3, 4, 16384) / 10
+    # A link record from a peer that predates link kinds reads as TCP.
+    old = LinkRecord.model_validate({"a": "0" * 32, "b": "1" * 32, "rtt_ms": 0.3, "measured_at": 0.0})
+    assert old.kind == "tcp"
+
+
+def test_mlx_nodes_hold_weights_as_stored_and_read_at_their_gpu_bandwidth():
+    from shoal.catalog import CATALOG
+    from shoal.placement.cluster_spec import cluster_view, parse_cluster_spec
+    from shoal.placement.cost import CALIBRATION as cal
+    from shoal.placement.cost import held_as, node_resources
+
+    m = ModelSpec.from_catalog(CATALOG["deepseek-v3.1-4bit"])
+    assert m.stored_bytes < m.weight_bytes  # bf16 scales as stored, float32 as the CPU engine holds them
+    (mlx,) = node_resources(cluster_view(parse_cluster_spec(studios(1))))
+    assert mlx.read_Bps == pytest.approx(800e9 * cal.mlx_read_efficiency) and mlx.device == "mlx" and not mlx.on_card
+    (held,) = held_as([mlx], m)
+    assert held.free_bytes == pytest.approx(mlx.free_bytes * m.weight_bytes / m.stored_bytes, rel=1e-3)
+    kimi = ModelSpec.from_catalog(CATALOG["kimi-k2-thinking"])
+    assert kimi.moe.num_experts == 384 and kimi.stored_bytes / kimi.weight_bytes < 0.8  # bf16 dense part, not float32

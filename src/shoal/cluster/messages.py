@@ -9,7 +9,7 @@ plaintext; the sealed body is `auth.SEAL_OVERHEAD` bytes longer).
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -101,6 +101,9 @@ class LinkRecord(Message):
     bandwidth_mbps: Annotated[float, Field(ge=0.0)] | None = None
     measured_at: float  # unix time on the measuring node
     probe_bytes: NonNeg = 0
+    # What the link carries the data plane over (placement/cost.py prices each kind); "tcp" by
+    # default, so records from peers that predate it stay readable.
+    kind: Literal["tcp", "rdma"] = "tcp"
 
 
 class Gossip(Message):

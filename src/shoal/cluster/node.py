@@ -160,6 +160,7 @@ class Node:
                 bandwidth_mbps=lk.bandwidth_mbps,
                 measured_at=lk.measured_at,
                 age_s=round(now - lk.measured_at, 1),
+                kind=lk.kind,
             )
             for lk in sorted(self.links.records(), key=lambda lk: (lk.a, lk.b))
         ]

@@ -49,6 +49,7 @@ class LinkView(BaseModel):
     bandwidth_mbps: float | None
     measured_at: float  # unix time
     age_s: float  # how long ago, as seen from here
+    kind: Literal["tcp", "rdma"] = "tcp"  # TCP (the kernel's stack) or RDMA (Thunderbolt 5, user space)
 
 
 class ClusterView(BaseModel):

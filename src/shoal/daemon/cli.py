@@ -38,6 +38,8 @@ def add_place_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="catalog id or a path the nodes can read")
     add_cluster_placement_arguments(p, _default_cluster())
     p.add_argument("--dry-run", action="store_true", help="only show the plan and prediction of each strategy")
+    p.add_argument("--cluster-spec", default=None, metavar="FILE",
+                   help="with --dry-run: plan for the machines and links FILE describes (JSON), no node needed")
     p.add_argument("--no-wait", action="store_true", help="return once placed, without waiting for it to load")
     p.add_argument("--replica", action="store_true",
                    help="place another instance even if the model already has one (default: answer with that one)")
@@ -126,21 +128,14 @@ def _describe(inst: dict[str, Any]) -> str:
 
 def run_place(args: argparse.Namespace) -> int:
     try:
+        if args.cluster_spec is not None:
+            return _dry_run_spec(args)
         if args.dry_run:
             q = f"/v1/placement?model={urllib.request.quote(args.model)}&strategy={args.strategy}"
             for k, v in (("nodes", args.nodes), ("context", args.context), ("tp_size", args.tp_size)):
                 if v is not None:
                     q += f"&{k}={urllib.request.quote(str(v))}"
-            preview = _request(args.cluster, "GET", q)
-            if args.json:
-                print(json.dumps(preview, indent=2))
-                return 0
-            for kind, p in preview["plans"].items():
-                if "error" in p:
-                    print(f"{kind:<9} -  {p['error']}")
-                else:
-                    print(f"{kind:<9} {p['strategy']:<9} {p['prediction']['decode_tokens_per_s']:7.1f} tok/s  "
-                          f"TTFT {p['prediction']['ttft_s'] * 1000:6.0f} ms  {p['reason']}")
+            _print_preview(_request(args.cluster, "GET", q), args.json)
             return 0
         inst = create_instance(args.cluster, args.model, args.strategy, args.nodes, args.context, args.tp_size,
                                args.replica)
@@ -153,6 +148,51 @@ def run_place(args: argparse.Namespace) -> int:
     except ClusterError as e:
         print(f"shoal place: {e}", file=sys.stderr)
         return 1
+
+
+def _print_preview(preview: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(preview, indent=2))
+        return
+    for kind, p in preview["plans"].items():
+        if "error" in p:
+            print(f"{kind:<9} -  {p['error']}")
+        else:
+            print(f"{kind:<9} {p['strategy']:<9} {p['prediction']['decode_tokens_per_s']:7.1f} tok/s  "
+                  f"TTFT {p['prediction']['ttft_s'] * 1000:6.0f} ms  {p['reason']}")
+
+
+def _dry_run_spec(args: argparse.Namespace) -> int:
+    """`shoal place MODEL --dry-run --cluster-spec FILE`: the planner on described machines, here."""
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from shoal.placement.cluster_spec import (
+        ClusterSpecError,
+        dry_run,
+        load_cluster_spec,
+    )
+    from shoal.placement.contract import PlacementRequest
+
+    if not args.dry_run:
+        print("shoal place: --cluster-spec describes machines no node runs on: give --dry-run too", file=sys.stderr)
+        return 2
+    try:
+        spec = load_cluster_spec(Path(args.cluster_spec))
+        nodes = _nodes(args.nodes)
+        request = PlacementRequest(strategy=args.strategy, nodes=nodes if isinstance(nodes, list) else None,
+                                   node_count=nodes if isinstance(nodes, int) else None, context=args.context,
+                                   tp_size=args.tp_size)
+        preview = dry_run(args.model, spec, request)
+    except ClusterSpecError as e:
+        print(f"shoal place: {args.cluster_spec}: {e}", file=sys.stderr)
+        return 2
+    except (ValidationError, ValueError, OSError) as e:
+        print(f"shoal place: {e}".splitlines()[0], file=sys.stderr)
+        return 2
+    _print_preview(preview, args.json)
+    return 0
 
 
 def instance_for(base: str, model: str, strategy: str = "auto", nodes: str | None = None, context: int | None = None,

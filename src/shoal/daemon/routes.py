@@ -31,7 +31,7 @@ from shoal.daemon.messages import (
 from shoal.daemon.peers import Peers
 from shoal.daemon.records import InstanceError, RequestLog, public_instance
 from shoal.placement.contract import PlacementError, PlacementRequest
-from shoal.placement.planner import plan, plan_each_strategy
+from shoal.placement.planner import plan, plan_each_strategy, preview_json
 from shoal.runner.contract import MAX_PROMPT_IDS, MAX_TEXT, ChatTurn, Sampling, Submit
 
 
@@ -170,13 +170,7 @@ class PublicRoutes:
                 plans = {req.strategy: plan(spec, view, req, reserved)}
             except PlacementError as e:
                 plans = {req.strategy: e}
-        out = {}
-        for k, p in plans.items():
-            if isinstance(p, PlacementError):
-                out[k] = {"error": str(p), "missing_bytes": p.missing_bytes}
-            else:
-                out[k] = p.model_dump(mode="json")
-        return _json({"model": model, "spec": spec.model_dump(), "plans": out})
+        return _json(preview_json(model, spec, plans))
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         """An NDJSON stream: one line per token ({"token", "text", "finish", ...}; the last one also

@@ -10,6 +10,9 @@ norms and activations, attention and the caches, and `to_device` switches a load
                  platforms numba does not serve.
 - ``cuda[:N]``   the torch backend on an NVIDIA card, bf16 (the checkpoints' own GPU format).
 - ``mps``        the torch backend on an Apple GPU, float16, for correctness (Apple's fast path is MLX).
+- ``mlx``        Apple's MLX with mlx-lm's model files (engine/mlx_backend.py): a shard of its own
+                 kind, built by the loader rather than switched over; the default on Apple Silicon
+                 where mlx is installed. On Linux it runs on `mlx[cpu]`, for the tests.
 
 A torch-device shard takes its inputs from the host and gives its outputs back to the host in
 float32 (`Shard.forward`), so the runner, the sampler and the wire between stages see the same
@@ -22,7 +25,9 @@ the device's dtype at load, not held packed with a GPU matmul kernel, and decode
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import platform
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,20 +36,24 @@ if TYPE_CHECKING:  # torch is imported where a device is used, not by a node tha
     import torch
     from torch import nn
 
-DEVICE_CHOICES = "auto, cpu, torch-cpu, cuda, cuda:N, mps"
+DEVICE_CHOICES = "auto, cpu, torch-cpu, cuda, cuda:N, mps, mlx"
 
 
 @dataclass(frozen=True)
 class Device:
-    name: str  # "cpu" (numba), "torch-cpu", "cuda", "cuda:1", "mps"
+    name: str  # "cpu" (numba), "torch-cpu", "cuda", "cuda:1", "mps", "mlx"
 
     @property
     def is_torch(self) -> bool:
-        return self.name != "cpu"
+        return self.name not in ("cpu", "mlx")
+
+    @property
+    def is_mlx(self) -> bool:
+        return self.name == "mlx"
 
     @property
     def kind(self) -> str:
-        """cpu, cuda or mps: what the planner and the dashboard call it."""
+        """cpu, cuda, mps or mlx: what the planner and the dashboard call it."""
         return self.name.split(":")[0].replace("torch-cpu", "cpu")
 
     @property
@@ -61,11 +70,14 @@ class Device:
 
 
 def parse_device(text: str) -> Device:
-    """A device from `--device`; `auto` is the accelerator torch sees, else the numba engine.
-    Raises ValueError naming the choices, or saying which device is not there."""
+    """A device from `--device`; `auto` is MLX on Apple Silicon where it is installed, else the
+    accelerator torch sees, else the numba engine. Raises ValueError naming the choices, or saying
+    which device is not there."""
     text = text.strip().lower()
     if text == "auto":
         # Looked for without importing torch (a second of a node's start) where there is nothing to find.
+        if sys.platform == "darwin" and platform.machine() == "arm64" and importlib.util.find_spec("mlx") is not None:
+            return Device("mlx")
         if os.path.exists("/dev/nvidiactl") and _cuda_available():
             return Device("cuda")
         if sys.platform == "darwin" and _mps_available():
@@ -82,6 +94,14 @@ def parse_device(text: str) -> Device:
         if index >= torch.cuda.device_count():
             raise ValueError(f"--device {text}: there are {torch.cuda.device_count()} CUDA devices (0-based)")
         return Device(text)
+    if text == "mlx":
+        try:
+            import mlx.core  # noqa: F401
+            import mlx_lm  # noqa: F401
+        except (ImportError, OSError) as e:
+            raise ValueError(f"--device mlx: MLX is not usable here ({e}); install it with "
+                             "`pip install mlx-lm` on macOS, `pip install 'mlx-lm[cpu]'` on Linux") from None
+        return Device("mlx")
     if text == "mps":
         if not _mps_available():
             raise ValueError("--device mps: torch sees no Apple GPU here")
@@ -117,7 +137,7 @@ def card_memory(name: str) -> int | None:
 
 def to_device(model: nn.Module, device: Device) -> nn.Module:
     """Switch a loaded shard (models/base.Shard) to `device`'s torch backend, in place; the numba
-    engine (`cpu`) leaves it as it is."""
+    engine (`cpu`) leaves it as it is (an `mlx` shard is built as one by the loader)."""
     if not device.is_torch:
         return model
     import torch

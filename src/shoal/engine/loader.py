@@ -125,7 +125,8 @@ def load_shard(ref: str | None, part: Part | None = None, with_tokenizer: bool =
     `slice_weight`), so the process never holds more than its share plus one whole tensor; a
     part with some of the routed experts reads only theirs (safetensors are memory-mapped: the
     other experts' bytes are never touched). A parallel rank then joins its group with
-    `model.shard(group)`. With a torch `device` (engine/device.py) the shard computes there."""
+    `model.shard(group)`. With a torch `device` (engine/device.py) the shard computes there; with
+    `mlx` it is an MLXShard built from mlx-lm's model files (engine/mlx_backend.py)."""
     path = resolve_model(ref)
     ckpt = open_checkpoint(path)
     try:
@@ -138,6 +139,12 @@ def load_shard(ref: str | None, part: Part | None = None, with_tokenizer: bool =
         except (TypeError, KeyError, ValueError) as e:
             raise ModelFileError(path, f"bad model config ({e})") from None
         part = (part or Part()).resolve(args.num_hidden_layers, args.vocab_size)
+        if device is not None and device.is_mlx:  # mlx-lm's model files, its own reading of the part's tensors
+            from shoal.engine.mlx_backend import MLXShard
+
+            model = MLXShard.load(ckpt, args, part)
+            tokenizer = load_tokenizer(ckpt) if with_tokenizer else None
+            return LoadedModel(ref or DEFAULT_MODEL, path, model, args, part, tokenizer)
         _check_split(model_type, arch, part)
         weights = {}
         for name in arch.required_weights(args, part, ckpt.tensor_names()):

@@ -47,13 +47,21 @@ class CopyKeeper:
     """Prefixes kept as clones of per-layer cache tensors, in this process."""
 
     def can_keep(self, caches: Any) -> bool:
-        return bool(caches) and all(type(c) in (KVCache, MLACache) for c in caches)
+        return bool(caches) and (all(type(c) in (KVCache, MLACache) for c in caches) or all(map(_is_mlx, caches)))
 
     def keep(self, caches: list, n: int) -> list:
+        if _is_mlx(caches[0]):
+            from shoal.engine.mlx_backend import keep_prefix
+
+            return keep_prefix(caches, n)
         return [(c.keys[:, :n].clone(), c.values[:, :n].clone()) if type(c) is KVCache else c.kv[:n].clone()
                 for c in caches]
 
     def load(self, caches: list, kept: list, n: int) -> None:
+        if _is_mlx(caches[0]):
+            from shoal.engine.mlx_backend import load_prefix
+
+            return load_prefix(caches, kept, n)
         for cache, saved in zip(caches, kept, strict=True):
             if type(cache) is KVCache:
                 k, v = saved
@@ -63,6 +71,12 @@ class CopyKeeper:
 
     def drop(self, kept: list) -> None:
         pass  # the clones go with the last reference
+
+
+def _is_mlx(cache: Any) -> bool:
+    """mlx-lm's KVCache (engine/mlx_backend.py), named rather than imported: mlx is loaded only by
+    a process whose shard computes with it."""
+    return type(cache).__module__ == "mlx_lm.models.cache" and type(cache).__name__ == "KVCache"
 
 
 class PrefixStore:

@@ -7,9 +7,10 @@ node's GFLOP/s (negligible at batch 1, what prefill is made of); the reads and p
 scaled by what the node's instances measured against their predictions (placement/feedback.py).
 Ranks that share a machine (same profile fingerprint) and run at the same time (a tensor group)
 share its bandwidth and cores. Messages cost a software overhead (a send, the receiver's wake-up)
-plus, on the wire, RTT/2 + bytes / link throughput; an all-reduce among g ranks is one exchange of
-partial sums. The constants are in `Calibration`, measured with scripts/bench_distributed.py on the
-reference machines (2 cores, loopback).
+plus, on the wire, RTT/2 + bytes / link throughput, each link kind (TCP, RDMA) with its own software
+cost; an all-reduce among g ranks is one exchange of partial sums. The constants are in
+`Calibration`, measured with scripts/bench_distributed.py on the reference machines (2 cores,
+loopback); those of Apple GPUs (device "mlx") are fitted to exo's published M3 Ultra figures.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class Calibration:
     probe_overhead_scale: float = 1.6
     step_overhead_s: float = 6e-4  # per step at the entry: batch building, sampling, detokenizing
     message_overhead_s: float = 2.5e-4  # per message: a sendmsg, the receiver's wake-up, checking its MAC
+    # Per message over RDMA (Thunderbolt 5): posted to the NIC from user space, no kernel TCP stack
+    # and no thread wake-up; of the order of the link's own ~5 us latency (not fitted).
+    rdma_message_overhead_s: float = 5e-6
     # A stage whose process takes the cores over from another one on the same machine starts cold
     # (the OpenMP workers asleep, the last stage's worker still spinning on the core it needs):
     # ~0.5 ms per hand-over on the reference machines, with runner threads pinned.
@@ -54,6 +58,10 @@ class Calibration:
 
     def runner_overhead(self, quantized: bool) -> int:
         return self.runner_base_bytes + self.activation_bytes + (self.kernel_bytes if quantized else 0)
+
+    def message_overhead(self, kind: str) -> float:
+        """The software cost of one message over a link of `kind` (tcp or rdma)."""
+        return self.rdma_message_overhead_s if kind == "rdma" else self.message_overhead_s
     # Nodes computing on a card (engine/device.py's torch backend). Not yet measured on a card
     # (no GPU in this project's CI): the share of the card's bandwidth that decode reads reach with
     # torch's eager ops, and the fixed cost of a layer — ~15 kernel launches at ~10 us each, no CUDA
@@ -62,6 +70,14 @@ class Calibration:
     gpu_layer_overhead_s: float = 1.5e-4
     gpu_bandwidth_gbps_guess: float = 400.0
     device_copy_Bps: float = 12e9  # host <-> card over PCIe, per direction (hidden states in and out)
+    # Nodes computing with MLX on an Apple GPU (unified memory, weights held as stored). Fitted to
+    # exo's published decode of Qwen3-235B-A22B-4bit and DeepSeek-V3.1-4bit on 1, 2 and 4 M3 Ultra
+    # (800 GB/s; tensor parallel over Thunderbolt 5 RDMA): the share of the memory bandwidth that
+    # decode's reads reach, and a fixed cost per layer and step (kernel launches, the router's
+    # top-k, MLX's graph building), which tensor parallelism does not divide. The pair minimizes
+    # the worst error over the six (±12%; table in ARCHITECTURE.md, scripts/plan_moe_dry_run.py --published).
+    mlx_read_efficiency: float = 0.7
+    mlx_layer_overhead_s: float = 2.5e-4
     default_rtt_s: float = 1e-3  # links not measured yet: a LAN guess
     default_link_Bps: float = 100e6
     loopback_rtt_s: float = 1e-4  # two nodes on one machine
@@ -106,6 +122,7 @@ class NodeRes:
 class Link:
     rtt_s: float
     Bps: float
+    kind: str = "tcp"  # tcp or rdma: which per-message software cost it pays (Calibration.message_overhead)
 
 
 def node_resources(
@@ -132,6 +149,17 @@ def node_resources(
         host_avail = max(m.memory_available_bytes for m in hosts[host])
         host_reserved = sum(reserved.get(m.id, 0) for m in hosts[host])
         card = device_accelerator(p)
+        if p.device == "mlx":
+            # An Apple GPU: unified memory, so it offers the machine's memory like a CPU node, and
+            # decode reads at its (GPU) bandwidth; the engine's probe figures are the CPU kernels'.
+            bw = (_apple_gpu(p).memory_bandwidth_gbps or p.memory_bandwidth_gbps) * 1e9 * cal.mlx_read_efficiency
+            out.append(NodeRes(
+                id=n.id, name=n.name, address=n.address, host=host,
+                free_bytes=max(0, n.memory_offered_bytes - reserved.get(n.id, 0)),
+                host_free_bytes=max(0, host_avail - host_reserved), read_Bps=bw * c,
+                flops=(_apple_gpu(p).gflops_fp32 or p.gflops_fp32) * 1e9, cores=64,
+                layer_overhead_s=cal.mlx_layer_overhead_s / c, decode_correction=c, device=p.device, is_self=n.is_self))
+            continue
         if card is not None:
             # The card is the node's device: its memory is what it offers, its bandwidth what
             # decode reads at, and it shares neither with the machine's CPU nodes.
@@ -176,17 +204,24 @@ def device_accelerator(p: NodeProfile) -> Accelerator | None:
     return cards[i] if i < len(cards) else None
 
 
+def _apple_gpu(p: NodeProfile) -> Accelerator:
+    """The profile's Apple GPU (an accelerator of kind mlx or mps), or an empty one."""
+    return next((a for a in p.accelerators if a.kind in ("mlx", "mps")), Accelerator(kind="mlx", name="", memory_total_bytes=0))
+
+
 def held_as(nodes: list[NodeRes], spec: ModelSpec) -> list[NodeRes]:
     """Nodes as they would hold `spec`: the torch backend holds weights in its device's dtype
-    (engine/device.py: bf16 on a card, float32 on torch-cpu; quantized weights dequantized), where
-    the spec counts them as the numba engine holds them. A node holding the weights x times larger
-    has 1/x of the room and reads 1/x of the weights per second."""
+    (engine/device.py: bf16 on a card, float32 on torch-cpu; quantized weights dequantized), and
+    MLX holds them as stored (4-bit stays 4-bit with its bf16 scales, bf16 stays bf16), where the
+    spec counts them as the numba engine holds them. A node holding the weights x times larger has
+    1/x of the room and reads 1/x of the weights per second."""
     import dataclasses
 
     per_param = spec.embed_bytes / max(1, spec.vocab_size * spec.hidden_size)  # the spec's bytes per weight
+    as_stored = spec.stored_bytes / spec.weight_bytes if spec.stored_bytes else min(1.0, 2.0 / per_param)
     out = []
     for n in nodes:
-        held = 2.0 if n.on_card else 4.0 if n.device == "torch-cpu" else per_param
+        held = 2.0 if n.on_card else 4.0 if n.device == "torch-cpu" else per_param * as_stored if n.device == "mlx" else per_param
         x = held / per_param
         out.append(n if abs(x - 1.0) < 1e-6 else dataclasses.replace(
             n, free_bytes=int(n.free_bytes / x), host_free_bytes=int(n.host_free_bytes / x), read_Bps=n.read_Bps / x))
@@ -210,13 +245,13 @@ def link_between(view: ClusterView, a: NodeRes, b: NodeRes, cal: Calibration = C
     if lk is None:
         return Link(cal.default_rtt_s, cal.default_link_Bps)
     bw = cal.default_link_Bps if lk.bandwidth_mbps is None else lk.bandwidth_mbps * 1e6 / 8
-    return Link(lk.rtt_ms / 1e3, max(bw, 1.0))
+    return Link(lk.rtt_ms / 1e3, max(bw, 1.0), lk.kind)
 
 
 # -- the pieces of a step ---------------------------------------------------------------------------
 def message_time(link: Link, nbytes: float, cal: Calibration = CALIBRATION) -> float:
     """One point-to-point message."""
-    return cal.message_overhead_s + link.rtt_s / 2 + nbytes / link.Bps
+    return cal.message_overhead(link.kind) + link.rtt_s / 2 + nbytes / link.Bps
 
 
 def allreduce_time(links: list[Link], g: int, nbytes: float, cal: Calibration = CALIBRATION,
@@ -230,7 +265,8 @@ def allreduce_time(links: list[Link], g: int, nbytes: float, cal: Calibration = 
         return cal.colocated_collective_s + 2 * nbytes / cal.loopback_Bps
     slow = min(links, key=lambda lk: lk.Bps) if links else Link(0.0, float("inf"))
     worst_rtt = max((lk.rtt_s for lk in links), default=0.0)
-    return (g - 1) * cal.message_overhead_s + worst_rtt / 2 + (g - 1) * nbytes / slow.Bps
+    overhead = max((cal.message_overhead(lk.kind) for lk in links), default=cal.message_overhead_s)
+    return (g - 1) * overhead + worst_rtt / 2 + (g - 1) * nbytes / slow.Bps
 
 
 @dataclass(frozen=True)

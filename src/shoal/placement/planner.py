@@ -14,8 +14,12 @@ each and prices it with the cost model, then keeps the fastest predicted decode 
 * expert (mixture-of-experts models): one expert group; every rank holds the attention and the
   dense layers whole and a run of the routed experts (by speed, capped by memory) plus a column
   slice of the shared experts; one all-reduce per MoE layer. For these models hybrid means expert
-  groups as pipeline stages, and tensor is not offered. Decode reads only the experts a token
-  picks, so a rank's time is its expected share of them, and the group waits for the busiest.
+  groups as pipeline stages. Decode reads only the experts a token picks, so a rank's time is its
+  expected share of them, and the group waits for the busiest.
+* tensor inside an MoE group, as exo runs it (attention heads split, every expert's columns split,
+  one all-reduce after attention and one after the MoE): offered only for `hypothetical` clusters
+  (`shoal place --dry-run --cluster-spec`), since the engine does not run it yet; a real placement
+  never chooses it.
 
 Ranks are numbered stage by stage; rank 0 is the entry: it drives the steps and, with the rest of
 its stage's group, holds the embedding and the head (tied weights are one copy), so only hidden
@@ -64,9 +68,11 @@ def plan(
     request: PlacementRequest | None = None,
     reserved: dict[str, int] | None = None,
     cal: Calibration = CALIBRATION,
+    hypothetical: bool = False,
 ) -> Placement:
     """The best placement of `spec` on the cluster `view` for `request`; `reserved` is memory
-    already promised to other instances, by node id."""
+    already promised to other instances, by node id. A `hypothetical` cluster (a cluster spec, no
+    node running) is also priced for strategies the engine cannot run yet (tensor inside an MoE)."""
     request = request or PlacementRequest()
     context = min(request.context or DEFAULT_CONTEXT, spec.max_context)
     nodes = held_as(node_resources(view, reserved, cal), spec)
@@ -76,6 +82,10 @@ def plan(
         raise PlacementError("no usable nodes: none is up with a device profile yet")
     group_kind = "expert" if spec.is_moe else "tensor"
     kinds = ["single", "pipeline", group_kind, "hybrid"] if request.strategy == "auto" else [request.strategy]
+    if spec.is_moe and hypothetical and request.strategy == "auto":
+        kinds.append("tensor")
+    elif spec.is_moe and not hypothetical and "tensor" in kinds:
+        kinds = []  # refused below, with a pointer to expert parallel
     best: Placement | None = None
     best_key: tuple | None = None
     shortfall: _Shortfall | None = None
@@ -98,17 +108,28 @@ def plan(
 
 def plan_each_strategy(
     spec: ModelSpec, view: ClusterView, request: PlacementRequest | None = None,
-    reserved: dict[str, int] | None = None, cal: Calibration = CALIBRATION,
+    reserved: dict[str, int] | None = None, cal: Calibration = CALIBRATION, hypothetical: bool = False,
 ) -> dict[str, Placement | PlacementError]:
     """The preview: the best plan of every strategy (or why there is none), and auto's choice."""
     request = request or PlacementRequest()
+    kinds = ["auto", "pipeline", "expert" if spec.is_moe else "tensor", "hybrid"]
+    if spec.is_moe and hypothetical:
+        kinds.insert(2, "tensor")
     out: dict[str, Placement | PlacementError] = {}
-    for kind in ("auto", "pipeline", "expert" if spec.is_moe else "tensor", "hybrid"):
+    for kind in kinds:
         try:
-            out[kind] = plan(spec, view, request.model_copy(update={"strategy": kind}), reserved, cal)
+            out[kind] = plan(spec, view, request.model_copy(update={"strategy": kind}), reserved, cal, hypothetical)
         except PlacementError as e:
             out[kind] = e
     return out
+
+
+def preview_json(model: str, spec: ModelSpec, plans: dict[str, Placement | PlacementError]) -> dict:
+    """What GET /v1/placement and `shoal place --dry-run` answer: the spec and each strategy's plan or error."""
+    out: dict[str, dict] = {}
+    for k, p in plans.items():
+        out[k] = {"error": str(p), "missing_bytes": p.missing_bytes} if isinstance(p, PlacementError) else p.model_dump(mode="json")
+    return {"model": model, "spec": spec.model_dump(), "plans": out}
 
 
 # --------------------------------------------------------------------------------------- candidates
@@ -158,7 +179,7 @@ def _layouts(
     elif kind == "pipeline":
         if n >= 2 and (tp in (None, 1)):
             yield [[x] for x in (subset if fixed_order else _chain(subset, view, cal))]
-    elif kind == "tensor" and not spec.is_moe:
+    elif kind == "tensor":  # (for an MoE, plan() asks only for hypothetical clusters)
         if 2 <= n <= spec.num_kv_heads and tp in (None, n):
             yield [subset if fixed_order else _entry_first(subset)]
     elif kind == "expert" and spec.moe is not None:
@@ -264,12 +285,14 @@ class _Group:
     """One stage's group: how each rank's share of a layer (and of the head) is cut — KV heads and
     MLP columns in a tensor group, routed experts and shared-expert columns in an expert group."""
 
-    def __init__(self, spec: ModelSpec, nodes: list[NodeRes], entry: bool, context: int, layers_hint: float):
+    def __init__(self, spec: ModelSpec, nodes: list[NodeRes], entry: bool, context: int, layers_hint: float,
+                 kind: str = "pipeline"):
         self.nodes = nodes
         g = len(nodes)
         speed = [n.read_Bps for n in nodes]
         self.experts: list[tuple[int, int] | None] = [None] * g
         self.shared: list[tuple[int, int] | None] = [None] * g
+        self.expert_cols: list[tuple[int, int] | None] = [None] * g
         self.vocab: list[tuple[int, int] | None] = [None] * g
         if entry:
             self.vocab = _ranges(apportion(spec.vocab_size, speed)) if g > 1 else [(0, spec.vocab_size)]
@@ -280,6 +303,9 @@ class _Group:
                 frac = (v[1] - v[0]) / spec.vocab_size
                 self.fixed_bytes[i] = int(frac * (spec.embed_bytes + (0 if spec.tied else spec.head_bytes)))
                 self.head_bytes[i] = frac * spec.head_bytes
+        if spec.moe is not None and kind == "tensor":
+            self._split_tensor_moe(spec, context)
+            return
         if spec.moe is not None:
             self._split_experts(spec, context, layers_hint)
             return
@@ -350,6 +376,36 @@ class _Group:
             self.layer_flops.append(2 * (dense_params + moe_frac * (moe.shared_params * sfrac + load * moe.expert_params)))
         self.layer_kv = [kv] * g
 
+    def _split_tensor_moe(self, spec: ModelSpec, context: int) -> None:
+        """Tensor parallel inside an MoE group, as exo (mlx-lm's `shard`) runs it: query and KV heads
+        split, and the columns of every routed expert, of the shared experts and of the dense MLPs,
+        all by speed; the routers whole. Every rank reads its share of each expert a token picks,
+        so no rank waits on an unlucky draw; two all-reduces per layer."""
+        moe = spec.moe
+        assert moe is not None
+        g = len(self.nodes)
+        speed = [n.read_Bps for n in self.nodes]
+        width = max(1, moe.expert_params // (3 * spec.hidden_size))  # an expert's intermediate size
+        self.kv = _ranges(apportion(spec.num_kv_heads, speed)) if g > 1 else [(0, spec.num_kv_heads)]
+        self.expert_cols = list(_ranges(apportion(width, speed))) if g > 1 else [(0, width)]
+        self.experts = [(0, moe.num_experts)] * g
+        self.ffn = [(round(a * spec.intermediate_size / width), round(b * spec.intermediate_size / width)) for a, b in self.expert_cols]
+        self.shared = [(round(a * moe.shared_size / width), round(b * moe.shared_size / width)) for a, b in self.expert_cols]
+        self.allreduces_per_layer = 2.0 if g > 1 else 0.0
+        moe_frac = moe.moe_layers / spec.num_layers
+        k = moe.experts_per_token
+        routed_active = moe.moe_layers * (k * moe.expert_params + moe.shared_params)
+        dense_params = (moe.active_params - spec.vocab_size * spec.hidden_size - routed_active) / spec.num_layers
+        kv = spec.kv_bytes_per_token_layer * context
+        self.layer_bytes, self.layer_read, self.layer_flops, self.layer_kv = [], [], [], []
+        for (a, b), (c0, c1) in zip(self.kv, self.expert_cols):  # type: ignore[misc]
+            hf, cf = (b - a) / spec.num_kv_heads, (c1 - c0) / width  # this rank's share of the heads and columns
+            common = spec.norm_bytes + spec.attn_bytes * hf + (spec.mlp_bytes + spec.shared_bytes) * cf
+            self.layer_bytes.append(common + spec.routed_bytes * cf)
+            self.layer_read.append(common + moe_frac * k * moe.expert_bytes * cf)
+            self.layer_flops.append(2 * (dense_params * hf + moe_frac * (moe.shared_params + k * moe.expert_params) * cf))
+            self.layer_kv.append(kv if moe.cache_values else kv * hf)  # MLA's latent cache is not per head
+
     def layer_cap(self, overhead: int) -> tuple[int, int]:
         """(layers that fit on every rank, bytes missing for a single layer on the tightest rank)."""
         caps, missing = [], 0
@@ -367,7 +423,7 @@ def _build(
 ) -> Placement | _Shortfall:
     overhead = cal.runner_overhead(spec.quant_group > 1)
     hint = spec.num_layers / len(stages)
-    groups = [_Group(spec, nodes, i == 0, context, hint) for i, nodes in enumerate(stages)]
+    groups = [_Group(spec, nodes, i == 0, context, hint, kind) for i, nodes in enumerate(stages)]
     links = [[link_between(view, a, b, cal) for a, b in itertools.combinations(g.nodes, 2)] for g in groups]
     H = spec.hidden_size * 4
 
@@ -406,7 +462,7 @@ def _build(
                 ShardPlan(
                     node_id=n.id, node_name=n.name, address=n.address, rank=len(shards), stage=s, layers=(l0, l1),
                     tp_rank=r, tp_size=len(g.nodes), kv_heads=g.kv[r], ffn=g.ffn[r], vocab=g.vocab[r],
-                    experts=g.experts[r], shared=g.shared[r],
+                    experts=g.experts[r], shared=g.shared[r], expert_cols=g.expert_cols[r],
                     weight_bytes=weight, kv_bytes=kv, overhead_bytes=overhead,
                     threads=max(1, n.cores // same_host), device=n.device, decode_correction=n.decode_correction,
                 )
@@ -514,6 +570,11 @@ def _reason(p: Placement, nodes: list[NodeRes], request: PlacementRequest) -> st
             "+".join(f"{s.node_name} experts {s.experts[0]}-{s.experts[1] - 1}" for s in st if s.experts)
             + f" layers {st[0].layers[0]}-{st[0].layers[1]}" for st in p.stages)
         why = f"routed experts split by speed and memory, attention on every rank ({groups})"
+    elif p.strategy == "tensor" and p.shards[0].expert_cols is not None:
+        heads = ", ".join(f"{s.node_name} {s.kv_heads[1] - s.kv_heads[0]} kv heads/expert cols {s.expert_cols[0]}-{s.expert_cols[1]}"
+                          for s in p.shards if s.expert_cols)
+        why = (f"one tensor group inside the MoE as exo runs it ({heads}); priced only: the engine does not run "
+               "tensor parallel for mixture-of-experts models yet, so a real placement uses expert instead")
     elif p.strategy == "tensor":
         heads = ", ".join(f"{s.node_name} {s.kv_heads[1] - s.kv_heads[0]} kv heads/{s.ffn[1] - s.ffn[0]} mlp cols" for s in p.shards)
         why = f"one tensor group ({heads})"

@@ -67,6 +67,10 @@ class ModelSpec(BaseModel):
     # dense layers' MLPs and the routers, averaged over the layers) and `intermediate_size` the
     # dense MLP's; the routed and shared experts are in `moe`.
     moe: MoEShape | None = None
+    # The weights as the checkpoint stores them (bf16 as bf16, 4-bit codes with bf16 scales): what
+    # MLX holds (placement/cost.py `held_as`). None where not known: then bf16 for float32-held
+    # weights and as held for quantized ones.
+    stored_bytes: int | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -113,7 +117,10 @@ class ModelSpec(BaseModel):
     @classmethod
     def from_catalog(cls, entry: CatalogEntry) -> "ModelSpec":
         """An estimate from published figures: the catalog's bytes per parameter, as the engine
-        holds them (bf16/fp16 -> float32; ~4.5-bit GGUF quantizations grow by a fifth)."""
+        holds them (bf16/fp16 -> float32; ~4.5-bit GGUF quantizations grow by a fifth). A mixture
+        of experts is built from its published config.json (`moe_spec_from_config`)."""
+        if entry.config is not None:
+            return moe_spec_from_config(dict(entry.config), entry.id)
         mem_per_param = 4.0 if entry.bytes_per_param >= 2 else entry.bytes_per_param * 1.2
         h, f = entry.hidden_size, entry.intermediate_size
         q, kv = entry.num_heads * entry.head_dim, entry.num_kv_heads * entry.head_dim
@@ -136,6 +143,7 @@ class ModelSpec(BaseModel):
             head_bytes=embed,
             tied=entry.tie_word_embeddings,
             quant_group=32 if mem_per_param < 2 else 1,
+            stored_bytes=int(entry.params_b * 1e9 * entry.bytes_per_param),
         )
 
     @classmethod
@@ -283,6 +291,30 @@ def moe_spec(config: dict[str, Any], name: str, dense_bpp: float, expert_bpp: fl
     )
 
 
+def moe_spec_from_config(config: dict[str, Any], name: str) -> ModelSpec:
+    """A mixture-of-experts spec from a published config.json alone, its quantization read from the
+    config as the loader would find it: MLX's `quantization` (every linear and the embedding
+    `bits`-bit in groups, bf16 scale and bias held as float32), compressed-tensors INT4 experts
+    (Kimi-K2-Thinking: packed, the rest bf16 held as float32), FP8 (8-bit codes), else bf16. Also
+    counts the bytes as stored, which MLX holds."""
+    mlx = config.get("quantization")
+    qc = config.get("quantization_config") or {}
+    if mlx:
+        bits, group = int(mlx["bits"]), int(mlx["group_size"])
+        held = (bits / 8 + 8 / group,) * 3
+        stored = (bits / 8 + 4 / group,) * 3
+    elif qc.get("quant_method") == "compressed-tensors":
+        group = 32
+        held, stored = (4.0, Q4_BYTES_PER_PARAM, 4.0), (2.0, 0.5 + 2 / group, 2.0)
+    elif qc.get("quant_method") == "fp8":
+        group = 32
+        held, stored = (FP8_HELD_BYTES_PER_PARAM, FP8_HELD_BYTES_PER_PARAM, 4.0), (1.0, 1.0, 2.0)
+    else:
+        group, held, stored = 1, (4.0, 4.0, 4.0), (2.0, 2.0, 2.0)
+    as_stored = moe_spec(config, name, stored[0], stored[1], group, stored[2]).weight_bytes
+    return moe_spec(config, name, held[0], held[1], group, held[2]).model_copy(update={"stored_bytes": as_stored})
+
+
 def _moe_spec_from_checkpoint(ckpt, name: str) -> ModelSpec:
     """Bytes per parameter as the loader will hold them, judged from one stored tensor of each kind:
     4-bit experts (compressed-tensors INT4, MLX 4-bit) stay packed; FP8 linear layers become 8-bit
@@ -304,7 +336,11 @@ def _moe_spec_from_checkpoint(ckpt, name: str) -> ModelSpec:
     elif (cfg.get("quantization_config") or {}).get("quant_method") == "fp8":
         dense_bpp, embed_bpp, group = FP8_HELD_BYTES_PER_PARAM, 4.0, 32
         expert_bpp = min(expert_bpp, FP8_HELD_BYTES_PER_PARAM)
-    return moe_spec(cfg, name, dense_bpp, expert_bpp, group, embed_bpp)
+    spec = moe_spec(cfg, name, dense_bpp, expert_bpp, group, embed_bpp)
+    if quant:  # MLX holds it as stored: the scale and bias per group in bf16
+        stored = quant["bits"] / 8 + 4 / quant["group_size"]
+        return spec.model_copy(update={"stored_bytes": moe_spec(cfg, name, stored, stored, group).weight_bytes})
+    return spec
 
 
 def spec_for(ref: str) -> ModelSpec:

@@ -51,7 +51,7 @@ class RunnerConfig(_Msg):
     timeout_s: float = 120.0  # a collective that waits longer than this fails the instance
     rendezvous_timeout_s: float = 600.0  # loading every rank's weights included
     kv_budget_bytes: int | None = None  # the entry's KV budget (None: half the memory free at start)
-    device: Annotated[str, Field(pattern=r"^(cpu|torch-cpu|cuda(:[0-9]+)?|mps)$")] = "cpu"  # engine/device.py
+    device: Annotated[str, Field(pattern=r"^(cpu|torch-cpu|cuda(:[0-9]+)?|mps|mlx)$")] = "cpu"  # engine/device.py
     # Benchmarks only (scripts/bench_wire.py, which writes this config itself): frames between ranks
     # travel in clear and unauthenticated, to measure what the cipher costs. No daemon sets it.
     bench_plaintext_wire: bool = False

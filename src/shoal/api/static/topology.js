@@ -161,13 +161,13 @@ function renderLinksTable() {
   const links = currentLinks();
   $("links-count").textContent = `(${links.length})`;
   $("links-body").replaceChildren(...(links.length ? links.map((l) => h("tr", {},
-    h("td", {}, `${nodeName(l.a)} ↔ ${nodeName(l.b)}`),
+    h("td", {}, `${nodeName(l.a)} ↔ ${nodeName(l.b)} (${(l.kind || "tcp").toUpperCase()})`),
     h("td", { class: "num" }, fmtMs(l.rtt_ms)),
     h("td", { class: "num" }, fmtRate(l.bandwidth_mbps)),
     h("td", {}, fmtAgo(l.age_s)))) : [h("tr", {}, h("td", { colspan: 4, class: "muted" }, "no link measured yet"))]));
 }
 
-/** Lines between card centres, under the cards; each labelled (RTT over bandwidth) at its midpoint
+/** Lines between card centres, under the cards; each labelled (kind and RTT over bandwidth) at its midpoint
  *  when the label fits in the gap between cards. The links table below always has them all. */
 function drawLinks() {
   const svg = $("topo-links");
@@ -186,13 +186,17 @@ function drawLinks() {
     if (!a || !b) continue;
     const ax = a.x + a.w / 2, ay = a.y + a.h / 2, bx = b.x + b.w / 2, by = b.y + b.h / 2;
     const down = [l.a, l.b].some((id) => nodeStatus(seen.get(id)) !== "up");
-    lines.push(s("line", { x1: ax, y1: ay, x2: bx, y2: by, class: down ? "down" : "" }));
+    // The link's kind (TCP or RDMA: the planner prices each differently) styles its line and is in
+    // its label's title and the links table; the label itself stays as narrow as the gap allows.
+    const kind = (l.kind || "tcp").toLowerCase();
+    lines.push(s("line", { x1: ax, y1: ay, x2: bx, y2: by, class: [down ? "down" : "", kind].filter(Boolean).join(" "),
+                           "data-kind": kind }));
     const rtt = fmtMs(l.rtt_ms), bw = fmtRate(l.bandwidth_mbps);
     const w = Math.max(rtt.length, bw.length) * 7.4 + 14, hgt = 36;
     const mx = (ax + bx) / 2, my = (ay + by) / 2;
     if (overlapsCard(mx - w / 2, my - hgt / 2, w, hgt)) continue;
     labels.push(s("g", { class: "label", transform: `translate(${mx} ${my})` },
-      s("title", {}, `${nodeName(l.a)} ↔ ${nodeName(l.b)}: round trip ${rtt}, bandwidth ${bw}`),
+      s("title", {}, `${nodeName(l.a)} ↔ ${nodeName(l.b)}: ${kind.toUpperCase()}, round trip ${rtt}, bandwidth ${bw}`),
       s("rect", { x: -w / 2, y: -hgt / 2, width: w, height: hgt, rx: 8 }),
       s("text", { "text-anchor": "middle", y: -7, "dominant-baseline": "central", class: "rtt" }, rtt),
       s("text", { "text-anchor": "middle", y: 8, "dominant-baseline": "central", class: "bw" }, bw)));

@@ -1,0 +1,186 @@
+"""The MLX backend (`--device mlx`, engine/mlx_backend.py) on `mlx[cpu]`: logits equal transformers'
+on tiny Llama, Qwen3, Qwen3-MoE and DeepSeek-V3 checkpoints (a whole prompt; a chunked prefill and
+one-token decodes through mlx-lm's caches; two sequences in one flat batch); a pipeline of a numba
+stage and an MLX stage in one process equals transformers; an MLX 4-bit checkpoint over two MLX
+stages equals mlx-lm's own loader; a kept prompt prefix fills new MLX caches; the bundled GGUF's
+greedy output equals transformers'; two loopback nodes, one `--device mlx` and one `--device cpu`, give the
+single-process text."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("mlx.core", reason="mlx is not installed (pip install 'mlx-lm[cpu]' on Linux, mlx-lm on macOS)")
+pytest.importorskip("mlx_lm", reason="mlx-lm is not installed")
+transformers = pytest.importorskip("transformers")
+
+from shoal.engine.device import Device, parse_device  # noqa: E402
+from shoal.engine.loader import load_model  # noqa: E402
+from shoal.engine.mlx_backend import MLXShard  # noqa: E402
+from shoal.models.base import BatchLayout  # noqa: E402
+from shoal.runner.contract import RunnerConfig  # noqa: E402
+from test_devices import _ref, _run  # noqa: E402
+
+MLX = Device("mlx")
+
+
+def test_device_name():
+    assert parse_device("MLX") == MLX and not MLX.is_torch and MLX.is_mlx and MLX.kind == "mlx"
+    cfg = RunnerConfig(instance_id="i", model="m", rank=0, shards=[], num_layers=1, context=8, master_port=None,
+                       secret="0" * 64, threads=1, device="mlx")
+    assert cfg.device == "mlx"
+
+
+def test_no_mlx_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlx.core", None)  # as if mlx were not installed
+    with pytest.raises(ValueError, match="--device mlx: MLX is not usable here"):
+        parse_device("mlx")
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama31", "qwen3"])
+def test_dense_families_match_transformers(tmp_path, kind):
+    from test_models import IDS, make_checkpoint
+
+    path, ref = make_checkpoint(tmp_path, kind)
+    lm = load_model(str(path), with_tokenizer=False, device=MLX)
+    assert isinstance(lm.model, MLXShard)
+    expected = _ref(ref, IDS)
+    torch.testing.assert_close(_run(lm.model, IDS), expected, atol=1e-4, rtol=1e-4)
+    chunks = [(0, 4), (4, 7)] + [(i, i + 1) for i in range(7, len(IDS))]
+    torch.testing.assert_close(_run(lm.model, IDS, chunks), expected, atol=1e-4, rtol=1e-4)
+    # A flat batch of two sequences: one decoding a token, one bringing a prefill chunk.
+    a, b = lm.model.make_cache(), lm.model.make_cache()
+    with torch.inference_mode():
+        lm.model(torch.tensor(IDS[:5]), BatchLayout([5], torch.arange(5), [a]))
+        logits = lm.model(torch.tensor(IDS[5:6] + IDS[:4]), BatchLayout([1, 4], torch.tensor([5, 0, 1, 2, 3]), [a, b]))
+    torch.testing.assert_close(logits, expected[[5, 3]], atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def moe_ckpts(tmp_path_factory):
+    from shoal.synthetic import make_checkpoint
+
+    root = tmp_path_factory.mktemp("moe")
+    return {
+        "deepseek-v3": make_checkpoint("deepseek-v3", root / "dsv3", experts=16, layers=3, fmt="fp32", seed=1),
+        "qwen3-moe": make_checkpoint("qwen3-moe", root / "qwen", experts=8, layers=2, fmt="fp32", seed=2),
+    }
+
+
+@pytest.mark.parametrize("kind", ["deepseek-v3", "qwen3-moe"])
+def test_moe_families_match_transformers(moe_ckpts, tmp_path, kind):
+    from test_moe import IDS, LONG, reference
+
+    ids = LONG if kind == "deepseek-v3" else IDS  # DeepSeek's past its YaRN original context
+    lm = load_model(str(moe_ckpts[kind]), with_tokenizer=False, device=MLX)
+    expected = _ref(reference(moe_ckpts[kind], tmp_path), ids)
+    torch.testing.assert_close(_run(lm.model, ids), expected, atol=1e-4, rtol=1e-4)
+    chunks = [(0, 5)] + [(i, i + 1) for i in range(5, len(ids))]
+    torch.testing.assert_close(_run(lm.model, ids, chunks), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_numba_stage_and_an_mlx_stage_make_one_model(tmp_path):
+    from test_models import IDS, make_checkpoint
+
+    path, ref = make_checkpoint(tmp_path, "qwen2")
+    first = load_model(str(path), 0, 2, with_tokenizer=False)  # the numba engine
+    last = load_model(str(path), 2, 3, with_tokenizer=False, device=MLX)
+    assert len(last.model.make_cache()) == 1 and not last.model.part.has_embedding
+    n = len(IDS)
+    with torch.inference_mode():
+        h = first.model(torch.tensor(IDS), BatchLayout([n], torch.arange(n), [first.model.make_cache()]))
+        logits = last.model(h, BatchLayout([n], torch.arange(n), [last.model.make_cache()]), torch.arange(n))
+    torch.testing.assert_close(logits, _ref(ref, IDS), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["deepseek-v3", "qwen3-moe"])
+def test_mlx_4bit_stages_equal_mlx_lms_own_loader(tmp_path, kind):
+    """An MLX-community 4-bit checkpoint (bf16 scales, stacked experts) split over two MLX stages:
+    each holds only its layers' tensors, packed, and together they equal mlx-lm's `load_model` of
+    the whole file bit for bit (the hidden states cross in float32, which holds bf16 exactly)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_model as mlx_lm_load
+    from test_moe import IDS
+
+    from shoal.synthetic import make_checkpoint
+
+    path = make_checkpoint(kind, tmp_path / kind, experts=8, layers=3, fmt="mlx4", seed=1)
+    whole, _ = mlx_lm_load(path)
+    want = torch.from_numpy(np.array(whole(mx.array([IDS]))[0].astype(mx.float32)))
+    first = load_model(str(path), 0, 2, with_tokenizer=False, device=MLX).model
+    last = load_model(str(path), 2, 3, with_tokenizer=False, device=MLX).model
+    held = [k for k, _ in tree_flatten(first.model.parameters())]
+    assert all(k.startswith(("model.embed_tokens.", "model.layers.0.", "model.layers.1.")) for k in held), held
+    assert any(k.endswith(".scales") for k in held)
+    n = len(IDS)
+    with torch.inference_mode():
+        h = first(torch.tensor(IDS), BatchLayout([n], torch.arange(n), [first.make_cache()]))
+        got = last(h, BatchLayout([n], torch.arange(n), [last.make_cache()]), torch.arange(n))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(pytest.importorskip("api_helpers").MODEL_PATH is None, reason="bundled model not installed")
+def test_bundled_model_greedy_equals_transformers():
+    """The Q4_1 GGUF read by `mx.load` (packed 4-bit, MLX's affine quantization), greedy for 24
+    tokens through the batched generator, token for token with transformers loading the same file."""
+    from api_helpers import MODEL_PATH
+
+    from shoal.engine.generate import stream_generate
+    from shoal.engine.sampler import SamplingParams
+
+    lm = load_model(str(MODEL_PATH), device=MLX)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(MODEL_PATH.parent), gguf_file=MODEL_PATH.name,
+                                                            dtype=torch.float32).eval()
+    prompt = lm.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    got = [ev.token for ev, _ in stream_generate(lm.model, lm.tokenizer, prompt, SamplingParams(max_tokens=24), lm.args.max_context)
+           if ev.token is not None]
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=sorted(lm.tokenizer.eos_token_ids))
+    assert got == out[0, len(prompt):].tolist(), lm.tokenizer.decode(got)
+
+
+def test_a_kept_prefix_fills_new_mlx_caches(tmp_path):
+    """engine/prefix.CopyKeeper keeps and loads mlx-lm's caches: a sequence started from a kept
+    prefix goes on as the sequence it was kept from."""
+    from test_models import IDS, make_checkpoint
+
+    from shoal.engine.prefix import CopyKeeper
+
+    path, ref = make_checkpoint(tmp_path, "llama")
+    model = load_model(str(path), with_tokenizer=False, device=MLX).model
+    keeper, first = CopyKeeper(), model.make_cache()
+    assert keeper.can_keep(first)
+    with torch.inference_mode():
+        model(torch.tensor(IDS), BatchLayout([len(IDS)], torch.arange(len(IDS)), [first]))
+        kept = keeper.keep(first, 6)
+        model(torch.tensor([1]), BatchLayout([1], torch.tensor([len(IDS)]), [first]))  # the original goes on: the copy must not change
+        second = model.make_cache()
+        keeper.load(second, kept, 6)
+        logits = model(torch.tensor(IDS[6:]), BatchLayout([len(IDS) - 6], torch.arange(6, len(IDS)), [second]), torch.arange(len(IDS) - 6))
+    torch.testing.assert_close(logits, _ref(ref, IDS)[6:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(pytest.importorskip("api_helpers").MODEL_PATH is None, reason="bundled model not installed")
+def test_an_mlx_node_and_a_cpu_node_serve_one_pipeline(tmp_path_factory, cached_profile):
+    """Two `shoal node`s on loopback, a with the numba engine (the entry), b with `--device mlx`:
+    the bundled model placed over both gives the single-process greedy text, and a second turn
+    reuses the first's prompt through both stages' caches with the same text as one process."""
+    from conftest import NodeLauncher
+    from test_instances import QUESTION, chat_ids, decode, single_process_tokens, stream_chat, two_node_pipeline
+
+    nl = NodeLauncher(tmp_path_factory.mktemp("mlx_pipeline"), cached_profile)
+    try:
+        a, b, _ = two_node_pipeline(nl, ["--device", "mlx"])
+        first, _ = stream_chat(a, QUESTION, 12)
+        assert first == decode(single_process_tokens(chat_ids(QUESTION), 12))
+        turn2 = [*QUESTION, {"role": "assistant", "content": first}, {"role": "user", "content": "And of Italy?"}]
+        second, usage = stream_chat(b, turn2, 12)
+        assert usage.prompt_tokens_details.cached_tokens >= len(chat_ids(QUESTION)) - 1
+        assert second == decode(single_process_tokens(chat_ids(turn2), 12))
+    finally:
+        nl.close()
