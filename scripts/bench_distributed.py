@@ -177,7 +177,7 @@ def main() -> int:
         for label, strategy, n in CONFIGS:
             if label not in wanted:
                 continue
-            placed[label] = call(f"{url}/v1/instances", "POST", {"model": args.model, "strategy": strategy, "nodes": n,
+            placed[label] = call(f"{url}/v1/instances", "POST", {"model": args.model, "strategy": strategy, "nodes": n, "replica": True,
                                                                  "context": 512})["instance"]
         for label, inst in placed.items():
             while True:
