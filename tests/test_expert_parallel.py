@@ -68,17 +68,24 @@ def check_expert_groups(inst: dict[str, Any], num_experts: int) -> None:
         assert len({tuple(s["layers"]) for s in st}) == 1  # an expert group shares its layers
 
 
-@pytest.mark.parametrize("layout", ["expert2", "expert3", "hybrid"])
+@pytest.mark.parametrize("layout", ["expert2", "expert3", "hybrid", "tensor2"])
 def test_expert_parallel_equals_single_process(cluster3: list[NodeProc], moe_models, references, layout: str) -> None:
-    strategy, n = {"expert2": ("expert", 2), "expert3": ("expert", 3), "hybrid": ("hybrid", 3)}[layout]
-    placed = [place(cluster3[i % 3], str(p), strategy, n) for i, p in enumerate(moe_models.values())]
+    """Expert groups, expert groups as pipeline stages, and (for Qwen3-MoE, whose family the
+    engine splits so) a tensor group inside the MoE: each rank every expert's columns."""
+    strategy, n = {"expert2": ("expert", 2), "expert3": ("expert", 3), "hybrid": ("hybrid", 3), "tensor2": ("tensor", 2)}[layout]
+    models = {k: p for k, p in moe_models.items() if strategy != "tensor" or k == "qwen3-moe"}
+    placed = [place(cluster3[i % 3], str(p), strategy, n) for i, p in enumerate(models.values())]
     try:
-        for inst, kind in zip(placed, moe_models):
+        for inst, kind in zip(placed, models):
             inst = wait_ready(cluster3[0], inst["id"])
             assert inst["strategy"] == strategy
             sizes = [len(st) for st in stages_of(inst)]
-            assert sizes == [n] if strategy == "expert" else sorted(sizes) == [1, 2], sizes  # hybrid: expert x pipeline
-            check_expert_groups(inst, 12 if kind == "kimi-k2" else 8)
+            assert sizes == [n] if strategy in ("expert", "tensor") else sorted(sizes) == [1, 2], sizes  # hybrid: expert x pipeline
+            if strategy == "tensor":
+                cols = sorted(tuple(s["expert_cols"]) for s in inst["shards"])
+                assert cols[0][0] == 0 and cols[0][1] == cols[1][0] and all(s["experts"] == [0, 8] for s in inst["shards"])
+            else:
+                check_expert_groups(inst, 12 if kind == "kimi-k2" else 8)
             got = generate(cluster3[-1], inst["id"], PROMPT, TOKENS, ignore_eos=True)
             assert got == references[inst["model"]], (kind, layout, got, references[inst["model"]])
     finally:
@@ -113,7 +120,7 @@ def test_each_rank_holds_only_its_experts(launcher: NodeLauncher, tmp_path: Path
         # ...and that is what it holds: the other experts' bytes were never read.
         assert 0.8 * planned <= s["rss_bytes"] <= 1.15 * planned, (s["rss_bytes"] / 2**20, planned / 2**20)
     status, preview = call(a, "GET", f"/v1/placement?model={path}&strategy=tensor")
-    assert status == 200 and "use strategy expert" in preview["plans"]["tensor"]["error"], preview
+    assert status == 200 and all(s["expert_cols"] for s in preview["plans"]["tensor"]["shards"]), preview
     delete(a, inst["id"])
 
 

@@ -112,7 +112,10 @@ def _describe(inst: dict[str, Any]) -> str:
     lines = [f"instance {inst['id']}  model {inst['model']}  strategy {inst['strategy']}  status {inst['status']}"]
     for s in inst["shards"]:
         tp = f"  tp {s['tp_rank']}/{s['tp_size']} kv heads {s['kv_heads'][0]}-{s['kv_heads'][1]} mlp {s['ffn'][0]}-{s['ffn'][1]}" if s["tp_size"] > 1 else ""
-        if s.get("experts") and s["tp_size"] > 1:
+        if s.get("expert_cols") and s["tp_size"] > 1:
+            tp = (f"  tp {s['tp_rank']}/{s['tp_size']} kv heads {s['kv_heads'][0]}-{s['kv_heads'][1]} "
+                  f"expert cols {s['expert_cols'][0]}-{s['expert_cols'][1]}")
+        elif s.get("experts") and s["tp_size"] > 1:
             tp = f"  ep {s['tp_rank']}/{s['tp_size']} experts {s['experts'][0]}-{s['experts'][1] - 1}"
         rss = f"  rss {s['rss_bytes'] / 2**20:.0f} MiB" if s.get("rss_bytes") else ""
         lines.append(f"  rank {s['rank']}  {s['node_name']:<12} layers {s['layers'][0]}-{s['layers'][1]}{tp}"

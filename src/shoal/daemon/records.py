@@ -168,6 +168,7 @@ def public_instance(rec: InstanceRecord, shards: dict[tuple[str, int], HostedSha
             "kv_heads": list(s.kv_heads), "ffn": list(s.ffn), "planned_bytes": s.memory_bytes,
             "weight_bytes": s.weight_bytes,
             "experts": list(s.experts) if s.experts else None, "shared": list(s.shared) if s.shared else None,
+            "expert_cols": list(s.expert_cols) if s.expert_cols else None,
             "status": live.status if live else None, "rss_bytes": live.rss_bytes if live else None,
             "stats": live.stats.model_dump(exclude={"kind"}) if live and live.stats else {},
         })

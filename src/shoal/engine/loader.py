@@ -31,11 +31,13 @@ class Architecture:
     required_weights: Callable[[Any, Part, list[str]], list[str]]
     slice_weight: Callable[[Any, Part, str, Weight], Weight]
     split: Literal["tensor", "expert"]
+    tensor_moe: bool = False  # an MoE whose groups may also split heads and every expert's columns (Part.expert_cols)
 
 
 _LLAMA = Architecture(llama.ModelArgs, llama.LlamaShard, llama.required_weights, llama.slice_weight, "tensor")
 _DEEPSEEK = Architecture(deepseek.ModelArgs, deepseek.DeepseekShard, deepseek.required_weights, deepseek.slice_weight, "expert")
-_MIXTRAL = Architecture(mixtral.ModelArgs, mixtral.MixtralShard, mixtral.required_weights, mixtral.slice_weight, "expert")
+_MIXTRAL = Architecture(mixtral.ModelArgs, mixtral.MixtralShard, mixtral.required_weights, mixtral.slice_weight, "expert",
+                        tensor_moe=True)
 
 # config.json model_type -> how to build it (a literal table: grep-able, no registry magic).
 ARCHITECTURES: dict[str, Architecture] = {
@@ -170,6 +172,10 @@ def _check_split(model_type: str, arch: Architecture, part: Part) -> None:
     otherwise every rank would hold everything and the group's sums would count it several times."""
     if part.size == 1:
         return
+    if part.expert_cols is not None and not (arch.tensor_moe and part.kv_heads is not None):
+        raise ValueError(f"{model_type}: tensor parallel inside an MoE group is not supported for this family "
+                         "(place it with strategy expert, pipeline or hybrid)" if not arch.tensor_moe else
+                         f"{model_type}: a rank of a tensor group inside an MoE holds KV heads and expert columns")
     if arch.split == "expert" and part.experts is None:
         raise ValueError(f"{model_type} is a mixture of experts: place it with strategy expert, pipeline or hybrid")
     if arch.split == "tensor" and (part.kv_heads is None or part.experts is not None):

@@ -42,8 +42,9 @@ class Part:
     not logits, travel back to it. Where a stage is a group of `size` ranks, rank `rank` holds of
     each of its layers, with tensor parallelism, the KV heads [kv_heads) with their query heads and
     the MLP columns [ffn); with expert parallelism, the routed experts `experts` (global ids, any
-    subset) and the shared experts' columns [shared). Either way an entry rank holds the rows
-    [vocab) of the embedding and head. None means all of it."""
+    subset) and the shared experts' columns [shared); with tensor parallelism inside an MoE group
+    (`expert_cols`), the KV heads [kv_heads) and the columns [expert_cols) of every routed expert.
+    Either way an entry rank holds the rows [vocab) of the embedding and head. None means all of it."""
 
     start: int = 0
     end: int | None = None  # None: through the last layer
@@ -57,6 +58,7 @@ class Part:
     experts: tuple[int, ...] | None = None
     shared: tuple[int, int] | None = None
     vocab: tuple[int, int] | None = None
+    expert_cols: tuple[int, int] | None = None
 
     @classmethod
     def whole(cls, num_layers: int) -> "Part":

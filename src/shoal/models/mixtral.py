@@ -6,8 +6,13 @@ gate/up/down_proj, renormalise when `norm_topk_prob`, and may keep some layers d
 (`mlp_only_layers`, `decoder_sparse_step`). Neither has shared experts.
 
 The attention, RoPE and dense MLP are `llama.py`'s; `ModelArgs` extends its config with the MoE
-keys. Expert parallel works as in `moe.py`: each rank's `Part` names its routed experts, one
-all-reduce per MoE layer, attention replicated.
+keys. Two ways to split a layer over a group:
+- expert parallel, as in `moe.py`: each rank's `Part` names its routed experts; one all-reduce per
+  MoE layer; attention replicated;
+- tensor parallel inside the group, as exo runs MoE models (`Part.expert_cols`): each rank holds its
+  KV heads (with their query heads), the columns [expert_cols) of every routed expert and its
+  columns of the dense MLPs; the router whole. Every rank computes its slice of each expert a token
+  picks, so no rank waits on an unlucky draw; one all-reduce after attention and one after the MLP.
 """
 
 from __future__ import annotations
@@ -76,11 +81,13 @@ class ModelArgs(llama.ModelArgs):
 
 
 class Block(base.Block):
-    def __init__(self, args: ModelArgs, w: dict[str, Weight], i: int, experts: tuple[int, ...]):
+    def __init__(self, args: ModelArgs, w: dict[str, Weight], i: int, experts: tuple[int, ...], kv_heads: tuple[int, int],
+                 tensor: bool):
         super().__init__()
         p = f"model.layers.{i}"
+        self.tensor = tensor  # tensor parallel inside the group (else expert parallel, or one rank)
         self.input_layernorm = RMSNorm(as_tensor(w[f"{p}.input_layernorm.weight"]), args.rms_norm_eps)
-        self.self_attn = Attention(args, w, f"{p}.self_attn", (0, args.num_key_value_heads))
+        self.self_attn = Attention(args, w, f"{p}.self_attn", kv_heads)
         self.post_attention_layernorm = RMSNorm(as_tensor(w[f"{p}.post_attention_layernorm.weight"]), args.rms_norm_eps)
         if args.is_moe(i):
             m = args.moe_prefix(i)
@@ -92,8 +99,12 @@ class Block(base.Block):
 
     def shard(self, group: Any) -> None:
         """Expert parallel: an MoE layer sums its ranks' partial outputs; attention and dense MLPs
-        are whole on every rank."""
-        if isinstance(self.mlp, SparseMoE):
+        are whole on every rank. Tensor parallel: attention and the MLP (MoE or dense) each sum
+        their ranks' partial outputs."""
+        if self.tensor:
+            self.self_attn.group = group
+            self.mlp.group = group
+        elif isinstance(self.mlp, SparseMoE):
             self.mlp.group = group
 
 
@@ -107,11 +118,15 @@ class MixtralShard(base.Shard):
     def __init__(self, args: ModelArgs, part: Part, weights: dict[str, Weight]):
         super().__init__(args, part, weights)
         self.experts = self.part.experts if self.part.experts is not None else tuple(range(args.n_experts))
+        self.kv_heads = self.part.kv_heads or (0, args.num_key_value_heads)
         self.rope = RotaryEmbedding(args)
-        self.layers = nn.ModuleList(Block(args, weights, i, self.experts) for i in range(self.part.start, self.part.end))
+        tensor = self.part.expert_cols is not None
+        self.layers = nn.ModuleList(Block(args, weights, i, self.experts, self.kv_heads, tensor)
+                                    for i in range(self.part.start, self.part.end))
 
     def make_cache(self) -> list[KVCache]:
-        return [KVCache(self.args.num_key_value_heads, self.args.head_dim, **self.cache_options()) for _ in self.layers]
+        kv0, kv1 = self.kv_heads
+        return [KVCache(kv1 - kv0, self.args.head_dim, **self.cache_options()) for _ in self.layers]
 
 
 # ----------------------------------------------------------------------------- loading
@@ -126,9 +141,21 @@ def required_weights(args: ModelArgs, part: Part, available: list[str]) -> list[
 
 
 def slice_weight(args: ModelArgs, part: Part, name: str, w: Weight) -> Weight:
-    """Only the embedding and head are cut (to the part's vocabulary rows): a rank's experts are
-    whole tensors, chosen by `required_weights`."""
-    return base.slice_ends(part, name, w)
+    """Expert parallel: only the embedding and head are cut (to the part's vocabulary rows), a
+    rank's experts are whole tensors, chosen by `required_weights`. Tensor parallel inside the
+    group: every routed expert cut to the columns [expert_cols) (gate and up by rows, down by
+    columns), and attention, dense MLPs and the ends cut as llama.py cuts them."""
+    if part.expert_cols is None:
+        return base.slice_ends(part, name, w)
+    if expert_of(name) is not None:
+        gate, up, down = args.expert_names
+        c0, c1 = part.expert_cols
+        if name.endswith((f".{gate}.weight", f".{up}.weight")):
+            return base.slice_rows(w, c0, c1)
+        if name.endswith(f".{down}.weight"):
+            return base.slice_cols(w, c0, c1)
+        return w
+    return llama.slice_weight(args, part, name, w)
 
 
 __all__ = ["ModelArgs", "MixtralShard", "required_weights", "slice_weight"]

@@ -17,9 +17,10 @@ each and prices it with the cost model, then keeps the fastest predicted decode 
   groups as pipeline stages. Decode reads only the experts a token picks, so a rank's time is its
   expected share of them, and the group waits for the busiest.
 * tensor inside an MoE group, as exo runs it (attention heads split, every expert's columns split,
-  one all-reduce after attention and one after the MoE): offered only for `hypothetical` clusters
-  (`shoal place --dry-run --cluster-spec`), since the engine does not run it yet; a real placement
-  never chooses it.
+  one all-reduce after attention and one after the MoE): the engine runs it for the families in
+  `TENSOR_MOE` (Mixtral, Qwen3-MoE: models/mixtral.py, `Part.expert_cols`); for the others
+  (DeepSeek's MLA) it is offered only for `hypothetical` clusters (`shoal place --dry-run
+  --cluster-spec`), priced but never chosen by a real placement.
 
 Ranks are numbered stage by stage; rank 0 is the entry: it drives the steps and, with the rest of
 its stage's group, holds the embedding and the head (tied weights are one copy), so only hidden
@@ -59,6 +60,8 @@ from shoal.placement.spec import ModelSpec
 DEFAULT_CONTEXT = 2048
 MAX_ENUMERATED_NODES = 10  # beyond this, candidate node sets come from a heuristic
 MAX_PARTITIONED_NODES = 6  # hybrid: all set partitions up to this many nodes
+# MoE families whose groups the engine also splits as tensor groups (models/mixtral.py, Part.expert_cols).
+TENSOR_MOE = ("mixtral", "qwen3_moe")
 
 
 # ----------------------------------------------------------------------------------------------- plan
@@ -82,9 +85,10 @@ def plan(
         raise PlacementError("no usable nodes: none is up with a device profile yet")
     group_kind = "expert" if spec.is_moe else "tensor"
     kinds = ["single", "pipeline", group_kind, "hybrid"] if request.strategy == "auto" else [request.strategy]
-    if spec.is_moe and hypothetical and request.strategy == "auto":
+    tensor_moe = spec.is_moe and (hypothetical or spec.architecture in TENSOR_MOE)
+    if tensor_moe and request.strategy == "auto":
         kinds.append("tensor")
-    elif spec.is_moe and not hypothetical and "tensor" in kinds:
+    elif spec.is_moe and not tensor_moe and "tensor" in kinds:
         kinds = []  # refused below, with a pointer to expert parallel
     best: Placement | None = None
     best_key: tuple | None = None
@@ -103,7 +107,7 @@ def plan(
                     best, best_key = got, key
     if best is None:
         raise _refusal(spec, nodes, request, context, shortfall, cal)
-    return best.model_copy(update={"reason": _reason(best, nodes, request)})
+    return best.model_copy(update={"reason": _reason(best, nodes, request, spec.architecture)})
 
 
 def plan_each_strategy(
@@ -113,7 +117,7 @@ def plan_each_strategy(
     """The preview: the best plan of every strategy (or why there is none), and auto's choice."""
     request = request or PlacementRequest()
     kinds = ["auto", "pipeline", "expert" if spec.is_moe else "tensor", "hybrid"]
-    if spec.is_moe and hypothetical:
+    if spec.is_moe and (hypothetical or spec.architecture in TENSOR_MOE):
         kinds.insert(2, "tensor")
     out: dict[str, Placement | PlacementError] = {}
     for kind in kinds:
@@ -553,7 +557,7 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**28 else f"{n / 2**20:.0f} MiB"
 
 
-def _reason(p: Placement, nodes: list[NodeRes], request: PlacementRequest) -> str:
+def _reason(p: Placement, nodes: list[NodeRes], request: PlacementRequest, architecture: str) -> str:
     pred = p.prediction
     speed = f"predicted {pred.decode_tokens_per_s:.1f} tok/s decode, TTFT {pred.ttft_s * 1000:.0f} ms for {pred.prompt_tokens} tokens"
     corrected = {s.node_name: s.decode_correction for s in p.shards if abs(s.decode_correction - 1) >= 0.01}
@@ -573,8 +577,10 @@ def _reason(p: Placement, nodes: list[NodeRes], request: PlacementRequest) -> st
     elif p.strategy == "tensor" and p.shards[0].expert_cols is not None:
         heads = ", ".join(f"{s.node_name} {s.kv_heads[1] - s.kv_heads[0]} kv heads/expert cols {s.expert_cols[0]}-{s.expert_cols[1]}"
                           for s in p.shards if s.expert_cols)
-        why = (f"one tensor group inside the MoE as exo runs it ({heads}); priced only: the engine does not run "
-               "tensor parallel for mixture-of-experts models yet, so a real placement uses expert instead")
+        why = f"one tensor group inside the MoE as exo runs it ({heads})"
+        if architecture not in TENSOR_MOE:
+            why += ("; priced only: the engine does not run tensor parallel inside this family's MoE groups yet, so a "
+                    "real placement uses expert instead")
     elif p.strategy == "tensor":
         heads = ", ".join(f"{s.node_name} {s.kv_heads[1] - s.kv_heads[0]} kv heads/{s.ffn[1] - s.ffn[0]} mlp cols" for s in p.shards)
         why = f"one tensor group ({heads})"

@@ -50,11 +50,13 @@ def load_stage(ref: str, shard: ShardPlan, num_layers: int | None = None, with_t
     """Load this rank's part of the model (`load_shard`: only its tensors, each cut to its slice as
     it arrives). A placement's rank holds the embedding and head iff it is on the entry stage."""
     entry = shard.vocab is not None
-    tensor = shard.tp_size > 1 and shard.experts is None
+    # A tensor group: of a dense model, or inside an MoE group (each rank every expert's columns [expert_cols)).
+    tensor = shard.tp_size > 1 and (shard.experts is None or shard.expert_cols is not None)
     part = Part(
         shard.layers[0], shard.layers[1], num_layers, embed=entry, head=entry, rank=shard.tp_rank, size=shard.tp_size,
         kv_heads=shard.kv_heads if tensor else None, ffn=shard.ffn if tensor else None,
         experts=tuple(range(*shard.experts)) if shard.experts is not None else None, shared=shard.shared, vocab=shard.vocab,
+        expert_cols=shard.expert_cols if tensor else None,
     )
     loaded = load_shard(ref, part, with_tokenizer=with_tokenizer, device=device)
     _trim_heap()
