@@ -216,35 +216,43 @@ def test_expert_parallel_equals_whole_model(ckpts, kind, ranks):
     assert group.calls == 8 * moe_layers  # exactly one all-reduce per MoE layer per step
 
 
-@pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral", "deepseek-v3", "kimi-k2"])
 def test_tensor_parallel_inside_an_moe_group_equals_whole_model(ckpts, kind):
-    """Tensor parallel inside an MoE group, as exo runs MoE models: each of 2 ranks holds its KV
-    heads and the columns [expert_cols) of every routed expert (uneven, by a 1:2 speed ratio), the
-    routers whole; one all-reduce after attention and one after the MLP. Greedy tokens and logits
-    equal the whole model's."""
+    """Tensor parallel inside an MoE group, as exo runs MoE models: each of 2 ranks holds its heads
+    (GQA KV heads with their query heads; MLA heads, the latent projections whole) and the columns
+    [expert_cols) of every routed expert, its columns of the shared experts and dense MLPs, uneven
+    by a 1:2 speed ratio; the routers whole; one all-reduce after attention and one after the MLP.
+    Greedy tokens and logits equal the whole model's."""
     path = ckpts[kind]
     whole = load_model(str(path), with_tokenizer=False).model
     args = whole.args
-    width = args.expert_size
-    cut = width // 3
-    kv = args.num_key_value_heads
-    cols, heads = [(0, cut), (cut, width)], [(0, kv // 2), (kv // 2, kv)]
-    ffn = [(0, args.intermediate_size // 3), (args.intermediate_size // 3, args.intermediate_size)]
+    mla = kind in ("deepseek-v3", "kimi-k2")
+    width = args.moe_intermediate_size if mla else args.expert_size
+    n_experts = args.n_routed_experts if mla else args.n_experts
+    heads = args.num_attention_heads if mla else args.num_key_value_heads
+    shared = args.shared_size if mla else 0
+
+    def thirds(n: int) -> list[tuple[int, int]]:
+        cut = max(1, n // 3)
+        return [(0, cut), (cut, n)]
+
     group = HandAllReduce(2)
-    parts = [Part(rank=r, size=2, kv_heads=heads[r], ffn=ffn[r], experts=tuple(range(args.n_experts)), expert_cols=cols[r])
+    parts = [Part(rank=r, size=2, kv_heads=thirds(heads)[r], ffn=thirds(args.intermediate_size)[r],
+                  experts=tuple(range(n_experts)), expert_cols=thirds(width)[r], shared=thirds(shared)[r] if shared else None)
              for r in range(2)]
     shards = [load_shard(str(path), p).model.shard(group.member(p.rank)) for p in parts]
     for p, m in zip(parts, shards):  # each rank holds its columns of every expert, nothing more
         held = [mod for mod in m.modules() if isinstance(mod, RoutedExperts)]
-        assert held and all(h.hidden == p.expert_cols[1] - p.expert_cols[0] and len(h.ids) == args.n_experts for h in held)
-    want_tokens, want_logits = greedy(shard_step(whole, whole.make_cache()), IDS[:9], 8)
-    got = run_ranks(shards, lambda r, m: greedy(shard_step(m, m.make_cache()), IDS[:9], 8))
+        assert held and all(h.hidden == p.expert_cols[1] - p.expert_cols[0] and len(h.ids) == n_experts for h in held)
+    ids = LONG[:12] if mla else IDS[:9]
+    want_tokens, want_logits = greedy(shard_step(whole, whole.make_cache()), ids, 8)
+    got = run_ranks(shards, lambda r, m: greedy(shard_step(m, m.make_cache()), ids, 8))
     for tokens, logits in got:
         assert tokens == want_tokens
         torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
     assert group.calls == 8 * 2 * args.num_hidden_layers  # two all-reduces per layer per step
-    with pytest.raises(ValueError, match="not supported for this family"):  # MLA heads are not split yet
-        load_shard(str(ckpts["deepseek-v3"]), Part(rank=0, size=2, kv_heads=(0, 1), experts=(0,), expert_cols=(0, 8)))
+    with pytest.raises(ValueError, match="holds KV heads and expert columns"):
+        load_shard(str(path), Part(rank=0, size=2, experts=tuple(range(n_experts)), expert_cols=(0, 8)))
 
 
 def test_expert_times_pipeline_equals_whole_model(ckpts):

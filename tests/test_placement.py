@@ -264,12 +264,12 @@ def test_moe_strategies_and_refusals():
     kimi = _kimi()
     view = cluster([node(f"n{i}", 512, bw=400) for i in range(4)])
     every = plan_each_strategy(kimi, view, PlacementRequest(context=8192))
-    assert set(every) == {"auto", "pipeline", "expert", "hybrid"}
-    assert every["auto"].strategy in ("expert", "hybrid", "pipeline")
+    assert set(every) == {"auto", "pipeline", "tensor", "expert", "hybrid"}
+    assert every["auto"].strategy in ("expert", "hybrid", "pipeline", "tensor")
     hybrid = every["hybrid"]
     assert any(len(st) > 1 for st in hybrid.stages) and len(hybrid.stages) > 1  # expert groups as stages
-    with pytest.raises(PlacementError, match="use strategy expert"):
-        plan(kimi, view, PlacementRequest(strategy="tensor", context=8192))
+    tensor = every["tensor"]  # inside the MoE: every rank its heads and every expert's columns
+    assert all(s.expert_cols is not None and s.experts == (0, kimi.moe.num_experts) for s in tensor.shards)
     with pytest.raises(PlacementError, match="for mixture-of-experts"):
         plan(spec(), view, PlacementRequest(strategy="expert"))
     # Too big: the refusal says how much is missing.
@@ -624,8 +624,7 @@ def test_the_dry_run_predicts_exo_published_decode_within_20_percent(model, n):
     assert abs(predicted / published - 1) <= 0.20, (model, n, predicted, published)
     # Tensor parallel over RDMA is what pays on 2 and 4 nodes, over all of them.
     assert best["strategy"] == ("single" if n == 1 else "tensor") and len(best["shards"]) == n
-    # The engine runs it for Qwen3-MoE; for DeepSeek's MLA it is priced only.
-    assert n == 1 or ("priced only" in best["reason"]) == model.startswith("deepseek")
+    assert "priced only" not in best["reason"]  # the engine runs it for both families
 
 
 @pytest.mark.parametrize("model", list(EXO))
@@ -646,15 +645,18 @@ def test_a_real_placement_chooses_tensor_inside_an_moe_only_where_the_engine_run
     from shoal.placement.cluster_spec import cluster_view, parse_cluster_spec
 
     view = cluster_view(parse_cluster_spec(studios(4)))
-    deepseek = ModelSpec.from_catalog(CATALOG["deepseek-v3.1-4bit"])  # MLA heads: not split by the engine yet
-    assert plan(deepseek, view).strategy != "tensor"
-    assert "tensor" not in plan_each_strategy(deepseek, view)
+    for model in ("qwen3-235b-a22b-4bit", "deepseek-v3.1-4bit"):  # models/mixtral.py and deepseek.py run it
+        spec = ModelSpec.from_catalog(CATALOG[model])
+        p = plan(spec, view)
+        assert p.strategy == "tensor" and "priced only" not in p.reason, model
+        assert all(s.expert_cols is not None and s.experts == (0, spec.moe.num_experts) for s in p.shards)
+    # A family the engine does not split so: priced for a dry run only, never placed.
+    other = ModelSpec.from_catalog(CATALOG["qwen3-235b-a22b-4bit"]).model_copy(update={"architecture": "some_moe"})
+    assert plan(other, view).strategy != "tensor" and "tensor" not in plan_each_strategy(other, view)
     with pytest.raises(PlacementError, match="use strategy expert"):
-        plan(deepseek, view, PlacementRequest(strategy="tensor"))
-    qwen = ModelSpec.from_catalog(CATALOG["qwen3-235b-a22b-4bit"])  # models/mixtral.py runs it
-    p = plan(qwen, view)
-    assert p.strategy == "tensor" and "priced only" not in p.reason
-    assert all(s.expert_cols is not None and s.experts == (0, qwen.moe.num_experts) for s in p.shards)
+        plan(other, view, PlacementRequest(strategy="tensor"))
+    dry = plan(other, view, hypothetical=True)
+    assert dry.strategy == "tensor" and "priced only" in dry.reason
 
 
 def test_link_kinds_are_priced_differently():

@@ -35,7 +35,8 @@ class Architecture:
 
 
 _LLAMA = Architecture(llama.ModelArgs, llama.LlamaShard, llama.required_weights, llama.slice_weight, "tensor")
-_DEEPSEEK = Architecture(deepseek.ModelArgs, deepseek.DeepseekShard, deepseek.required_weights, deepseek.slice_weight, "expert")
+_DEEPSEEK = Architecture(deepseek.ModelArgs, deepseek.DeepseekShard, deepseek.required_weights, deepseek.slice_weight, "expert",
+                         tensor_moe=True)
 _MIXTRAL = Architecture(mixtral.ModelArgs, mixtral.MixtralShard, mixtral.required_weights, mixtral.slice_weight, "expert",
                         tensor_moe=True)
 

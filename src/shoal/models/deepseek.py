@@ -28,9 +28,15 @@ from torch import nn
 
 from shoal.kernels.mla_cache import MLACache
 from shoal.models import base
-from shoal.models.base import BatchLayout, Part, RMSNorm, Weight, as_tensor
+from shoal.models.base import BatchLayout, Part, RMSNorm, Weight, all_reduce, as_tensor
 from shoal.models.llama import MLP
-from shoal.models.moe import GroupedSigmoidRouter, RoutedExperts, SparseMoE, expert_of
+from shoal.models.moe import (
+    GroupedSigmoidRouter,
+    RoutedExperts,
+    SparseMoE,
+    expert_of,
+    join_moe_group,
+)
 from shoal.quant.linear import can_fuse_rows, dense_or_quant_linear, fuse_rows
 
 # ----------------------------------------------------------------------------- config
@@ -192,11 +198,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 class MLAttention(nn.Module):
-    """Multi-head latent attention over each sequence's `MLACache`."""
+    """Multi-head latent attention over each sequence's `MLACache`. A tensor-parallel rank holds the
+    heads of its `Part.kv_heads` (q_b/q rows, kv_b rows and o_proj columns of those heads, cut by
+    `slice_weight`) and the latent projections whole: every rank keeps the whole compressed cache,
+    and its o_proj gives a partial sum, completed by the all-reduce over `group`."""
 
-    def __init__(self, args: ModelArgs, w: dict[str, Weight], prefix: str):
+    def __init__(self, args: ModelArgs, w: dict[str, Weight], prefix: str, heads: tuple[int, int] | None = None):
         super().__init__()
-        H, r = args.num_attention_heads, args.kv_lora_rank
+        h0, h1 = heads or (0, args.num_attention_heads)
+        H, r = h1 - h0, args.kv_lora_rank
+        self.group = None  # tensor-parallel process group, set by Block.shard
         self.n_heads, self.kv_lora_rank = H, r
         self.nope, self.rope, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
         self.q_lora_rank = args.q_lora_rank
@@ -266,7 +277,8 @@ class MLAttention(nn.Module):
             else:
                 out[:, start : start + n] = self._expanded(qn, qr, kv, past)
             start += n
-        return self.o_proj(out.transpose(0, 1).reshape(T, H * self.v_dim))
+        # With tensor parallelism o_proj holds this rank's heads' columns: a partial sum.
+        return all_reduce(self.o_proj(out.transpose(0, 1).reshape(T, H * self.v_dim)), self.group)
 
     def _absorbed(self, qn: torch.Tensor, qr: torch.Tensor, kv: torch.Tensor, past: int) -> torch.Tensor:
         H, n, L, r = qn.shape[0], qn.shape[1], kv.shape[0], self.kv_lora_rank
@@ -309,19 +321,18 @@ def moe_layer(args: ModelArgs, w: dict[str, Weight], prefix: str, experts: tuple
 
 
 class Block(base.Block):
-    def __init__(self, args: ModelArgs, w: dict[str, Weight], i: int, experts: tuple[int, ...], shared: tuple[int, int]):
+    def __init__(self, args: ModelArgs, w: dict[str, Weight], i: int, experts: tuple[int, ...], shared: tuple[int, int],
+                 heads: tuple[int, int] | None = None, tensor: bool = False):
         super().__init__()
         p = f"model.layers.{i}"
+        self.tensor = tensor  # tensor parallel inside the group (else expert parallel, or one rank)
         self.input_layernorm = RMSNorm(as_tensor(w[f"{p}.input_layernorm.weight"]), args.rms_norm_eps)
-        self.self_attn = MLAttention(args, w, f"{p}.self_attn")
+        self.self_attn = MLAttention(args, w, f"{p}.self_attn", heads)
         self.post_attention_layernorm = RMSNorm(as_tensor(w[f"{p}.post_attention_layernorm.weight"]), args.rms_norm_eps)
         self.mlp = moe_layer(args, w, f"{p}.mlp", experts, shared) if args.is_moe(i) else MLP(w, f"{p}.mlp")
 
     def shard(self, group: Any) -> None:
-        """Expert parallel: an MoE layer sums its ranks' partial outputs; attention and dense MLPs
-        are whole on every rank."""
-        if isinstance(self.mlp, SparseMoE):
-            self.mlp.group = group
+        join_moe_group(self, group)
 
 
 # ----------------------------------------------------------------------------- shard
@@ -336,7 +347,9 @@ class DeepseekShard(base.Shard):
         self.experts = self.part.experts if self.part.experts is not None else tuple(range(args.n_routed_experts or 0))
         self.shared = shared_columns(args, self.part)
         self.rope = YarnRope(args)
-        self.layers = nn.ModuleList(Block(args, weights, i, self.experts, self.shared) for i in range(self.part.start, self.part.end))
+        tensor = self.part.expert_cols is not None
+        self.layers = nn.ModuleList(Block(args, weights, i, self.experts, self.shared, self.part.kv_heads, tensor)
+                                    for i in range(self.part.start, self.part.end))
 
     def make_cache(self) -> list[MLACache]:
         """One compressed cache per layer of this shard, for one sequence."""
@@ -370,10 +383,35 @@ def required_weights(args: ModelArgs, part: Part, available: list[str]) -> list[
 
 def slice_weight(args: ModelArgs, part: Part, name: str, w: Weight) -> Weight:
     """The shared experts cut to the part's columns (gate/up rows, down columns), so their partial
-    sums ride the MoE layer's all-reduce; the embedding and head to its vocabulary rows."""
+    sums ride the MoE layer's all-reduce; the embedding and head to its vocabulary rows. Tensor
+    parallel inside the group (`expert_cols`) also cuts the attention to the part's heads (q_b or q
+    and kv_b by rows, o_proj by columns; the latent projections stay whole), every routed expert
+    to its columns, and the dense MLPs to `ffn`."""
     a, b = shared_columns(args, part)
     if ".shared_experts." in name and (a, b) != (0, args.shared_size):
         return base.slice_mlp(name, w, a, b)
+    if part.expert_cols is not None:
+        h0, h1 = part.kv_heads or (0, args.num_attention_heads)
+        q_rows, kv_rows = args.qk_nope_head_dim + args.qk_rope_head_dim, args.qk_nope_head_dim + args.v_head_dim
+        if name.endswith(("self_attn.q_b_proj.weight", "self_attn.q_proj.weight")):
+            return base.slice_rows(w, h0 * q_rows, h1 * q_rows)
+        if name.endswith("self_attn.kv_b_proj.weight"):
+            return base.slice_rows(w, h0 * kv_rows, h1 * kv_rows)
+        if name.endswith(("self_attn.embed_q.weight", "self_attn.unembed_out.weight")):
+            if not isinstance(w, torch.Tensor):
+                raise ValueError(f"{name}: an MLX conversion's per-head projections cannot be cut to a tensor rank's heads")
+            return w[h0:h1].clone()
+        if name.endswith("self_attn.o_proj.weight"):
+            return base.slice_cols(w, h0 * args.v_head_dim, h1 * args.v_head_dim)
+        if expert_of(name) is not None:
+            c0, c1 = part.expert_cols
+            if name.endswith(("gate_proj.weight", "up_proj.weight")):
+                return base.slice_rows(w, c0, c1)
+            if name.endswith("down_proj.weight"):
+                return base.slice_cols(w, c0, c1)
+            return w
+        if part.ffn is not None and ".mlp." in name and ".shared_experts." not in name:
+            return base.slice_mlp(name, w, *part.ffn)
     return base.slice_ends(part, name, w)
 
 

@@ -26,7 +26,13 @@ from shoal.kernels.cache import KVCache
 from shoal.models import base, llama
 from shoal.models.base import Part, RMSNorm, Weight, as_tensor
 from shoal.models.llama import MLP, Attention, RotaryEmbedding
-from shoal.models.moe import RoutedExperts, SoftmaxRouter, SparseMoE, expert_of
+from shoal.models.moe import (
+    RoutedExperts,
+    SoftmaxRouter,
+    SparseMoE,
+    expert_of,
+    join_moe_group,
+)
 
 # ----------------------------------------------------------------------------- config
 
@@ -98,14 +104,7 @@ class Block(base.Block):
             self.mlp = MLP(w, f"{p}.mlp")
 
     def shard(self, group: Any) -> None:
-        """Expert parallel: an MoE layer sums its ranks' partial outputs; attention and dense MLPs
-        are whole on every rank. Tensor parallel: attention and the MLP (MoE or dense) each sum
-        their ranks' partial outputs."""
-        if self.tensor:
-            self.self_attn.group = group
-            self.mlp.group = group
-        elif isinstance(self.mlp, SparseMoE):
-            self.mlp.group = group
+        join_moe_group(self, group)
 
 
 # ----------------------------------------------------------------------------- shard

@@ -13,6 +13,8 @@ group (one process) the layer is the whole model's.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -151,6 +153,18 @@ class SparseMoE(nn.Module):
         return all_reduce(y, self.group)
 
 
+def join_moe_group(block: nn.Module, group: Any) -> None:
+    """An MoE family's block joining its stage's group. Expert parallel: an MoE layer sums its
+    ranks' partial outputs; attention and dense MLPs are whole on every rank. Tensor parallel inside
+    the group (`block.tensor`): attention and the MLP (MoE or dense) each sum their ranks' partial
+    outputs."""
+    if block.tensor:
+        block.self_attn.group = group
+        block.mlp.group = group
+    elif isinstance(block.mlp, SparseMoE):
+        block.mlp.group = group
+
+
 def expert_of(name: str, marker: str = ".experts.") -> int | None:
     """The routed expert id in a tensor name (`...mlp.experts.17.up_proj.weight` -> 17), else None."""
     i = name.find(marker)
@@ -161,4 +175,4 @@ def expert_of(name: str, marker: str = ".experts.") -> int | None:
     return int(num) if num.isdigit() else None
 
 
-__all__ = ["split_experts", "SoftmaxRouter", "GroupedSigmoidRouter", "RoutedExperts", "SparseMoE", "expert_of"]
+__all__ = ["split_experts", "SoftmaxRouter", "GroupedSigmoidRouter", "RoutedExperts", "SparseMoE", "expert_of", "join_moe_group"]

@@ -18,9 +18,9 @@ each and prices it with the cost model, then keeps the fastest predicted decode 
   expected share of them, and the group waits for the busiest.
 * tensor inside an MoE group, as exo runs it (attention heads split, every expert's columns split,
   one all-reduce after attention and one after the MoE): the engine runs it for the families in
-  `TENSOR_MOE` (Mixtral, Qwen3-MoE: models/mixtral.py, `Part.expert_cols`); for the others
-  (DeepSeek's MLA) it is offered only for `hypothetical` clusters (`shoal place --dry-run
-  --cluster-spec`), priced but never chosen by a real placement.
+  `TENSOR_MOE` (`Part.expert_cols`: models/mixtral.py, models/deepseek.py); a family outside it
+  would get it only for `hypothetical` clusters (`shoal place --dry-run --cluster-spec`), priced
+  but never chosen by a real placement.
 
 Ranks are numbered stage by stage; rank 0 is the entry: it drives the steps and, with the rest of
 its stage's group, holds the embedding and the head (tied weights are one copy), so only hidden
@@ -61,7 +61,7 @@ DEFAULT_CONTEXT = 2048
 MAX_ENUMERATED_NODES = 10  # beyond this, candidate node sets come from a heuristic
 MAX_PARTITIONED_NODES = 6  # hybrid: all set partitions up to this many nodes
 # MoE families whose groups the engine also splits as tensor groups (models/mixtral.py, Part.expert_cols).
-TENSOR_MOE = ("mixtral", "qwen3_moe")
+TENSOR_MOE = ("mixtral", "qwen3_moe", "deepseek_v3", "kimi_k2")
 
 
 # ----------------------------------------------------------------------------------------------- plan
