@@ -236,6 +236,20 @@ def cached_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home / "profile.json"
 
 
+@pytest.fixture(scope="session")
+def moe_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One fp32 synthetic checkpoint per MoE family (shoal.synthetic), made once for the session."""
+    from shoal.synthetic import make_checkpoint
+
+    root = tmp_path_factory.mktemp("moe")
+    return {
+        "kimi-k2": make_checkpoint("kimi-k2", root / "kimi", experts=16, layers=3, fmt="fp32"),
+        "deepseek-v3": make_checkpoint("deepseek-v3", root / "dsv3", experts=16, layers=3, fmt="fp32", seed=1),
+        "qwen3-moe": make_checkpoint("qwen3-moe", root / "qwen", experts=8, layers=2, fmt="fp32", seed=2),
+        "mixtral": make_checkpoint("mixtral", root / "mixtral", experts=8, layers=2, fmt="fp32", seed=3),
+    }
+
+
 @pytest.fixture
 def launcher(tmp_path: Path, cached_profile: Path) -> Iterator[NodeLauncher]:
     nl = NodeLauncher(tmp_path, cached_profile)

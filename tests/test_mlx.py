@@ -59,17 +59,6 @@ def test_dense_families_match_transformers(tmp_path, kind):
     torch.testing.assert_close(logits, expected[[5, 3]], atol=1e-4, rtol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def moe_ckpts(tmp_path_factory):
-    from shoal.synthetic import make_checkpoint
-
-    root = tmp_path_factory.mktemp("moe")
-    return {
-        "deepseek-v3": make_checkpoint("deepseek-v3", root / "dsv3", experts=16, layers=3, fmt="fp32", seed=1),
-        "qwen3-moe": make_checkpoint("qwen3-moe", root / "qwen", experts=8, layers=2, fmt="fp32", seed=2),
-    }
-
-
 @pytest.mark.parametrize("kind", ["deepseek-v3", "qwen3-moe"])
 def test_moe_families_match_transformers(moe_ckpts, tmp_path, kind):
     from test_moe import IDS, LONG, reference

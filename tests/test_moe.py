@@ -55,15 +55,9 @@ def run_ref(ref, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    """One fp32 synthetic checkpoint per family, made once for the module."""
-    root = tmp_path_factory.mktemp("moe")
-    return {
-        "kimi-k2": make_checkpoint("kimi-k2", root / "kimi", experts=16, layers=3, fmt="fp32"),
-        "deepseek-v3": make_checkpoint("deepseek-v3", root / "dsv3", experts=16, layers=3, fmt="fp32", seed=1),
-        "qwen3-moe": make_checkpoint("qwen3-moe", root / "qwen", experts=8, layers=2, fmt="fp32", seed=2),
-        "mixtral": make_checkpoint("mixtral", root / "mixtral", experts=8, layers=2, fmt="fp32", seed=3),
-    }
+def ckpts(moe_ckpts):
+    """One fp32 synthetic checkpoint per family (conftest's, made once for the session)."""
+    return moe_ckpts
 
 
 # ----------------------------------------------------------------------------- equivalence with transformers

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoal.published import DEEPSEEK_V3_1, KIMI_K2_THINKING, QWEN3_235B_A22B, mlx_quantized
+from shoal.published import DEEPSEEK_V3, KIMI_K2_THINKING, QWEN3_235B_A22B, mlx_quantized
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,9 @@ CATALOG: dict[str, CatalogEntry] = {
         CatalogEntry("qwen3-235b-a22b-8bit", "qwen3_moe", "mlx-community/Qwen3-235B-A22B-8bit", None,
                      94, 4096, 12288, 64, 4, 128, 151936, 40960, 235.1, 1.0625, config=mlx_quantized(QWEN3_235B_A22B, 8)),
         CatalogEntry("deepseek-v3.1-4bit", "deepseek_v3", "mlx-community/DeepSeek-V3.1-4bit", None,
-                     61, 7168, 18432, 128, 128, 192, 129280, 163840, 671.0, 0.5625, config=mlx_quantized(DEEPSEEK_V3_1, 4)),
+                     61, 7168, 18432, 128, 128, 192, 129280, 163840, 671.0, 0.5625, config=mlx_quantized(DEEPSEEK_V3, 4)),
         CatalogEntry("deepseek-v3.1-8bit", "deepseek_v3", "mlx-community/DeepSeek-V3.1-8bit", None,
-                     61, 7168, 18432, 128, 128, 192, 129280, 163840, 671.0, 1.0625, config=mlx_quantized(DEEPSEEK_V3_1, 8)),
+                     61, 7168, 18432, 128, 128, 192, 129280, 163840, 671.0, 1.0625, config=mlx_quantized(DEEPSEEK_V3, 8)),
         CatalogEntry("kimi-k2-thinking", "kimi_k2", "moonshotai/Kimi-K2-Thinking", None,
                      61, 7168, 18432, 64, 64, 192, 163840, 262144, 1040.0, 0.6, config=KIMI_K2_THINKING),
     ]

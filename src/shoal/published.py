@@ -33,7 +33,6 @@ DEEPSEEK_V3: dict[str, Any] = {
     "torch_dtype": "bfloat16",
     "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]},
 }
-DEEPSEEK_V3_1 = DEEPSEEK_V3
 
 # moonshotai/Kimi-K2-Thinking: the DeepSeek-V3 architecture with 384 experts, 64 heads, one dense
 # layer; routed experts in compressed-tensors INT4 (group 32), the rest bf16. 1.04T total, 32B active.

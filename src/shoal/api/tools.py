@@ -456,6 +456,10 @@ class CallStream:
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         if self.tail is not None:
             self.tail += text
+            # A call is complete only once it ends in "}", "]" or a closing marker's ">": the held
+            # text is parsed again only then, not on every token.
+            if not any(c in text for c in "}]>"):
+                return "", []
             return "", self._new(self.family.calls_in(self.tail, final=False) or [])
         self.held += text
         f = self.family

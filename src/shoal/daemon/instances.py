@@ -41,7 +41,6 @@ from shoal.daemon.messages import (
     DrainNode,
     HandOver,
     HasWeights,
-    HasWeightsReply,
     InstanceRecord,
     InstanceRef,
     Leave,

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # torch is imported where a device is used, not by a node tha
     from torch import nn
 
 DEVICE_CHOICES = "auto, cpu, torch-cpu, cuda, cuda:N, mps, mlx"
+CARD_USABLE = 0.9  # of a card's memory, for shards: the rest is the CUDA context, allocator slack, activations
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def _mps_available() -> bool:
 
 def card_memory(name: str) -> int | None:
     """The memory a node computing on `name` offers for shards, where that is a card's own (CUDA):
-    its total less a tenth for the CUDA context and the allocator (placement/cost.CARD_USABLE).
+    its total times CARD_USABLE.
     None for the CPU and for Apple's unified memory, which is the host's RAM."""
     if not name.startswith("cuda"):
         return None
@@ -132,7 +133,7 @@ def card_memory(name: str) -> int | None:
     if not torch.cuda.is_available():
         return None
     index = int(name[5:]) if ":" in name else 0
-    return int(torch.cuda.get_device_properties(index).total_memory * 0.9)
+    return int(torch.cuda.get_device_properties(index).total_memory * CARD_USABLE)
 
 
 def to_device(model: nn.Module, device: Device) -> nn.Module:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from shoal.cluster.messages import Accelerator, NodeProfile
 from shoal.cluster.topology import ClusterView, NodeView
+from shoal.engine.device import CARD_USABLE
 from shoal.placement.spec import ModelSpec
 
 
@@ -191,7 +192,6 @@ def node_resources(
     return out
 
 
-CARD_USABLE = 0.9  # of a card's memory: the rest is the CUDA context, allocator slack, activations
 
 
 def device_accelerator(p: NodeProfile) -> Accelerator | None:
