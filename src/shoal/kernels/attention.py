@@ -166,6 +166,10 @@ class DecodeBatch:
         each sequence's cache and writes their rows of out (T, H, D)."""
         _decode_attention(q.numpy(), k.numpy(), v.numpy(), _f32(cos), _f32(sin), self.rows, self.table[layer], out.numpy(),
                           np.float32(scale))
+        self.appended(layer)
+
+    def appended(self, layer: int) -> None:
+        """Count the token the kernel appended to each sequence's cache at `layer`."""
         for seq in self.caches:
             seq[layer].offset += 1
 

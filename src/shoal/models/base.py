@@ -160,6 +160,11 @@ class BatchLayout:
         rows = np.cumsum([0] + self.lengths[:-1])[d]
         return attention.DecodeBatch(rows.tolist(), [self.caches[i] for i in d])
 
+    @cached_property
+    def decode_only(self) -> attention.DecodeBatch | None:
+        """The decode batch when every sequence of the step decodes (one new token each), else None."""
+        return self.decode_batch if len(self.decoding) == len(self.lengths) else None
+
 
 def all_reduce(x: torch.Tensor, group: Any | None) -> torch.Tensor:
     """Sum x in place over a parallel group (a torch.distributed backend); no-op without one."""

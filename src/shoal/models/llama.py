@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from shoal.kernels.activation import silu_mul
 from shoal.kernels.cache import KVCache
+from shoal.kernels.decode_layer import NativeBlock
 from shoal.kernels.direct import DirectModule
 from shoal.models import base
 from shoal.models.base import BatchLayout, Part, RMSNorm, Weight, all_reduce, as_tensor, slice_cols, slice_rows
@@ -184,7 +186,7 @@ class Attention(DirectModule):
         if layout.decode_batch is not None:
             # One kernel call for every decoding sequence (RoPE, cache append and attention).
             layout.decode_batch.attend(layer, q, k, v, cos, sin, out, self.scale)
-            if len(layout.decoding) == len(layout.lengths):
+            if layout.decode_only is not None:
                 return all_reduce(self.o_proj(out.view(T, self.q_size)), self.group)
             done = set(layout.decoding)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -229,6 +231,8 @@ class MLP(DirectModule):
 
 
 class Block(base.Block):
+    kernels = True  # the numba engine's block; False on a torch device (engine/device.py)
+
     def __init__(self, args: ModelArgs, w: dict[str, Weight], i: int, kv_heads: tuple[int, int]):
         super().__init__()
         p = f"model.layers.{i}"
@@ -236,6 +240,17 @@ class Block(base.Block):
         self.self_attn = Attention(args, w, f"{p}.self_attn", kv_heads)
         self.post_attention_layernorm = RMSNorm(as_tensor(w[f"{p}.post_attention_layernorm.weight"]), args.rms_norm_eps)
         self.mlp = MLP(w, f"{p}.mlp")
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: BatchLayout, layer: int) -> torch.Tensor:
+        # A step where every sequence decodes runs the same kernels as one native call
+        # (kernels/decode_layer.py): equal output, without the Python between the ops.
+        if layout.decode_only is not None and self.native is not None:
+            return self.native(x, cos, sin, layout.decode_only, layer)
+        return super().forward(x, cos, sin, layout, layer)
+
+    @cached_property
+    def native(self) -> NativeBlock | None:
+        return NativeBlock.of(self) if self.kernels else None
 
     def shard(self, group: Any) -> None:
         """Tensor parallel: attention and MLP each end in an all-reduce of their partial sums."""
