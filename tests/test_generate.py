@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from shoal.catalog import CATALOG, DEFAULT_MODEL, bundled_path
 from shoal.engine.generate import BatchGenerator, ContextOverflowError, stream_generate
 from shoal.engine.loader import load_model
+from shoal.engine import sampler
 from shoal.engine.sampler import SamplingParams
 
 pytestmark = pytest.mark.skipif(bundled_path(CATALOG[DEFAULT_MODEL]) is None, reason="bundled model not installed")
@@ -180,3 +182,52 @@ def test_prefix_store_keeps_to_its_budget(lm):
             gen.step()
         assert gen.prefixes.tokens <= budget
     assert gen.prefixes.tokens == len(prompts[-1]) + len(prompts[-2])  # the oldest ones went first
+
+
+def _nucleus_by_full_sort(probs: torch.Tensor, top_p: float) -> set[int]:
+    """The nucleus as its definition reads: sort everything, keep the prefix up to the token that reaches top_p."""
+    ordered, order = torch.sort(probs, descending=True)
+    cum = torch.cumsum(ordered, 0)
+    return {int(i) for i, c, p in zip(order, cum, ordered) if c - p <= top_p and p > 0}
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 5.0])
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.999])
+def test_nucleus_equals_the_full_sort(temperature, top_p):
+    # Temperatures from peaked (a nucleus of a few tokens) to flat (thousands: past the first look).
+    logits = torch.randn(5000, generator=torch.Generator().manual_seed(7)) * 3 / temperature
+    probs = torch.softmax(logits, -1)
+    kept = sampler._nucleus(probs, top_p)
+    assert {int(i) for i in torch.nonzero(kept)} == _nucleus_by_full_sort(probs, top_p)
+    assert torch.equal(kept[kept > 0], probs[kept > 0])
+
+
+def test_draws_follow_the_probabilities_and_never_pick_an_excluded_token():
+    probs = torch.tensor([0.5, 0.0, 0.25, 0.125, 0.0, 0.125])
+    g = torch.Generator().manual_seed(3)
+    n = 40_000
+    counts = torch.bincount(torch.tensor([sampler._draw(probs, g) for _ in range(n)]), minlength=6).float()
+    assert counts[1] == 0 and counts[4] == 0
+    # Four binomial standard deviations at most (a fixed seed: the same counts every run).
+    sd = torch.sqrt(n * probs * (1 - probs))
+    assert torch.all((counts - n * probs).abs() <= 4 * sd + 1e-9)
+
+
+def test_skipping_samples_leaves_the_generator_where_sampling_would():
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(temperature=0.9, top_p=0.8)
+    a, b = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    for _ in range(5):
+        sampler.sample(logits, params, a)
+    sampler.skip_samples(b, 5)
+    assert [sampler.sample(logits, params, a) for _ in range(20)] == [sampler.sample(logits, params, b) for _ in range(20)]
+
+
+def test_top_p_after_min_p_measures_what_min_p_left():
+    # min_p leaves tokens 0-2 (80% of the mass: 3/8, 3/8 and 2/8 of it); top_p 0.7 of that keeps
+    # 0 and 1, where 0.7 of the whole would keep 2 as well (0.3 + 0.3 before it).
+    probs = torch.tensor([0.3, 0.3, 0.2, 0.1, 0.1])
+    logits = probs.log()
+    g = torch.Generator().manual_seed(0)
+    drawn = {sampler.sample(logits, SamplingParams(temperature=1.0, min_p=0.6, top_p=0.7), g) for _ in range(300)}
+    assert drawn == {0, 1}

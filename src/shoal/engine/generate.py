@@ -239,7 +239,7 @@ class BatchGenerator:
     def _advance(self, seq: Sequence, logits: torch.Tensor, greedy: int | None, now: float) -> list[TokenEvent]:
         p = seq.params
         if seq.rng_skip and seq.generator is not None:
-            skip_samples(seq.generator, logits.shape[-1], seq.rng_skip)
+            skip_samples(seq.generator, seq.rng_skip)
             seq.rng_skip = 0
         token = greedy if greedy is not None else sample(logits, p, seq.generator)
         lp, top = (None, None)

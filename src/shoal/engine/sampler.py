@@ -67,14 +67,49 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     probs = torch.softmax(logits, dim=-1)
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+        probs = probs / probs.sum()  # top_p measures the mass of what min_p left
     if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_probs, dim=-1)
-        # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
-        drop = cum - sorted_probs > params.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs = _nucleus(probs, params.top_p)
+    return _draw(probs, generator)
+
+
+# The nucleus is looked for among this many most likely tokens first (a partial sort), and the
+# whole vocabulary is sorted only where it is wider: sorting 49,152 probabilities took 3 ms, more
+# than the bundled model's whole decode step.
+NUCLEUS_FIRST_LOOK = 64
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs with every token outside the nucleus set to 0: the smallest prefix of the tokens by
+    descending probability whose mass reaches top_p (the token that crosses it included)."""
+    vocab = probs.shape[-1]
+    k = min(vocab, NUCLEUS_FIRST_LOOK)
+    while True:
+        if k < vocab:
+            kept, order = torch.topk(probs, k)
+        else:
+            kept, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(kept, dim=-1)
+        # The first token outside these k has cum[-1] before it: dropped when that exceeds top_p,
+        # and so then is every token after it; the same sums, in the same order, as a full sort's.
+        # Where the k hold every token left (a zero among them), there is nothing further to look at.
+        if k == vocab or cum[-1] > top_p or kept[-1] == 0:
+            kept = kept.masked_fill(cum - kept > top_p, 0.0)
+            return torch.zeros_like(probs).scatter_(0, order, kept)
+        k = min(vocab, 8 * k)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """A token drawn with these (unnormalised) probabilities, by inverting their running sum at one
+    uniform number: one random draw a token, where `torch.multinomial` drew one per vocabulary
+    entry (~0.9 ms a token over 49,152)."""
+    cdf = torch.cumsum(probs, dim=-1)
+    u = torch.rand(1, generator=generator, dtype=torch.float64).item()
+    # The first token whose running sum exceeds u·total: its own probability is > 0.
+    token = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype), right=True))
+    if token >= cdf.shape[-1]:  # u·total rounded up to the total: the last token that can be drawn
+        token = int(torch.nonzero(probs).max())
+    return token
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
@@ -88,11 +123,8 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, l
     return float(lp[token]), alts
 
 
-def skip_samples(generator: torch.Generator, vocab: int, n: int) -> None:
-    """Advance `generator` past n samples over a vocabulary of this size, as `sample` drew them.
-    `torch.multinomial` of one sample draws one exponential per vocabulary entry whatever the
-    probabilities, so drawing from uniform ones consumes exactly what the real draws did: a seeded
-    request moved to another placement goes on with the random stream it would have had."""
-    ones = torch.ones(vocab)
+def skip_samples(generator: torch.Generator, n: int) -> None:
+    """Advance `generator` past n samples, as `sample` drew them (one uniform number each): a
+    seeded request moved to another placement goes on with the random stream it would have had."""
     for _ in range(n):
-        torch.multinomial(ones, 1, generator=generator)
+        torch.rand(1, generator=generator, dtype=torch.float64)

@@ -84,8 +84,10 @@ def _block_kernel(kinds: tuple[str, str, str, str]):
         mm_down(act, down_w, down_s, down_b, down)
         return h + down
 
+    # nogil: a server's event loop streams the last token while the next one computes (the block
+    # touches only arrays its step owns).
     block.__qualname__ = f"block_{'_'.join(str(KINDS.index(k)) for k in kinds)}_{DIGEST}"
-    return njit(fastmath=False, cache=True)(block)
+    return njit(fastmath=False, cache=True, nogil=True)(block)
 
 
 class NativeBlock:
