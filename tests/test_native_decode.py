@@ -50,9 +50,11 @@ def _quantized_checkpoint(tmp_path, kind: str, bits: int):
     return out, ref
 
 
-def _decode(model, prompts: list[list[int]], steps: int, native: bool) -> tuple[list[torch.Tensor], list[list[int]]]:
-    """Prefill every prompt in one flat batch, then `steps` steps where all of them decode (feeding
-    each its greedy token): the logits of every decode step, and each sequence's tokens fed."""
+def _decode(model, prompts: list[list[int]], steps: int, native: bool,
+            feed: list[list[int]] | None = None) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """Prefill every prompt in one flat batch, then `steps` steps where all of them decode, feeding
+    each its greedy token (or the tokens of `feed`, texts that begin with the prompts): the logits
+    of every decode step, and each sequence's tokens fed."""
     for block in model.layers:
         if native:
             block.__dict__.pop("native", None)
@@ -65,7 +67,7 @@ def _decode(model, prompts: list[list[int]], steps: int, native: bool) -> tuple[
         logits = model(torch.tensor(sum(prompts, [])), BatchLayout([len(p) for p in prompts], positions, caches))
         lengths = [len(p) for p in prompts]
         for _ in range(steps):
-            ids = logits.argmax(-1)
+            ids = logits.argmax(-1) if feed is None else torch.tensor([f[len(t)] for f, t in zip(feed, texts)])
             for text, token in zip(texts, ids.tolist()):
                 text.append(token)
             layout = BatchLayout([1] * len(prompts), torch.tensor(lengths), caches)
@@ -114,3 +116,41 @@ def test_bundled_model_native_equals_modules():
     modules, _ = _decode(lm.model, prompts, 8, native=False)
     for a, b in zip(native, modules):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # o_proj's column split falls between whole groups
+def test_tensor_parallel_halves_equal_modules_and_the_whole_model(tmp_path, kind):
+    """Two ranks (threads summing by a barrier): the native attention and MLP halves, with the
+    block's all-reduces between them, give the module path's logits bit for bit."""
+    import threading
+
+    from test_distributed import ThreadGroup
+
+    from shoal.engine.loader import load_shard
+    from shoal.models.base import Part
+
+    path, _ = _quantized_checkpoint(tmp_path, kind, 4)
+    whole = load_model(str(path), with_tokenizer=False).model
+    expected, texts = _decode(whole, PROMPTS, 4, native=True)
+    # KV heads 1+1, MLP columns 64+32 (whole quantization groups), vocabulary 60+37.
+    parts = [Part(rank=0, size=2, kv_heads=(0, 1), ffn=(0, 64), vocab=(0, 60)),
+             Part(rank=1, size=2, kv_heads=(1, 2), ffn=(64, 96), vocab=(60, 97))]
+    results = {}
+    for native in (True, False):
+        group = ThreadGroup(2)
+        shards = [load_shard(str(path), p).model.shard(group.member(p.rank)) for p in parts]
+        assert all(block.native is not None for m in shards for block in m.layers)
+        outs: list = [None, None]
+
+        def run(r: int) -> None:
+            outs[r] = _decode(shards[r], PROMPTS, 4, native=native, feed=texts)[0]  # a rank's argmax sees its rows only
+
+        ranks = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+        for t in ranks:
+            t.start()
+        for t in ranks:
+            t.join()
+        results[native] = [torch.cat(pair, dim=1) for pair in zip(*outs)]
+    for a, b, want in zip(results[True], results[False], expected):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, want, atol=1e-4, rtol=1e-4)

@@ -6,14 +6,15 @@ attention, silu·up), but calling ten of them from Python for each of 30 layers 
 the arithmetic between the weight reads: measured on the bundled model (2 cores), the layers of one
 decode step took 7.3 ms through the modules against 4.5 ms as one call per layer, and 3.0 ms of
 either is the matmuls themselves. So where every sequence in the step decodes one token, a block
-whose projections are all quantized runs `_block` below: the same kernels, called in the same
+whose projections are all quantized runs `block` below: the same kernels, called in the same
 order on the same values, so its output equals the module path bit for bit (a test holds it to
 that); only the Python between them is gone.
 
-`_block` is compiled once for each combination of the four projections' formats (the matmul of
-each format is its own compiled function, named at compile time). A block that is not the
-engine's (dense weights, a torch device, a tensor-parallel group with its all-reduces) keeps the
-module path.
+The kernels are compiled once for each combination of the four projections' formats (the
+matmul of each format is its own compiled function, named at compile time). With tensor
+parallelism the block runs as two native halves, attention and MLP, and its forward all-reduces
+each half's partial sum in between, where the collectives stay in sight. A block that is not the
+engine's (dense weights, a torch device) keeps the module path.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from shoal.quant import kernels as quant_kernels
 from shoal.quant.formats import KINDS
 from shoal.quant.linear import QuantLinear
 
-# numba caches a compiled function under its own file's name and timestamp, but `_block` carries
+# numba caches a compiled function under its own file's name and timestamp, but the kernels carry
 # the machine code of the kernels it calls from other files: their sources go into its name.
 _HERE = Path(__file__).resolve().parent
 _SOURCES = [_HERE / f for f in ("decode_layer.py", "attention.py", "norm.py", "activation.py")]
@@ -46,13 +47,15 @@ _NO_NORM = np.zeros(0, np.float32)
 
 
 @lru_cache(maxsize=None)
-def _block_kernel(kinds: tuple[str, str, str, str]):
-    """The compiled block for projections (qkv, o, gate_up, down) in these formats."""
+def _kernels(kinds: tuple[str, str, str, str]):
+    """The compiled halves and whole of a block whose projections (qkv, o, gate_up, down) are in
+    these formats: `attention` and `mlp` each end in their partial sum (what a tensor-parallel
+    group all-reduces), `block` chains them with the residual adds."""
     mm_qkv, mm_o, mm_gate_up, mm_down = (quant_kernels.MATMUL[k] for k in kinds)
 
-    def block(x, norm1, norm2, eps, qkv_w, qkv_s, qkv_b, qkv_bias, q_norm, k_norm, o_w, o_s, o_b,
-              gu_w, gu_s, gu_b, down_w, down_s, down_b, hidden, H, Hkv, D, scale, cos, sin, rows, table):
-        """x (T, E): one row per decoding sequence. The steps of `llama.Block.forward`, in order."""
+    def attention(x, norm1, eps, qkv_w, qkv_s, qkv_b, qkv_bias, q_norm, k_norm, o_w, o_s, o_b, H, Hkv, D, scale,
+                  cos, sin, rows, table):
+        """x (T, E), one row per decoding sequence -> o_proj's output (T, E), before the residual."""
         T, E = x.shape
         xn = np.empty((T, E), np.float32)
         _rms_norm(x, norm1, eps, xn)
@@ -73,7 +76,11 @@ def _block_kernel(kinds: tuple[str, str, str, str]):
         _decode_attention(q, k, v, cos, sin, rows, table, attn, scale)
         o = np.empty((T, E), np.float32)
         mm_o(attn.reshape((T, H * D)), o_w, o_s, o_b, o)
-        h = x + o
+        return o
+
+    def mlp(h, norm2, eps, gu_w, gu_s, gu_b, down_w, down_s, down_b, hidden):
+        """h (T, E), the residual stream after attention -> down_proj's output (T, E)."""
+        T, E = h.shape
         hn = np.empty((T, E), np.float32)
         _rms_norm(h, norm2, eps, hn)
         gate_up = np.empty((T, 2 * hidden), np.float32)
@@ -82,46 +89,71 @@ def _block_kernel(kinds: tuple[str, str, str, str]):
         _silu_mul(gate_up, hidden, act)
         down = np.empty((T, E), np.float32)
         mm_down(act, down_w, down_s, down_b, down)
-        return h + down
+        return down
 
-    # nogil: a server's event loop streams the last token while the next one computes (the block
-    # touches only arrays its step owns).
-    block.__qualname__ = f"block_{'_'.join(str(KINDS.index(k)) for k in kinds)}_{DIGEST}"
-    return njit(fastmath=False, cache=True, nogil=True)(block)
+    name = f"{'_'.join(str(KINDS.index(k)) for k in kinds)}_{DIGEST}"
+    # nogil: a server's event loop streams the last token while the next one computes (these touch
+    # only arrays their step owns).
+    attention.__qualname__, mlp.__qualname__ = f"attention_{name}", f"mlp_{name}"
+    attention, mlp = (njit(fastmath=False, cache=True, nogil=True)(f) for f in (attention, mlp))
+
+    def block(x, norm1, norm2, eps, qkv_w, qkv_s, qkv_b, qkv_bias, q_norm, k_norm, o_w, o_s, o_b, gu_w, gu_s, gu_b,
+              down_w, down_s, down_b, hidden, H, Hkv, D, scale, cos, sin, rows, table):
+        """The steps of `llama.Block.forward`, in order."""
+        h = x + attention(x, norm1, eps, qkv_w, qkv_s, qkv_b, qkv_bias, q_norm, k_norm, o_w, o_s, o_b, H, Hkv, D, scale,
+                          cos, sin, rows, table)
+        return h + mlp(h, norm2, eps, gu_w, gu_s, gu_b, down_w, down_s, down_b, hidden)
+
+    block.__qualname__ = f"block_{name}"
+    return attention, mlp, njit(fastmath=False, cache=True, nogil=True)(block)
 
 
 class NativeBlock:
-    """A Llama block's weights as `_block` takes them, and the call for one decode step."""
+    """A Llama block's weights as the kernels take them, and the calls for one decode step: the
+    whole block, or (tensor parallel) its two halves, each ending in the partial sum the block's
+    forward all-reduces."""
 
     def __init__(self, block: Any):
         attn, mlp = block.self_attn, block.mlp
         projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        self.kernel = _block_kernel(tuple(p.qweight.kind for p in projections))
+        self._attention, self._mlp, self._block = _kernels(tuple(p.qweight.kind for p in projections))
         qkv, o, gate_up, down = (quant_kernels.operands(p.qweight) for p in projections)
-        norm1, norm2 = block.input_layernorm, block.post_attention_layernorm
+        norm1, norm2, eps = block.input_layernorm._weight, block.post_attention_layernorm._weight, np.float32(block.input_layernorm.eps)
         qk = (attn.q_norm._weight, attn.k_norm._weight) if attn.q_norm is not None else (_NO_NORM, _NO_NORM)
         bias = attn.qkv_proj._bias_np if attn.qkv_proj._bias_np is not None else _NO_BIAS
-        self.before = (norm1._weight, norm2._weight, np.float32(norm1.eps), *qkv, bias, *qk, *o, *gate_up, *down,
-                       mlp.hidden, attn.n_heads, attn.n_kv_heads, attn.head_dim, np.float32(attn.scale))
+        heads = (attn.n_heads, attn.n_kv_heads, attn.head_dim, np.float32(attn.scale))
+        self.attention_args = (norm1, eps, *qkv, bias, *qk, *o, *heads)
+        self.mlp_args = (norm2, eps, *gate_up, *down, mlp.hidden)
+        self.block_args = (norm1, norm2, eps, *qkv, bias, *qk, *o, *gate_up, *down, mlp.hidden, *heads)
 
     @staticmethod
     def of(block: Any) -> "NativeBlock | None":
         """The native step of `block`, or None where it keeps the module path."""
         attn, mlp = block.self_attn, block.mlp
         projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if not all(isinstance(p, QuantLinear) for p in projections):
-            return None
-        if attn.group is not None or mlp.group is not None or not mlp.kernels:
+        if not all(isinstance(p, QuantLinear) for p in projections) or not mlp.kernels:
             return None
         norms = [block.input_layernorm, block.post_attention_layernorm] + ([attn.q_norm, attn.k_norm] if attn.q_norm is not None else [])
         if not all(n.kernels and n.eps == norms[0].eps for n in norms):
             return None
         return NativeBlock(block)
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: DecodeBatch, layer: int) -> torch.Tensor:
-        out = self.kernel(np.ascontiguousarray(x.numpy()), *self.before, cos.numpy(), sin.numpy(), batch.rows, batch.table[layer])
+    def block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: DecodeBatch, layer: int) -> torch.Tensor:
+        out = self._block(_rows(x), *self.block_args, cos.numpy(), sin.numpy(), batch.rows, batch.table[layer])
         batch.appended(layer)
         return torch.from_numpy(out)
+
+    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: DecodeBatch, layer: int) -> torch.Tensor:
+        out = self._attention(_rows(x), *self.attention_args, cos.numpy(), sin.numpy(), batch.rows, batch.table[layer])
+        batch.appended(layer)
+        return torch.from_numpy(out)
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self._mlp(_rows(h), *self.mlp_args))
+
+
+def _rows(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.numpy())
 
 
 __all__ = ["NativeBlock"]

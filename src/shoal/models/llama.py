@@ -244,9 +244,13 @@ class Block(base.Block):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: BatchLayout, layer: int) -> torch.Tensor:
         # A step where every sequence decodes runs the same kernels as one native call
         # (kernels/decode_layer.py): equal output, without the Python between the ops.
-        if layout.decode_only is not None and self.native is not None:
-            return self.native(x, cos, sin, layout.decode_only, layer)
-        return super().forward(x, cos, sin, layout, layer)
+        native, batch = self.native, layout.decode_only
+        if native is None or batch is None:
+            return super().forward(x, cos, sin, layout, layer)
+        if self.self_attn.group is None:
+            return native.block(x, cos, sin, batch, layer)
+        h = x + all_reduce(native.attention(x, cos, sin, batch, layer), self.self_attn.group)
+        return h + all_reduce(native.mlp(h), self.mlp.group)
 
     @cached_property
     def native(self) -> NativeBlock | None:
