@@ -189,7 +189,7 @@ def run_bench(args) -> int:
         r = result["llama_cpp"]
         print(f"llama.cpp  prefill {r['prefill_tokens_per_s']:8.1f} tok/s   decode {r['decode_tokens_per_s']:8.1f} tok/s   ({r['tool']})")
         print(f"ratio      prefill {result['prefill_ratio_vs_llama_cpp']:8.2f}x        decode {result['decode_ratio_vs_llama_cpp']:8.2f}x")
-    else:
+    elif not args.no_llama_cpp:
         print("llama.cpp  not measured (not a GGUF model, or no llama.cpp: build its tools with "
               "../shared/tools/llama-cpp-tools.sh .peers/llama.cpp, or set $SHOAL_LLAMA_CPP to their bin folder)")
     return 0
