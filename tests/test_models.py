@@ -156,11 +156,34 @@ def test_a_part_that_does_not_fit_is_refused(tmp_path):
             load_shard(str(path), part)
 
 
-def test_bf16_checkpoint(tmp_path):
-    path, ref = make_checkpoint(tmp_path, "llama", dtype=torch.bfloat16)
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_bf16_checkpoint(tmp_path, kind):
+    """A bf16 checkpoint's matrices are held as bf16 (half of float32), and its logits equal
+    transformers' on the same weights: a short prompt (the kernel), a long one (BLAS over rows
+    widened in blocks) and decode steps after it."""
+    from shoal.placement.spec import ModelSpec
+    from shoal.quant.linear import BF16Linear
+
+    path, ref = make_checkpoint(tmp_path, kind, dtype=torch.bfloat16)
     assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
     lm = load_model(str(path), with_tokenizer=False)
+    linears = [m for m in lm.model.modules() if isinstance(m, (BF16Linear, torch.nn.Linear))]
+    assert linears and all(isinstance(m, BF16Linear) and m.weight.dtype == torch.bfloat16 for m in linears)
+    assert lm.model.embed_tokens.weight.dtype == torch.bfloat16
+    # What the planner counts is what is held: the matrices at 2 bytes a parameter.
+    spec = ModelSpec.from_checkpoint(path)
+    held = sum(m.weight.numel() * 2 + (0 if m.bias is None else m.bias.numel() * 4)  # qwen2's biases: float32
+               for m in lm.model.layers[0].modules() if isinstance(m, BF16Linear))
+    assert spec.attn_bytes + spec.mlp_bytes == held
     torch.testing.assert_close(run_ours(lm, IDS), run_ref(ref, IDS), atol=1e-4, rtol=1e-4)
+    long_ids = [(i * 37 + 11) % VOCAB for i in range(100)]  # past QuantLinear.small_m rows
+    torch.testing.assert_close(run_ours(lm, long_ids), run_ref(ref, long_ids), atol=1e-4, rtol=1e-4)
+    caches = [lm.model.make_cache()]
+    with torch.inference_mode():
+        lm.model(torch.tensor(IDS[:6]), BatchLayout([6], torch.arange(6), caches))
+        for pos in range(6, len(IDS)):
+            step = lm.model(torch.tensor([IDS[pos]]), BatchLayout([1], torch.tensor([pos]), caches))
+            torch.testing.assert_close(step[0], run_ref(ref, IDS[: pos + 1])[-1], atol=1e-4, rtol=1e-4)
 
 
 def _mlx_pack(w: np.ndarray, bits: int, group: int):

@@ -687,3 +687,20 @@ def test_mlx_nodes_hold_weights_as_stored_and_read_at_their_gpu_bandwidth():
     assert held.free_bytes == pytest.approx(mlx.free_bytes * m.weight_bytes / m.stored_bytes, rel=1e-3)
     kimi = ModelSpec.from_catalog(CATALOG["kimi-k2-thinking"])
     assert kimi.moe.num_experts == 384 and kimi.stored_bytes / kimi.weight_bytes < 0.8  # bf16 dense part, not float32
+
+
+def test_bf16_parts_are_priced_as_held_two_bytes_a_parameter():
+    """The engine holds bf16 matrices as stored (quant/linear.BF16Linear): Kimi-K2-Thinking's bf16
+    dense part (attention, shared experts, embedding, head) at 2 bytes a parameter beside its INT4
+    experts, and a bf16 dense model at 2 bytes a parameter."""
+    from shoal.catalog import CATALOG
+    from shoal.placement.spec import Q4_BYTES_PER_PARAM, moe_census
+
+    kimi = ModelSpec.from_catalog(CATALOG["kimi-k2-thinking"])
+    census = moe_census(dict(CATALOG["kimi-k2-thinking"].config))
+    assert kimi.attn_bytes == int(census["attn"] * 2) and kimi.embed_bytes == int(census["embed"] * 2)
+    assert kimi.moe.shared_bytes == int(census["shared"] * 2)
+    assert kimi.moe.expert_bytes == int(census["expert"] * Q4_BYTES_PER_PARAM)
+    llama = ModelSpec.from_catalog(CATALOG["llama-3.1-8b"])
+    params = llama.num_layers * (llama.attn_params + llama.mlp_params) + 2 * llama.vocab_size * llama.hidden_size
+    assert llama.weight_bytes == pytest.approx(2 * params, rel=0.01)

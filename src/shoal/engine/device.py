@@ -144,15 +144,17 @@ def to_device(model: nn.Module, device: Device) -> nn.Module:
     import torch
 
     from shoal.models.base import Embedding, as_tensor
-    from shoal.quant.linear import QuantLinear
+    from shoal.quant.linear import BF16Linear, QuantLinear
 
     target, dtype = device.torch_device, device.dtype
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, QuantLinear):
+            if isinstance(child, (QuantLinear, BF16Linear)):
                 setattr(module, name, _dense_linear(child))
         if isinstance(module, Embedding) and module.quantized is not None:
             module.weight, module.quantized = as_tensor(module.quantized), None
+        if isinstance(module, Embedding) and module.weight is not None:
+            module.weight = module.weight.float()
         if hasattr(module, "kernels"):
             module.kernels = False  # the module's own numba calls give way to torch ops
         # Tensors kept as plain attributes (not parameters or buffers), which `Module.to` skips.
@@ -169,8 +171,9 @@ def _dense_linear(q: nn.Module) -> nn.Linear:
     from torch import nn
 
     from shoal.quant.kernels import dequantize
+    from shoal.quant.linear import QuantLinear
 
-    weight = torch.from_numpy(dequantize(q.qweight))
+    weight = torch.from_numpy(dequantize(q.qweight)) if isinstance(q, QuantLinear) else q.weight.float()
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=q.bias is not None)
     linear.weight = nn.Parameter(weight, requires_grad=False)
     if q.bias is not None:

@@ -230,7 +230,9 @@ class Embedding(nn.Module):
     def __init__(self, weight: Weight, vocab: tuple[int, int] | None = None):
         super().__init__()
         self.quantized = weight if isinstance(weight, QuantizedWeight) else None
-        self.weight = None if self.quantized is not None else as_tensor(weight)
+        # bf16 rows stay bf16 (widened as they are looked up), like the linear layers' weights.
+        bf16 = isinstance(weight, torch.Tensor) and weight.dtype == torch.bfloat16
+        self.weight = None if self.quantized is not None else weight if bf16 else as_tensor(weight)
         self.vocab = vocab
         self.group = None  # set by Shard.shard
 
@@ -246,7 +248,7 @@ class Embedding(nn.Module):
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
             return torch.from_numpy(gather_rows(self.quantized, ids.numpy()))
-        return F.embedding(ids, self.weight)
+        return F.embedding(ids, self.weight).float() if self.weight.dtype == torch.bfloat16 else F.embedding(ids, self.weight)
 
 
 class Block(DirectModule):

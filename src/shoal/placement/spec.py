@@ -1,6 +1,6 @@
 """What the planner needs to know about a model: its shape and how many bytes each part takes in
-memory once loaded (not on disk: the engine holds fp16/bf16 weights as float32 and quantized
-scales as float32, so a Q4_1 file grows by a fifth and a bf16 one doubles).
+memory once loaded (not on disk: the engine holds bf16 matrices as bf16, fp16 and float32 ones and
+every vector as float32, and quantized scales as float32, so a Q4_1 file grows by a fifth).
 
 `ModelSpec.from_checkpoint(path)` reads the config and the tensor sizes of a local checkpoint
 without loading any weights; `ModelSpec.from_catalog(entry)` estimates the same from the catalog's
@@ -21,6 +21,8 @@ KV_BYTES_PER_VALUE = 4  # the KV cache is float32 (kernels/cache.py)
 MOE_TYPES = ("deepseek_v3", "kimi_k2", "qwen3_moe", "mixtral")
 Q4_BYTES_PER_PARAM = 0.75  # 4-bit codes + float32 scale and bias per 32: how INT4/MLX-4bit experts are held
 FP8_HELD_BYTES_PER_PARAM = 1.125  # FP8 weights are held as 8-bit codes + a float32 scale per 32
+BF16_BYTES_PER_PARAM = 2.0  # bf16 matrices are held as stored
+_MATRICES = ("proj.weight", "embed_tokens.weight", "lm_head.weight")  # kept bf16; vectors become float32
 
 
 class MoEShape(BaseModel):
@@ -117,11 +119,12 @@ class ModelSpec(BaseModel):
     @classmethod
     def from_catalog(cls, entry: CatalogEntry) -> "ModelSpec":
         """An estimate from published figures: the catalog's bytes per parameter, as the engine
-        holds them (bf16/fp16 -> float32; ~4.5-bit GGUF quantizations grow by a fifth). A mixture
-        of experts is built from its published config.json (`moe_spec_from_config`)."""
+        holds them (the catalog's 2-byte checkpoints are bf16, held as stored; ~4.5-bit GGUF
+        quantizations grow by a fifth). A mixture of experts is built from its published
+        config.json (`moe_spec_from_config`)."""
         if entry.config is not None:
             return moe_spec_from_config(dict(entry.config), entry.id)
-        mem_per_param = 4.0 if entry.bytes_per_param >= 2 else entry.bytes_per_param * 1.2
+        mem_per_param = entry.bytes_per_param if entry.bytes_per_param >= 2 else entry.bytes_per_param * 1.2
         h, f = entry.hidden_size, entry.intermediate_size
         q, kv = entry.num_heads * entry.head_dim, entry.num_kv_heads * entry.head_dim
         embed = int(entry.vocab_size * h * mem_per_param)
@@ -171,7 +174,9 @@ class ModelSpec(BaseModel):
                     return int(params * _gguf_memory_per_param(ckpt.tensor_nbytes(tensor) / max(params, 1)))
                 if quant and tensor.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight")):
                     return int(params * (quant["bits"] / 8 + 8 / quant["group_size"]))
-                return params * 4  # dense weights are held as float32
+                if tensor.endswith(_MATRICES) and ckpt.stored_dtype(tensor) == "BF16":
+                    return params * 2  # bf16 matrices are held as stored (quant/linear.BF16Linear)
+                return params * 4  # the rest as float32
 
             def layer_sum(i: int, part: str) -> int:
                 prefix = f"model.layers.{i}.{part}"
@@ -295,7 +300,8 @@ def moe_spec_from_config(config: dict[str, Any], name: str) -> ModelSpec:
     """A mixture-of-experts spec from a published config.json alone, its quantization read from the
     config as the loader would find it: MLX's `quantization` (every linear and the embedding
     `bits`-bit in groups, bf16 scale and bias held as float32), compressed-tensors INT4 experts
-    (Kimi-K2-Thinking: packed, the rest bf16 held as float32), FP8 (8-bit codes), else bf16. Also
+    (Kimi-K2-Thinking: packed, the rest bf16 held as bf16), FP8 (8-bit codes; the embedding and
+    head bf16), else bf16 held as bf16. Also
     counts the bytes as stored, which MLX holds."""
     mlx = config.get("quantization")
     qc = config.get("quantization_config") or {}
@@ -305,12 +311,12 @@ def moe_spec_from_config(config: dict[str, Any], name: str) -> ModelSpec:
         stored = (bits / 8 + 4 / group,) * 3
     elif qc.get("quant_method") == "compressed-tensors":
         group = 32
-        held, stored = (4.0, Q4_BYTES_PER_PARAM, 4.0), (2.0, 0.5 + 2 / group, 2.0)
+        held, stored = (BF16_BYTES_PER_PARAM, Q4_BYTES_PER_PARAM, BF16_BYTES_PER_PARAM), (2.0, 0.5 + 2 / group, 2.0)
     elif qc.get("quant_method") == "fp8":
         group = 32
-        held, stored = (FP8_HELD_BYTES_PER_PARAM, FP8_HELD_BYTES_PER_PARAM, 4.0), (1.0, 1.0, 2.0)
+        held, stored = (FP8_HELD_BYTES_PER_PARAM, FP8_HELD_BYTES_PER_PARAM, BF16_BYTES_PER_PARAM), (1.0, 1.0, 2.0)
     else:
-        group, held, stored = 1, (4.0, 4.0, 4.0), (2.0, 2.0, 2.0)
+        group, held, stored = 1, (BF16_BYTES_PER_PARAM,) * 3, (2.0, 2.0, 2.0)
     as_stored = moe_spec(config, name, stored[0], stored[1], group, stored[2]).weight_bytes
     return moe_spec(config, name, held[0], held[1], group, held[2]).model_copy(update={"stored_bytes": as_stored})
 
@@ -318,8 +324,7 @@ def moe_spec_from_config(config: dict[str, Any], name: str) -> ModelSpec:
 def _moe_spec_from_checkpoint(ckpt, name: str) -> ModelSpec:
     """Bytes per parameter as the loader will hold them, judged from one stored tensor of each kind:
     4-bit experts (compressed-tensors INT4, MLX 4-bit) stay packed; FP8 linear layers become 8-bit
-    codes (1.125, hf_quant.fp8_to_q8) while the embedding and head stay float32; everything else
-    becomes float32."""
+    codes (1.125, hf_quant.fp8_to_q8); bf16 matrices stay bf16; everything else becomes float32."""
     cfg = ckpt.config
     k = moe_census(cfg)
     names = ckpt.tensor_names()
@@ -328,13 +333,17 @@ def _moe_spec_from_checkpoint(ckpt, name: str) -> ModelSpec:
     if expert is not None and ckpt.tensor_nbytes(expert) < 0.7 * k["expert"] / 3:
         expert_bpp = Q4_BYTES_PER_PARAM
     quant = getattr(ckpt, "quantization", None)
-    dense_bpp, embed_bpp = 4.0, None
+    dense = next((n for n in names if n.endswith("self_attn.o_proj.weight")), None)
+    dense_bpp = BF16_BYTES_PER_PARAM if dense is not None and ckpt.stored_dtype(dense) == "BF16" else 4.0
+    embed_bpp = BF16_BYTES_PER_PARAM if ckpt.stored_dtype("model.embed_tokens.weight") == "BF16" else 4.0
+    if expert_bpp == 4.0 and expert is not None and ckpt.stored_dtype(expert) == "BF16":
+        expert_bpp = BF16_BYTES_PER_PARAM
     group = 32 if expert_bpp < 1 else 1
-    if quant:  # MLX: every linear layer quantized
-        dense_bpp = quant["bits"] / 8 + 8 / quant["group_size"]
+    if quant:  # MLX: every linear layer quantized, the embedding too
+        dense_bpp, embed_bpp = quant["bits"] / 8 + 8 / quant["group_size"], None
         group = int(quant["group_size"])
     elif (cfg.get("quantization_config") or {}).get("quant_method") == "fp8":
-        dense_bpp, embed_bpp, group = FP8_HELD_BYTES_PER_PARAM, 4.0, 32
+        dense_bpp, group = FP8_HELD_BYTES_PER_PARAM, 32
         expert_bpp = min(expert_bpp, FP8_HELD_BYTES_PER_PARAM)
     spec = moe_spec(cfg, name, dense_bpp, expert_bpp, group, embed_bpp)
     if quant:  # MLX holds it as stored: the scale and bias per group in bf16

@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from shoal.kernels.attention import _f32_from_bits
+
 from . import codegen
 from .codegen import (
     BATCH_LANES,
@@ -35,7 +37,7 @@ from .codegen import (
 )
 from .formats import KINDS
 
-__all__ = ["MATMUL", "DEQUANTIZE", "GATHER_ROWS", "operands", "matmul", "dequantize", "gather_rows"]
+__all__ = ["MATMUL", "DEQUANTIZE", "GATHER_ROWS", "matmul_bf16", "operands", "matmul", "dequantize", "gather_rows"]
 
 Q4, S8 = KINDS.index("q4_affine"), KINDS.index("q8_sym")
 # How far ahead (in weight rows) the matmuls prefetch: 2 to 8 measured alike on the 2-core machine.
@@ -300,6 +302,30 @@ def _make_gather_rows(kind: int):
                 _dq_row_generic(codes, scales, biases, out, ids[i], i, kind)
 
     return gather_rows
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 weights (the dense part of bf16 checkpoints, held as stored)
+# ----------------------------------------------------------------------------------------------
+# A bf16 value is the high half of a float32: widened by a shift, exactly. fastmath lets LLVM
+# vectorise the dot product (reassociated sums: agrees with float32 BLAS to rounding, not bit
+# for bit). Measured 4096x1024, M = 1: 165 us (51 GB/s from cache) against 355 us for torch's
+# float32 linear over the widened weight, which reads twice the bytes.
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def matmul_bf16(x, w, out):
+    """out (M, N) = x (M, K) float32 @ W.T, W (N, K) the bf16 bit patterns as uint16."""
+    M, K = x.shape
+    N = w.shape[0]
+    if w.shape[1] != K or out.shape[0] != M or out.shape[1] != N:
+        raise ValueError("bf16 matmul: inconsistent shapes")
+    for n in prange(N):
+        row = w[n]
+        for m in range(M):
+            xm = x[m]
+            acc = np.float32(0.0)
+            for k in range(K):
+                acc += _f32_from_bits(np.uint32(row[k]) << np.uint32(16)) * xm[k]
+            out[m, n] = acc
 
 
 MATMUL = {k: _make_matmul(i) for i, k in enumerate(KINDS)}

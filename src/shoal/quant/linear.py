@@ -8,9 +8,13 @@
     chunks) and multiplied with ``torch.nn.functional.linear`` (BLAS).
   No autograd: use under ``torch.inference_mode()`` / ``torch.no_grad()``.
 
-``dense_or_quant_linear(w, bias=None)``: QuantLinear for a QuantizedWeight, else an ``nn.Linear``
-holding the float32 weight (shared with ``w``, not copied, when ``w`` already is float32 and
-C-contiguous).
+``BF16Linear(weight, bias=None)``: the same for a bf16 weight held as bf16 (half the memory and
+the bytes read of float32): few rows by the numba kernel ``matmul_bf16``, more by BLAS over the
+weight widened a block of rows at a time into the shared scratch buffer.
+
+``dense_or_quant_linear(w, bias=None)``: QuantLinear for a QuantizedWeight, BF16Linear for a bf16
+tensor, else an ``nn.Linear`` holding the float32 weight (shared with ``w``, not copied, when ``w``
+already is float32 and C-contiguous).
 
 ``fuse_rows(ws)``: concatenate weights along N (fused q/k/v or gate/up projections).
 """
@@ -28,7 +32,7 @@ from shoal.kernels.direct import DirectModule
 from . import kernels as _k
 from .formats import QuantizedWeight
 
-__all__ = ["QuantLinear", "dense_or_quant_linear", "fuse_rows", "can_fuse_rows", "SCRATCH_FLOATS"]
+__all__ = ["QuantLinear", "BF16Linear", "dense_or_quant_linear", "fuse_rows", "can_fuse_rows", "SCRATCH_FLOATS"]
 
 SCRATCH_FLOATS = 8 * 1024 * 1024      # 32 MiB of float32 per thread for prefill dequantization
 _tls = threading.local()
@@ -129,11 +133,49 @@ class QuantLinear(DirectModule):
         return y
 
 
+class BF16Linear(DirectModule):
+    small_m = QuantLinear.small_m
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if weight.dtype != torch.bfloat16 or weight.dim() != 2:
+            raise TypeError("BF16Linear needs a 2-D bf16 weight")
+        self.weight = weight.contiguous()
+        self.out_features, self.in_features = weight.shape
+        self._bits = self.weight.view(torch.int16).numpy().view(np.uint16)
+        self.bias = None if bias is None else _as_f32_tensor(bias).reshape(self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16, bias={self.bias is not None}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.in_features).detach().to(torch.float32).contiguous()
+        M, N, K = x.shape[0], self.out_features, self.in_features
+        if M <= self.small_m:
+            y = torch.from_numpy(np.empty((M, N), np.float32))
+            _k.matmul_bf16(x.numpy(), self._bits, y.numpy())
+            if self.bias is not None:
+                y += self.bias
+        else:
+            rows = max(1, min(N, SCRATCH_FLOATS // K))
+            y = torch.empty((M, N), dtype=torch.float32)
+            for n0 in range(0, N, rows):
+                n1 = min(N, n0 + rows)
+                wt = torch.from_numpy(_scratch((n1 - n0) * K).reshape(n1 - n0, K))
+                wt.copy_(self.weight[n0:n1])
+                y[:, n0:n1] = F.linear(x, wt, None if self.bias is None else self.bias[n0:n1])
+        return y.view(*shape[:-1], N)
+
+
 def dense_or_quant_linear(w, bias=None) -> torch.nn.Module:
-    """A module computing ``x @ w.T + bias``: QuantLinear for a QuantizedWeight, otherwise an
-    ``nn.Linear`` whose float32 weight shares memory with ``w`` when it can (float32, contiguous)."""
+    """A module computing ``x @ w.T + bias``: QuantLinear for a QuantizedWeight, BF16Linear for a
+    bf16 tensor (held as bf16), otherwise an ``nn.Linear`` whose float32 weight shares memory with
+    ``w`` when it can (float32, contiguous)."""
     if isinstance(w, QuantizedWeight):
         return QuantLinear(w, bias)
+    if isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.dim() == 2:
+        return BF16Linear(w, bias)
     wt = _as_f32_tensor(w)
     if wt.dim() != 2:
         raise ValueError(f"weight must be 2-D, got shape {tuple(wt.shape)}")
@@ -200,7 +242,8 @@ def fuse_rows(ws):
       QuantizedWeight in a common form with group size = gcd of the group sizes: q8_sym if all
       are q8_sym, q4_affine if all are q4_affine, else q8_affine (q4 codes widened to bytes, so
       the fused weight reads more bytes than the parts did);
-    * all dense (numpy / torch) -> float32 numpy (N_total, K);
+    * all bf16 torch tensors -> one bf16 tensor (held as stored);
+    * other dense (numpy / torch) -> float32 numpy (N_total, K);
     * dense mixed with quantized -> float32 numpy of the dequantized values.
     All parts must have the same K (ValueError otherwise)."""
     ws = list(ws)
@@ -223,6 +266,8 @@ def fuse_rows(ws):
             None if kind == "q8_sym" else np.concatenate([w.biases for w in ws], axis=0),
             G,
         )
+    if all(isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 for w in ws):
+        return torch.cat(ws, dim=0)
     return np.concatenate([_k.dequantize(w) if isinstance(w, QuantizedWeight)
                            else w.detach().cpu().float().numpy() if isinstance(w, torch.Tensor)
                            else np.asarray(w, dtype=np.float32) for w in ws], axis=0)

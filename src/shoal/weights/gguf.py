@@ -125,6 +125,12 @@ class GGUFCheckpoint:
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
 
+    def stored_dtype(self, name: str) -> str:
+        """The GGML type a tensor is stored in, as "ggml:<type>" (every GGUF tensor is converted at
+        load: none is held as stored)."""
+        t = self._tensors.get(name)
+        return "" if t is None else f"ggml:{GGMLQuantizationType(t.ggml_type).name}"
+
     def tensor_nbytes(self, name: str) -> int:
         return self._tensors[name].nbytes
 

@@ -70,6 +70,18 @@ class HFCheckpoint:
         # A quantized layer appears under its weight name only; scales/biases travel with it.
         return [n for n in self._files if not (self.quantization and n.endswith((".scales", ".biases")))]
 
+    def stored_dtype(self, name: str) -> str:
+        """The safetensors dtype a tensor is stored in ("BF16", "F32", ...); "quantized" for the
+        formats hf_quant reads (FP8 blocks, packed INT4); "" for a name the checkpoint lacks."""
+        from safetensors import safe_open
+
+        if hf_quant.stored_nbytes(self._store, name) is not None or (self.quantization and f"{name.removesuffix('.weight')}.scales" in self._files):
+            return "quantized"
+        if name not in self._files:
+            return ""
+        with safe_open(self._files[name], framework="pt") as st:
+            return st.get_slice(name).get_dtype()
+
     def tensor_nbytes(self, name: str) -> int:
         from safetensors import safe_open
 
@@ -116,7 +128,9 @@ class HFCheckpoint:
                 group_size=int(q["group_size"]),
             )
         t = st.get_tensor(name)
-        return t.float() if t.is_floating_point() else t
+        # bf16 stays bf16 (its linear layers compute from it as stored: quant/linear.BF16Linear);
+        # float16 and float32 become float32.
+        return t if not t.is_floating_point() or t.dtype == torch.bfloat16 else t.float()
 
     def close(self) -> None:
         self._store.close()

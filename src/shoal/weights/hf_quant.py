@@ -204,7 +204,8 @@ def read_tensor(store: TensorStore, name: str, config: dict[str, Any]) -> torch.
         stacked = f"{m['pre']}.switch_mlp.{proj}"
         e = int(m["e"])
         if not store.has(f"{stacked}.scales"):
-            return store.get_row(f"{stacked}.weight", e).float()
+            row = store.get_row(f"{stacked}.weight", e)
+            return row if row.dtype == torch.bfloat16 else row.float()  # bf16 held as stored
         w, s, b = (store.get_row(f"{stacked}.{part}", e) for part in ("weight", "scales", "biases"))
         bits = _mlx_bits(mlx, stacked)
         return from_mlx(w, s, b, bits, _group(w, s, bits))
