@@ -294,6 +294,7 @@ def test_an_idle_instance_moves_back_when_a_faster_node_returns(launcher: NodeLa
     "Much faster": past what the slow nodes' own decode feedback can make of them (each learns a
     correction of at most CORRECTION_BOUNDS[1] from the requests it serves, placement/feedback.py),
     and the fast node comes back without the correction it learned, as a new machine would."""
+    from shoal.cluster.profile import PLAUSIBLE
     from shoal.placement.cost import CORRECTION_BOUNDS
 
     a, b = cluster(launcher, ["a", "b"])
@@ -301,7 +302,9 @@ def test_an_idle_instance_moves_back_when_a_faster_node_returns(launcher: NodeLa
     fast_home.mkdir()
     profile = json.loads((a.home / "profile.json").read_text())
     x = 4 * CORRECTION_BOUNDS[1]
-    profile.update(q4_read_gbps=x * profile["q4_read_gbps"], layer_overhead_us=profile["layer_overhead_us"] / x,
+    # The per-layer cost no lower than a node would believe of a probe (it re-measures below that).
+    overhead = max(1.5 * PLAUSIBLE["layer_overhead_us"][0], profile["layer_overhead_us"] / x)
+    profile.update(q4_read_gbps=x * profile["q4_read_gbps"], layer_overhead_us=overhead,
                    memory_bandwidth_gbps=x * profile["memory_bandwidth_gbps"], gflops_fp32=x * profile["gflops_fp32"])
     (fast_home / "profile.json").write_text(json.dumps(profile))
     f = launcher.start("f", peers=[a])

@@ -37,7 +37,7 @@ MATMUL_N = 1024  # 2.1 GFLOP per product: long enough to time, short enough on a
 COPY_BYTES = 256 << 20  # well past any CPU cache, so the copy measures DRAM
 
 # Figures no machine shoal runs on gives (the reference VM: 360 GFLOP/s, 27 GB/s copy, 22 GB/s of
-# q4 reads, 66 us a probe layer): a probe that returns one was starved or broken, not measuring.
+# q4 reads, 21 us a probe layer): a probe that returns one was starved or broken, not measuring.
 PLAUSIBLE: dict[str, tuple[float, float]] = {
     "gflops_fp32": (0.1, 1e6),
     "memory_bandwidth_gbps": (0.2, 1e4),

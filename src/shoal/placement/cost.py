@@ -30,8 +30,8 @@ class Calibration:
     machines (2 vCPUs). Nodes whose profile has the engine's own decode figures (engine/probe.py)
     are priced with those; `read_efficiency` and `layer_overhead_s` serve only nodes without them
     (an AMD EPYC: 15.6 ms/token = 30 layers x 0.40 ms, 0.15 ms of each fixed). On an Intel Xeon
-    (probe: 66 us fixed per narrow layer, 22 GB/s of 4-bit reads) the bundled model decodes at
-    ~8.5 ms/token: 30 layers x 0.24 ms + the head + ~0.6 ms at the entry. Pipeline stages on one
+    (probe: 21 us fixed per narrow layer, 26 GB/s of 4-bit reads, one native call a layer) the
+    bundled model decodes at ~6 ms/token: 30 layers x 0.15 ms + the head + ~0.6 ms at the entry. Pipeline stages on one
     machine add ~0.5 ms each time a stage's process takes the cores over from another, and
     ~0.3 ms per hop (a thread wake-up at each end dominates on loopback)."""
 
