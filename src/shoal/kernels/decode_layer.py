@@ -10,8 +10,8 @@ whose projections are all quantized runs `block` below: the same kernels, called
 order on the same values, so its output equals the module path bit for bit (a test holds it to
 that); only the Python between them is gone.
 
-The kernels are compiled once for each combination of the four projections' formats (the
-matmul of each format is its own compiled function, named at compile time). With tensor
+The projections' formats are arguments (each format's matmul is its own compiled function, chosen
+by a branch), so one compiled block serves every model and numba's cache keeps it. With tensor
 parallelism the block runs as two native halves, attention and MLP, and its forward all-reduces
 each half's partial sum in between, where the collectives stay in sight. A block that is not the
 engine's (dense weights, a torch device) keeps the module path.
@@ -20,7 +20,6 @@ engine's (dense weights, a torch device) keeps the module path.
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -46,66 +45,77 @@ _NO_BIAS = np.zeros(0, np.float32)
 _NO_NORM = np.zeros(0, np.float32)
 
 
-@lru_cache(maxsize=None)
-def _kernels(kinds: tuple[str, str, str, str]):
-    """The compiled halves and whole of a block whose projections (qkv, o, gate_up, down) are in
-    these formats: `attention` and `mlp` each end in their partial sum (what a tensor-parallel
-    group all-reduces), `block` chains them with the residual adds."""
-    mm_qkv, mm_o, mm_gate_up, mm_down = (quant_kernels.MATMUL[k] for k in kinds)
+_MM_Q4, _MM_S8, _MM_A8 = (quant_kernels.MATMUL[k] for k in KINDS)
 
-    def attention(x, norm1, eps, qkv_w, qkv_s, qkv_b, qkv_bias, q_norm, k_norm, o_w, o_s, o_b, H, Hkv, D, scale,
-                  cos, sin, rows, table):
-        """x (T, E), one row per decoding sequence -> o_proj's output (T, E), before the residual."""
-        T, E = x.shape
-        xn = np.empty((T, E), np.float32)
-        _rms_norm(x, norm1, eps, xn)
-        qkv = np.empty((T, qkv_w.shape[0]), np.float32)  # (T, (H + 2 Hkv) D)
-        mm_qkv(xn, qkv_w, qkv_s, qkv_b, qkv)
-        if qkv_bias.shape[0]:
-            qkv += qkv_bias
-        q = np.ascontiguousarray(qkv[:, : H * D]).reshape((T, H, D))
-        k = np.ascontiguousarray(qkv[:, H * D : (H + Hkv) * D]).reshape((T, Hkv, D))
-        v = np.ascontiguousarray(qkv[:, (H + Hkv) * D :]).reshape((T, Hkv, D))
-        if q_norm.shape[0]:  # Qwen3: an RMSNorm over each head's query and key
-            qn = np.empty((T * H, D), np.float32)
-            _rms_norm(q.reshape((T * H, D)), q_norm, eps, qn)
-            kn = np.empty((T * Hkv, D), np.float32)
-            _rms_norm(k.reshape((T * Hkv, D)), k_norm, eps, kn)
-            q, k = qn.reshape((T, H, D)), kn.reshape((T, Hkv, D))
-        attn = np.empty((T, H, D), np.float32)
-        _decode_attention(q, k, v, cos, sin, rows, table, attn, scale)
-        o = np.empty((T, E), np.float32)
-        mm_o(attn.reshape((T, H * D)), o_w, o_s, o_b, o)
-        return o
 
-    def mlp(h, norm2, eps, gu_w, gu_s, gu_b, down_w, down_s, down_b, hidden):
-        """h (T, E), the residual stream after attention -> down_proj's output (T, E)."""
-        T, E = h.shape
-        hn = np.empty((T, E), np.float32)
-        _rms_norm(h, norm2, eps, hn)
-        gate_up = np.empty((T, 2 * hidden), np.float32)
-        mm_gate_up(hn, gu_w, gu_s, gu_b, gate_up)
-        act = np.empty((T, hidden), np.float32)
-        _silu_mul(gate_up, hidden, act)
-        down = np.empty((T, E), np.float32)
-        mm_down(act, down_w, down_s, down_b, down)
-        return down
+def _jit(fn):
+    """njit, cached under a name carrying `DIGEST` (see there); nogil: a server's event loop
+    streams the last token while the next one computes (these touch only arrays their step owns)."""
+    fn.__qualname__ = f"{fn.__name__}_{DIGEST}"
+    return njit(fastmath=False, cache=True, nogil=True)(fn)
 
-    name = f"{'_'.join(str(KINDS.index(k)) for k in kinds)}_{DIGEST}"
-    # nogil: a server's event loop streams the last token while the next one computes (these touch
-    # only arrays their step owns).
-    attention.__qualname__, mlp.__qualname__ = f"attention_{name}", f"mlp_{name}"
-    attention, mlp = (njit(fastmath=False, cache=True, nogil=True)(f) for f in (attention, mlp))
 
-    def block(x, norm1, norm2, eps, qkv_w, qkv_s, qkv_b, qkv_bias, q_norm, k_norm, o_w, o_s, o_b, gu_w, gu_s, gu_b,
-              down_w, down_s, down_b, hidden, H, Hkv, D, scale, cos, sin, rows, table):
-        """The steps of `llama.Block.forward`, in order."""
-        h = x + attention(x, norm1, eps, qkv_w, qkv_s, qkv_b, qkv_bias, q_norm, k_norm, o_w, o_s, o_b, H, Hkv, D, scale,
-                          cos, sin, rows, table)
-        return h + mlp(h, norm2, eps, gu_w, gu_s, gu_b, down_w, down_s, down_b, hidden)
+@_jit
+def _matmul(kind, x, w, s, b, out):
+    """out = x @ W.T for a weight of format KINDS[kind] (a branch, not a compiled function per
+    format: a function handed another as a value would not be found in numba's cache)."""
+    if kind == 0:
+        _MM_Q4(x, w, s, b, out)
+    elif kind == 1:
+        _MM_S8(x, w, s, b, out)
+    else:
+        _MM_A8(x, w, s, b, out)
 
-    block.__qualname__ = f"block_{name}"
-    return attention, mlp, njit(fastmath=False, cache=True, nogil=True)(block)
+
+@_jit
+def _attention(x, norm1, eps, kinds, qkv_w, qkv_s, qkv_b, qkv_bias, q_norm, k_norm, o_w, o_s, o_b, H, Hkv, D, scale,
+               cos, sin, rows, table):
+    """x (T, E), one row per decoding sequence -> o_proj's output (T, E), before the residual."""
+    T, E = x.shape
+    xn = np.empty((T, E), np.float32)
+    _rms_norm(x, norm1, eps, xn)
+    qkv = np.empty((T, qkv_w.shape[0]), np.float32)  # (T, (H + 2 Hkv) D)
+    _matmul(kinds[0], xn, qkv_w, qkv_s, qkv_b, qkv)
+    if qkv_bias.shape[0]:
+        qkv += qkv_bias
+    q = np.ascontiguousarray(qkv[:, : H * D]).reshape((T, H, D))
+    k = np.ascontiguousarray(qkv[:, H * D : (H + Hkv) * D]).reshape((T, Hkv, D))
+    v = np.ascontiguousarray(qkv[:, (H + Hkv) * D :]).reshape((T, Hkv, D))
+    if q_norm.shape[0]:  # Qwen3: an RMSNorm over each head's query and key
+        qn = np.empty((T * H, D), np.float32)
+        _rms_norm(q.reshape((T * H, D)), q_norm, eps, qn)
+        kn = np.empty((T * Hkv, D), np.float32)
+        _rms_norm(k.reshape((T * Hkv, D)), k_norm, eps, kn)
+        q, k = qn.reshape((T, H, D)), kn.reshape((T, Hkv, D))
+    attn = np.empty((T, H, D), np.float32)
+    _decode_attention(q, k, v, cos, sin, rows, table, attn, scale)
+    o = np.empty((T, E), np.float32)
+    _matmul(kinds[1], attn.reshape((T, H * D)), o_w, o_s, o_b, o)
+    return o
+
+
+@_jit
+def _mlp(h, norm2, eps, kinds, gu_w, gu_s, gu_b, down_w, down_s, down_b, hidden):
+    """h (T, E), the residual stream after attention -> down_proj's output (T, E)."""
+    T, E = h.shape
+    hn = np.empty((T, E), np.float32)
+    _rms_norm(h, norm2, eps, hn)
+    gate_up = np.empty((T, 2 * hidden), np.float32)
+    _matmul(kinds[2], hn, gu_w, gu_s, gu_b, gate_up)
+    act = np.empty((T, hidden), np.float32)
+    _silu_mul(gate_up, hidden, act)
+    down = np.empty((T, E), np.float32)
+    _matmul(kinds[3], act, down_w, down_s, down_b, down)
+    return down
+
+
+@_jit
+def _block(x, norm1, norm2, eps, kinds, qkv_w, qkv_s, qkv_b, qkv_bias, q_norm, k_norm, o_w, o_s, o_b, gu_w, gu_s, gu_b,
+           down_w, down_s, down_b, hidden, H, Hkv, D, scale, cos, sin, rows, table):
+    """The steps of `llama.Block.forward`, in order."""
+    h = x + _attention(x, norm1, eps, kinds, qkv_w, qkv_s, qkv_b, qkv_bias, q_norm, k_norm, o_w, o_s, o_b, H, Hkv, D,
+                       scale, cos, sin, rows, table)
+    return h + _mlp(h, norm2, eps, kinds, gu_w, gu_s, gu_b, down_w, down_s, down_b, hidden)
 
 
 class NativeBlock:
@@ -116,15 +126,15 @@ class NativeBlock:
     def __init__(self, block: Any):
         attn, mlp = block.self_attn, block.mlp
         projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        self._attention, self._mlp, self._block = _kernels(tuple(p.qweight.kind for p in projections))
+        kinds = np.array([KINDS.index(p.qweight.kind) for p in projections], np.int64)  # qkv, o, gate_up, down
         qkv, o, gate_up, down = (quant_kernels.operands(p.qweight) for p in projections)
         norm1, norm2, eps = block.input_layernorm._weight, block.post_attention_layernorm._weight, np.float32(block.input_layernorm.eps)
         qk = (attn.q_norm._weight, attn.k_norm._weight) if attn.q_norm is not None else (_NO_NORM, _NO_NORM)
         bias = attn.qkv_proj._bias_np if attn.qkv_proj._bias_np is not None else _NO_BIAS
         heads = (attn.n_heads, attn.n_kv_heads, attn.head_dim, np.float32(attn.scale))
-        self.attention_args = (norm1, eps, *qkv, bias, *qk, *o, *heads)
-        self.mlp_args = (norm2, eps, *gate_up, *down, mlp.hidden)
-        self.block_args = (norm1, norm2, eps, *qkv, bias, *qk, *o, *gate_up, *down, mlp.hidden, *heads)
+        self.attention_args = (norm1, eps, kinds, *qkv, bias, *qk, *o, *heads)
+        self.mlp_args = (norm2, eps, kinds, *gate_up, *down, mlp.hidden)
+        self.block_args = (norm1, norm2, eps, kinds, *qkv, bias, *qk, *o, *gate_up, *down, mlp.hidden, *heads)
 
     @staticmethod
     def of(block: Any) -> "NativeBlock | None":
@@ -139,17 +149,17 @@ class NativeBlock:
         return NativeBlock(block)
 
     def block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: DecodeBatch, layer: int) -> torch.Tensor:
-        out = self._block(_rows(x), *self.block_args, cos.numpy(), sin.numpy(), batch.rows, batch.table[layer])
+        out = _block(_rows(x), *self.block_args, cos.numpy(), sin.numpy(), batch.rows, batch.table[layer])
         batch.appended(layer)
         return torch.from_numpy(out)
 
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: DecodeBatch, layer: int) -> torch.Tensor:
-        out = self._attention(_rows(x), *self.attention_args, cos.numpy(), sin.numpy(), batch.rows, batch.table[layer])
+        out = _attention(_rows(x), *self.attention_args, cos.numpy(), sin.numpy(), batch.rows, batch.table[layer])
         batch.appended(layer)
         return torch.from_numpy(out)
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self._mlp(_rows(h), *self.mlp_args))
+        return torch.from_numpy(_mlp(_rows(h), *self.mlp_args))
 
 
 def _rows(x: torch.Tensor) -> np.ndarray:
