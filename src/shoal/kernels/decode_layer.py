@@ -34,8 +34,8 @@ from shoal.quant import kernels as quant_kernels
 from shoal.quant.formats import KINDS
 from shoal.quant.linear import QuantLinear
 
-# numba caches a compiled function under its own file's name and timestamp, but the kernels carry
-# the machine code of the kernels it calls from other files: their sources go into its name.
+# numba caches a compiled function under its own file's name and timestamp, but these carry the
+# machine code of the kernels they call from other files: those sources go into their names too.
 _HERE = Path(__file__).resolve().parent
 _SOURCES = [_HERE / f for f in ("decode_layer.py", "attention.py", "norm.py", "activation.py")]
 _SOURCES += [_HERE.parent / "quant" / f for f in ("kernels.py", "codegen.py")]
@@ -43,8 +43,6 @@ DIGEST = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES)).hexdigest()[
 
 _NO_BIAS = np.zeros(0, np.float32)
 _NO_NORM = np.zeros(0, np.float32)
-
-
 _MM_Q4, _MM_S8, _MM_A8 = (quant_kernels.MATMUL[k] for k in KINDS)
 
 
