@@ -134,7 +134,9 @@ class QuantLinear(DirectModule):
 
 
 class BF16Linear(DirectModule):
-    small_m = QuantLinear.small_m
+    """``y = x @ W.T + bias`` for a bf16 weight held as bf16 and float32 ``x`` (output float32)."""
+
+    small_m = QuantLinear.small_m  # up to this many rows the kernel, beyond it BLAS
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
