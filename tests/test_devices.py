@@ -70,31 +70,43 @@ def test_dense_families_match_transformers(tmp_path, kind):
     torch.testing.assert_close(_run(lm.model, IDS, chunks), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["deepseek-v3", "qwen3-moe"])
-def test_moe_families_match_transformers(moe_ckpts, tmp_path, kind):
+def check_moe_family(moe_ckpts, tmp_path, kind: str, device: Device, check=lambda model: None) -> None:
+    """A tiny MoE checkpoint on `device` against transformers: whole prompt, then chunked prefill and decode."""
     from test_moe import IDS, LONG, reference
 
-    ids = LONG if kind == "deepseek-v3" else IDS
-    lm = load_model(str(moe_ckpts[kind]), with_tokenizer=False, device=TORCH_CPU)
-    _torch_only(lm.model)
+    ids = LONG if kind == "deepseek-v3" else IDS  # DeepSeek's past its YaRN original context
+    lm = load_model(str(moe_ckpts[kind]), with_tokenizer=False, device=device)
+    check(lm.model)
     expected = _ref(reference(moe_ckpts[kind], tmp_path), ids)
     torch.testing.assert_close(_run(lm.model, ids), expected, atol=1e-4, rtol=1e-4)
     chunks = [(0, 5)] + [(i, i + 1) for i in range(5, len(ids))]
     torch.testing.assert_close(_run(lm.model, ids, chunks), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_a_numba_stage_and_a_torch_stage_make_one_model(tmp_path):
+def check_numba_stage_then(tmp_path, device: Device):
+    """Layers 0-2 on the numba engine, layer 2 on `device`: the chain equals transformers. Returns
+    the two loaded stages for further checks."""
     from test_models import IDS, make_checkpoint
 
     path, ref = make_checkpoint(tmp_path, "qwen2")
     first = load_model(str(path), 0, 2, with_tokenizer=False)  # the numba engine
-    last = load_model(str(path), 2, 3, with_tokenizer=False, device=TORCH_CPU)
+    last = load_model(str(path), 2, 3, with_tokenizer=False, device=device)
     n = len(IDS)
     with torch.inference_mode():
         h = first.model(torch.tensor(IDS), BatchLayout([n], torch.arange(n), [first.model.make_cache()]))
         logits = last.model(h, BatchLayout([n], torch.arange(n), [last.model.make_cache()]), torch.arange(n))
-    assert isinstance(first.model.make_cache()[0], KVCache) and not first.model.make_cache()[0].torch_only
     torch.testing.assert_close(logits, _ref(ref, IDS), atol=1e-4, rtol=1e-4)
+    return first, last
+
+
+@pytest.mark.parametrize("kind", ["deepseek-v3", "qwen3-moe"])
+def test_moe_families_match_transformers(moe_ckpts, tmp_path, kind):
+    check_moe_family(moe_ckpts, tmp_path, kind, TORCH_CPU, _torch_only)
+
+
+def test_a_numba_stage_and_a_torch_stage_make_one_model(tmp_path):
+    first, _ = check_numba_stage_then(tmp_path, TORCH_CPU)
+    assert isinstance(first.model.make_cache()[0], KVCache) and not first.model.make_cache()[0].torch_only
 
 
 @pytest.mark.skipif(pytest.importorskip("api_helpers").MODEL_PATH is None, reason="bundled model not installed")
@@ -102,13 +114,19 @@ def test_bundled_model_greedy_equals_transformers():
     """The Q4_1 GGUF, dequantized to float32 on the torch backend, greedy for 24 tokens through
     the batched generator (prefill, then decode through the torch caches), token for token with
     transformers loading the same file."""
+    check_bundled_greedy(TORCH_CPU, _torch_only)
+
+
+def check_bundled_greedy(device: Device, check=lambda model: None) -> None:
+    """The bundled GGUF on `device`: 24 greedy tokens through the batched generator equal
+    transformers' loading the same file."""
     from api_helpers import MODEL_PATH
 
     from shoal.engine.generate import stream_generate
     from shoal.engine.sampler import SamplingParams
 
-    lm = load_model(str(MODEL_PATH), device=TORCH_CPU)
-    _torch_only(lm.model)
+    lm = load_model(str(MODEL_PATH), device=device)
+    check(lm.model)
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(MODEL_PATH.parent), gguf_file=MODEL_PATH.name,
                                                             dtype=torch.float32).eval()
     prompt = lm.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])

@@ -22,7 +22,7 @@ from shoal.engine.loader import load_model  # noqa: E402
 from shoal.engine.mlx_backend import MLXShard  # noqa: E402
 from shoal.models.base import BatchLayout  # noqa: E402
 from shoal.runner.contract import RunnerConfig  # noqa: E402
-from test_devices import _ref, _run  # noqa: E402
+from test_devices import _ref, _run, check_bundled_greedy, check_moe_family, check_numba_stage_then  # noqa: E402
 
 MLX = Device("mlx")
 
@@ -61,28 +61,12 @@ def test_dense_families_match_transformers(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["deepseek-v3", "qwen3-moe"])
 def test_moe_families_match_transformers(moe_ckpts, tmp_path, kind):
-    from test_moe import IDS, LONG, reference
-
-    ids = LONG if kind == "deepseek-v3" else IDS  # DeepSeek's past its YaRN original context
-    lm = load_model(str(moe_ckpts[kind]), with_tokenizer=False, device=MLX)
-    expected = _ref(reference(moe_ckpts[kind], tmp_path), ids)
-    torch.testing.assert_close(_run(lm.model, ids), expected, atol=1e-4, rtol=1e-4)
-    chunks = [(0, 5)] + [(i, i + 1) for i in range(5, len(ids))]
-    torch.testing.assert_close(_run(lm.model, ids, chunks), expected, atol=1e-4, rtol=1e-4)
+    check_moe_family(moe_ckpts, tmp_path, kind, MLX)
 
 
 def test_a_numba_stage_and_an_mlx_stage_make_one_model(tmp_path):
-    from test_models import IDS, make_checkpoint
-
-    path, ref = make_checkpoint(tmp_path, "qwen2")
-    first = load_model(str(path), 0, 2, with_tokenizer=False)  # the numba engine
-    last = load_model(str(path), 2, 3, with_tokenizer=False, device=MLX)
+    _, last = check_numba_stage_then(tmp_path, MLX)
     assert len(last.model.make_cache()) == 1 and not last.model.part.has_embedding
-    n = len(IDS)
-    with torch.inference_mode():
-        h = first.model(torch.tensor(IDS), BatchLayout([n], torch.arange(n), [first.model.make_cache()]))
-        logits = last.model(h, BatchLayout([n], torch.arange(n), [last.model.make_cache()]), torch.arange(n))
-    torch.testing.assert_close(logits, _ref(ref, IDS), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["deepseek-v3", "qwen3-moe"])
@@ -117,20 +101,7 @@ def test_mlx_4bit_stages_equal_mlx_lms_own_loader(tmp_path, kind):
 def test_bundled_model_greedy_equals_transformers():
     """The Q4_1 GGUF read by `mx.load` (packed 4-bit, MLX's affine quantization), greedy for 24
     tokens through the batched generator, token for token with transformers loading the same file."""
-    from api_helpers import MODEL_PATH
-
-    from shoal.engine.generate import stream_generate
-    from shoal.engine.sampler import SamplingParams
-
-    lm = load_model(str(MODEL_PATH), device=MLX)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(MODEL_PATH.parent), gguf_file=MODEL_PATH.name,
-                                                            dtype=torch.float32).eval()
-    prompt = lm.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
-    got = [ev.token for ev, _ in stream_generate(lm.model, lm.tokenizer, prompt, SamplingParams(max_tokens=24), lm.args.max_context)
-           if ev.token is not None]
-    with torch.no_grad():
-        out = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=sorted(lm.tokenizer.eos_token_ids))
-    assert got == out[0, len(prompt):].tolist(), lm.tokenizer.decode(got)
+    check_bundled_greedy(MLX)
 
 
 def test_a_kept_prefix_fills_new_mlx_caches(tmp_path):

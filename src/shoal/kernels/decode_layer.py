@@ -41,8 +41,7 @@ _SOURCES = [_HERE / f for f in ("decode_layer.py", "attention.py", "norm.py", "a
 _SOURCES += [_HERE.parent / "quant" / f for f in ("kernels.py", "codegen.py")]
 DIGEST = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES)).hexdigest()[:12]
 
-_NO_BIAS = np.zeros(0, np.float32)
-_NO_NORM = np.zeros(0, np.float32)
+_ABSENT = np.zeros(0, np.float32)  # a block without q/k/v biases or q/k norms
 _MM_Q4, _MM_S8, _MM_A8 = (quant_kernels.MATMUL[k] for k in KINDS)
 
 
@@ -66,8 +65,8 @@ def _matmul(kind, x, w, s, b, out):
 
 
 @_jit
-def _attention(x, norm1, eps, kinds, qkv_w, qkv_s, qkv_b, qkv_bias, q_norm, k_norm, o_w, o_s, o_b, H, Hkv, D, scale,
-               cos, sin, rows, table):
+def _attention(x, cos, sin, rows, table, norm1, eps, kinds, qkv_w, qkv_s, qkv_b, qkv_bias, q_norm, k_norm, o_w, o_s, o_b,
+               H, Hkv, D, scale):
     """x (T, E), one row per decoding sequence -> o_proj's output (T, E), before the residual."""
     T, E = x.shape
     xn = np.empty((T, E), np.float32)
@@ -108,12 +107,12 @@ def _mlp(h, norm2, eps, kinds, gu_w, gu_s, gu_b, down_w, down_s, down_b, hidden)
 
 
 @_jit
-def _block(x, norm1, norm2, eps, kinds, qkv_w, qkv_s, qkv_b, qkv_bias, q_norm, k_norm, o_w, o_s, o_b, gu_w, gu_s, gu_b,
-           down_w, down_s, down_b, hidden, H, Hkv, D, scale, cos, sin, rows, table):
-    """The steps of `llama.Block.forward`, in order."""
-    h = x + _attention(x, norm1, eps, kinds, qkv_w, qkv_s, qkv_b, qkv_bias, q_norm, k_norm, o_w, o_s, o_b, H, Hkv, D,
-                       scale, cos, sin, rows, table)
-    return h + _mlp(h, norm2, eps, kinds, gu_w, gu_s, gu_b, down_w, down_s, down_b, hidden)
+def _block(x, cos, sin, rows, table, norm1, eps, kinds, qkv_w, qkv_s, qkv_b, qkv_bias, q_norm, k_norm, o_w, o_s, o_b,
+           H, Hkv, D, scale, norm2, eps2, kinds2, gu_w, gu_s, gu_b, down_w, down_s, down_b, hidden):
+    """The steps of `llama.Block.forward`, in order: the arguments of `_attention`, then `_mlp`'s."""
+    h = x + _attention(x, cos, sin, rows, table, norm1, eps, kinds, qkv_w, qkv_s, qkv_b, qkv_bias, q_norm, k_norm,
+                       o_w, o_s, o_b, H, Hkv, D, scale)
+    return h + _mlp(h, norm2, eps2, kinds2, gu_w, gu_s, gu_b, down_w, down_s, down_b, hidden)
 
 
 class NativeBlock:
@@ -127,12 +126,11 @@ class NativeBlock:
         kinds = np.array([KINDS.index(p.qweight.kind) for p in projections], np.int64)  # qkv, o, gate_up, down
         qkv, o, gate_up, down = (quant_kernels.operands(p.qweight) for p in projections)
         norm1, norm2, eps = block.input_layernorm._weight, block.post_attention_layernorm._weight, np.float32(block.input_layernorm.eps)
-        qk = (attn.q_norm._weight, attn.k_norm._weight) if attn.q_norm is not None else (_NO_NORM, _NO_NORM)
-        bias = attn.qkv_proj._bias_np if attn.qkv_proj._bias_np is not None else _NO_BIAS
+        qk = (attn.q_norm._weight, attn.k_norm._weight) if attn.q_norm is not None else (_ABSENT, _ABSENT)
+        bias = attn.qkv_proj._bias_np if attn.qkv_proj._bias_np is not None else _ABSENT
         heads = (attn.n_heads, attn.n_kv_heads, attn.head_dim, np.float32(attn.scale))
         self.attention_args = (norm1, eps, kinds, *qkv, bias, *qk, *o, *heads)
         self.mlp_args = (norm2, eps, kinds, *gate_up, *down, mlp.hidden)
-        self.block_args = (norm1, norm2, eps, kinds, *qkv, bias, *qk, *o, *gate_up, *down, mlp.hidden, *heads)
 
     @staticmethod
     def of(block: Any) -> "NativeBlock | None":
@@ -147,12 +145,12 @@ class NativeBlock:
         return NativeBlock(block)
 
     def block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: DecodeBatch, layer: int) -> torch.Tensor:
-        out = _block(_rows(x), *self.block_args, cos.numpy(), sin.numpy(), batch.rows, batch.table[layer])
+        out = _block(_rows(x), cos.numpy(), sin.numpy(), batch.rows, batch.table[layer], *self.attention_args, *self.mlp_args)
         batch.appended(layer)
         return torch.from_numpy(out)
 
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: DecodeBatch, layer: int) -> torch.Tensor:
-        out = _attention(_rows(x), *self.attention_args, cos.numpy(), sin.numpy(), batch.rows, batch.table[layer])
+        out = _attention(_rows(x), cos.numpy(), sin.numpy(), batch.rows, batch.table[layer], *self.attention_args)
         batch.appended(layer)
         return torch.from_numpy(out)
 

@@ -248,7 +248,8 @@ class Embedding(nn.Module):
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
             return torch.from_numpy(gather_rows(self.quantized, ids.numpy()))
-        return F.embedding(ids, self.weight).float() if self.weight.dtype == torch.bfloat16 else F.embedding(ids, self.weight)
+        rows = F.embedding(ids, self.weight)
+        return rows.float() if rows.device.type == "cpu" else rows  # the CPU engine computes in float32
 
 
 class Block(DirectModule):
