@@ -97,14 +97,15 @@ def decode(ids: list[int]) -> str:
     return load_model(DEFAULT_MODEL).tokenizer.decode(ids)
 
 
-def two_node_pipeline(nl: NodeLauncher, b_extra: list[str], a_extra: tuple[str, ...] = ()) -> tuple[NodeProc, NodeProc, dict]:
+def two_node_pipeline(nl: NodeLauncher, b_extra: list[str], a_extra: tuple[str, ...] = (),
+                      strategy: str = "pipeline") -> tuple[NodeProc, NodeProc, dict]:
     """Nodes a (numba) and b (started with `b_extra`, e.g. another --device), and the bundled model
-    placed as a pipeline over both; checks from the runners' logs where each stage computes."""
+    placed over both (a pipeline, or `strategy`); checks from the runners' logs where each rank computes."""
     a = nl.start("a", extra=list(a_extra))
     b = nl.start("b", peers=[a], extra=b_extra)
     wait_for(lambda: all(len([x for x in n.cluster()["nodes"] if x["status"] == "up"]) == 2 for n in (a, b)), 30,
              what="two nodes up")
-    status, out, _ = call(a, "POST", "/v1/instances", {"model": DEFAULT_MODEL, "strategy": "pipeline", "nodes": ["a", "b"],
+    status, out, _ = call(a, "POST", "/v1/instances", {"model": DEFAULT_MODEL, "strategy": strategy, "nodes": ["a", "b"],
                                                         "context": CONTEXT})
     assert status == 202, out
     inst = wait_ready(a, out["instance"]["id"])

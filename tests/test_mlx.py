@@ -3,8 +3,9 @@ on tiny Llama, Qwen3, Qwen3-MoE and DeepSeek-V3 checkpoints (a whole prompt; a c
 one-token decodes through mlx-lm's caches; two sequences in one flat batch); a pipeline of a numba
 stage and an MLX stage in one process equals transformers; an MLX 4-bit checkpoint over two MLX
 stages equals mlx-lm's own loader; a kept prompt prefix fills new MLX caches; the bundled GGUF's
-greedy output equals transformers'; two loopback nodes, one `--device mlx` and one `--device cpu`, give the
-single-process text."""
+greedy output equals transformers'; an MLX rank and a numba rank (or two MLX ranks) in one tensor
+group equal transformers; two loopback nodes, one `--device mlx` and one `--device cpu`, give the
+single-process text as a pipeline and as a tensor group."""
 
 from __future__ import annotations
 
@@ -126,16 +127,19 @@ def test_a_kept_prefix_fills_new_mlx_caches(tmp_path):
 
 
 @pytest.mark.skipif(pytest.importorskip("api_helpers").MODEL_PATH is None, reason="bundled model not installed")
-def test_an_mlx_node_and_a_cpu_node_serve_one_pipeline(tmp_path_factory, cached_profile):
+@pytest.mark.parametrize("strategy", ["pipeline", "tensor"])
+def test_an_mlx_node_and_a_cpu_node_serve_one_model(tmp_path_factory, cached_profile, strategy):
     """Two `shoal node`s on loopback, a with the numba engine (the entry), b with `--device mlx`:
-    the bundled model placed over both gives the single-process greedy text, and a second turn
-    reuses the first's prompt through both stages' caches with the same text as one process."""
+    the bundled model placed over both (two stages, or one tensor group summing over the runners'
+    encrypted links) gives the single-process greedy text, and a second turn reuses the first's
+    prompt through both ranks' caches with the same text as one process."""
     from conftest import NodeLauncher
     from test_instances import QUESTION, chat_ids, decode, single_process_tokens, stream_chat, two_node_pipeline
 
-    nl = NodeLauncher(tmp_path_factory.mktemp("mlx_pipeline"), cached_profile)
+    nl = NodeLauncher(tmp_path_factory.mktemp(f"mlx_{strategy}"), cached_profile)
     try:
-        a, b, _ = two_node_pipeline(nl, ["--device", "mlx"])
+        a, b, inst = two_node_pipeline(nl, ["--device", "mlx"], strategy=strategy)
+        assert [s["tp_size"] for s in inst["shards"]] == ([1, 1] if strategy == "pipeline" else [2, 2])
         first, _ = stream_chat(a, QUESTION, 12)
         assert first == decode(single_process_tokens(chat_ids(QUESTION), 12))
         turn2 = [*QUESTION, {"role": "assistant", "content": first}, {"role": "user", "content": "And of Italy?"}]
@@ -144,3 +148,66 @@ def test_an_mlx_node_and_a_cpu_node_serve_one_pipeline(tmp_path_factory, cached_
         assert second == decode(single_process_tokens(chat_ids(turn2), 12))
     finally:
         nl.close()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "llama-q4"])
+def test_mlx_ranks_join_a_tensor_group(tmp_path, kind):
+    """A tensor group of an MLX rank and a numba rank, and one of two MLX ranks, cut unevenly (KV
+    heads 1+1, MLP columns 64+32 — whole quantization groups —, vocabulary 60+37) and summing over
+    one group: a prompt and then one-token decodes through each rank's caches give transformers'
+    logits within 1e-4. The MLX rank holds only its slices."""
+    import threading
+
+    from test_distributed import ThreadGroup
+    from test_models import IDS, make_checkpoint
+    from test_native_decode import _quantized_checkpoint
+
+    from shoal.engine.loader import load_shard
+    from shoal.models.base import Part
+
+    path, ref = _quantized_checkpoint(tmp_path, "llama", 4) if kind == "llama-q4" else make_checkpoint(tmp_path, kind)
+    expected = _ref(ref, IDS)
+    parts = [Part(rank=0, size=2, kv_heads=(0, 1), ffn=(0, 64), vocab=(0, 60)),
+             Part(rank=1, size=2, kv_heads=(1, 2), ffn=(64, 96), vocab=(60, 97))]
+    chunks = [(0, len(IDS) - 3)] + [(i, i + 1) for i in range(len(IDS) - 3, len(IDS))]
+    for devices in ((MLX, None), (MLX, MLX)):
+        group = ThreadGroup(2)
+        shards = [load_shard(str(path), p, device=d).model.shard(group.member(p.rank)) for p, d in zip(parts, devices)]
+        mlx_rank = shards[0]
+        assert isinstance(mlx_rank, MLXShard)
+        attn = mlx_rank.layers[0].self_attn
+        assert (attn.n_heads, attn.n_kv_heads) == (2, 1) and mlx_rank.embed_tokens.weight.shape[0] == 60
+        outs: list = [None, None]
+
+        def run(r: int) -> None:
+            m = shards[r]
+            caches, rows = [m.make_cache()], []
+            try:
+                with torch.inference_mode():
+                    for a, b in chunks:
+                        layout = BatchLayout([b - a], torch.arange(a, b), caches)
+                        rows.append(m.logits(m.run_layers(m.embed(torch.tensor(IDS[a:b])), layout)))
+            except BaseException as e:
+                group.barrier.abort()  # the other rank stops waiting for this one's sums
+                outs[r] = e
+                raise
+            outs[r] = torch.cat(rows)
+
+        ranks = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+        for t in ranks:
+            t.start()
+        for t in ranks:
+            t.join()
+        errors = [o for o in outs if isinstance(o, BaseException)]
+        if errors:
+            raise errors[0]
+        torch.testing.assert_close(torch.cat(outs, dim=1), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_mlx_does_not_run_ranks_of_an_moe_group(moe_ckpts):
+    from shoal.engine.loader import load_shard
+    from shoal.models.base import Part
+
+    part = Part(rank=0, size=2, experts=(0, 4))
+    with pytest.raises(ValueError, match="not run on MLX"):
+        load_shard(str(moe_ckpts["qwen3-moe"]), part, device=MLX)

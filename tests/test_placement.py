@@ -549,10 +549,10 @@ def test_a_node_with_a_24gb_card_takes_the_layers_and_is_priced_by_its_card():
 EXO = {"qwen3-235b-a22b-4bit": {1: 19.5, 2: 26.2, 4: 31.9}, "deepseek-v3.1-4bit": {1: 21.1, 2: 27.8, 4: 32.5}}
 
 
-def studios(n: int, kind: str = "rdma") -> dict:
+def studios(n: int, kind: str = "rdma", device: str = "mlx") -> dict:
     names = [f"s{i + 1}" for i in range(n)]
     latency, gbps = (5, 75) if kind == "rdma" else (300, 40)
-    return {"nodes": [{"name": x, "device": "mlx", "memory_gb": 512, "bandwidth_gbs": 800, "tflops": 28} for x in names],
+    return {"nodes": [{"name": x, "device": device, "memory_gb": 512, "bandwidth_gbs": 800, "tflops": 28} for x in names],
             "links": [{"a": a, "b": b, "kind": kind, "latency_us": latency, "bandwidth_gbps": gbps}
                       for i, a in enumerate(names) for b in names[i + 1 :]]}
 
@@ -644,7 +644,8 @@ def test_a_real_placement_chooses_tensor_inside_an_moe_only_where_the_engine_run
     from shoal.catalog import CATALOG
     from shoal.placement.cluster_spec import cluster_view, parse_cluster_spec
 
-    view = cluster_view(parse_cluster_spec(studios(4)))
+    # CPU nodes: the numba engine runs these groups (an MLX node holds whole stages of an MoE).
+    view = cluster_view(parse_cluster_spec(studios(4, device="cpu")))
     for model in ("qwen3-235b-a22b-4bit", "deepseek-v3.1-4bit"):  # models/mixtral.py and deepseek.py run it
         spec = ModelSpec.from_catalog(CATALOG[model])
         p = plan(spec, view)
@@ -657,6 +658,9 @@ def test_a_real_placement_chooses_tensor_inside_an_moe_only_where_the_engine_run
         plan(other, view, PlacementRequest(strategy="tensor"))
     dry = plan(other, view, hypothetical=True)
     assert dry.strategy == "tensor" and "priced only" in dry.reason
+    # The same Macs as a live cluster: their MLX ranks do not join MoE groups, so no group is placed.
+    macs = cluster_view(parse_cluster_spec(studios(4)))
+    assert all(len(st) == 1 for st in plan(ModelSpec.from_catalog(CATALOG["deepseek-v3.1-4bit"]), macs).stages)
 
 
 def test_link_kinds_are_priced_differently():
@@ -687,6 +691,28 @@ def test_mlx_nodes_hold_weights_as_stored_and_read_at_their_gpu_bandwidth():
     assert held.free_bytes == pytest.approx(mlx.free_bytes * m.weight_bytes / m.stored_bytes, rel=1e-3)
     kimi = ModelSpec.from_catalog(CATALOG["kimi-k2-thinking"])
     assert kimi.moe.num_experts == 384 and kimi.stored_bytes / kimi.weight_bytes < 0.8  # bf16 dense part, not float32
+
+
+def test_mlx_nodes_join_dense_tensor_groups_and_hold_whole_stages_of_an_moe():
+    """On a live cluster an MLX node joins the tensor groups of the dense families its backend cuts
+    (engine/mlx_backend.py), and never an MoE's expert or tensor group, where its runner would refuse
+    to load: those plans group the CPU nodes only, and asking for a group of MLX nodes says why."""
+
+    def mlx(name: str) -> NodeView:
+        n = node(name, 512, bw=400)
+        return n.model_copy(update={"profile": n.profile.model_copy(update={"device": "mlx"})})
+
+    view = cluster([mlx("m1"), mlx("m2"), node("c1", 512, bw=400), node("c2", 512, bw=400)])
+    dense = plan(spec(), view, PlacementRequest(strategy="tensor", nodes=["m1", "c1"]))
+    assert [s.node_name for s in dense.shards] == ["m1", "c1"] and dense.shards[0].device == "mlx"
+    every = plan_each_strategy(_kimi(), view, PlacementRequest(context=8192))
+    grouped = [every[k] for k in ("expert", "tensor", "hybrid") if isinstance(every[k], Placement)]
+    assert grouped  # the CPU nodes still make groups
+    for p in grouped + [every["auto"]]:
+        for st in p.stages:
+            assert len(st) == 1 or all(s.device != "mlx" for s in st), (p.strategy, p.stages)
+    with pytest.raises(PlacementError, match="MLX node joins the tensor groups of llama"):
+        plan(_kimi(), view, PlacementRequest(strategy="expert", nodes=["m1", "m2"], context=8192))
 
 
 def test_bf16_parts_are_priced_as_held_two_bytes_a_parameter():

@@ -37,6 +37,9 @@ if TYPE_CHECKING:  # torch is imported where a device is used, not by a node tha
     from torch import nn
 
 DEVICE_CHOICES = "auto, cpu, torch-cpu, cuda, cuda:N, mps, mlx"
+# The families whose MLX ranks join tensor groups (engine/mlx_backend.py cuts their layers); an MLX
+# node holds whole stages of any other model, and the planner places it so.
+MLX_TENSOR_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 CARD_USABLE = 0.9  # of a card's memory, for shards: the rest is the CUDA context, allocator slack, activations
 
 

@@ -17,8 +17,16 @@ sampler and the wire see what every other backend gives them and a pipeline may 
 with numba or torch stages. The caches are mlx-lm's `KVCache`, one per layer per sequence (its
 `offset` is the sequence's position: it must agree with the layout's positions). A flat batch is
 run sequence by sequence through the layers (correct first; one lazy graph for the whole step, one
-`mx.eval`), not yet as one padded batch. A shard is a whole stage: MLX ranks of a tensor or expert
-group, and vocabulary slices, are not offered here.
+`mx.eval`), not yet as one padded batch.
+
+A rank of a dense model's tensor group (Llama, Qwen2, Qwen3: `Part.kv_heads`, `Part.ffn`, `Part.vocab`)
+is mlx-lm's model with each layer cut to the part after loading: q/k/v and gate/up keep their rows,
+o_proj and down_proj their input columns, the embedding and head their vocabulary rows. mlx-lm's own
+`shard` needs an `mx.distributed` group and even splits; shoal's ranks sum over the runner's
+encrypted links (runner/stage.TensorGroup) in uneven shares, so o_proj and down_proj are wrapped in
+`SummedOverGroup`, which completes each rank's partial product with the group's all-reduce — the same
+two collectives a layer, in the same order, as a numba or torch rank, so MLX, CPU and CUDA ranks make
+one group. Ranks of an MoE model's expert or tensor group are not offered here.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import infer_quant_config
 
-from shoal.models.base import BatchLayout, Part
+from shoal.engine.device import MLX_TENSOR_FAMILIES
+from shoal.models.base import BatchLayout, Part, all_reduce
 from shoal.weights.errors import ModelFileError
 from shoal.weights.gguf import GGUFCheckpoint, hf_name
 from shoal.weights.hf import HFCheckpoint
@@ -74,15 +83,17 @@ class MLXShard:
         # What the hidden states are computed in: the weights' own float dtype (float32 for fp32
         # checkpoints and for GGUF, whose fp16 scales are widened at load; bf16 for bf16 and MLX ones).
         self.dtype = self.layers[0].input_layernorm.weight.dtype
+        self.group = None  # the tensor group a vocabulary-split embedding sums over (`shard`)
 
     # -- loading
 
     @classmethod
     def load(cls, ckpt: HFCheckpoint | GGUFCheckpoint, args: Any, part: Part) -> MLXShard:
         """Build the part's share of mlx-lm's model and read only its tensors from `ckpt`."""
-        if part.size > 1 or part.vocab is not None:
-            raise ValueError("--device mlx runs whole stages: no tensor or expert group, no vocabulary slice")
         config = _rope_keys(dict(ckpt.config))
+        if part.size > 1 and (config["model_type"] not in MLX_TENSOR_FAMILIES or part.kv_heads is None or part.ffn is None):
+            raise ValueError(f"--device mlx: a rank of a {config['model_type']} group is not run on MLX (MLX ranks "
+                             f"join tensor groups of {', '.join(MLX_TENSOR_FAMILIES)}; place an MoE's groups on CPU or CUDA nodes)")
         gguf = isinstance(ckpt, GGUFCheckpoint)
         if gguf and ckpt.rope_freqs is not None:
             raise ModelFileError(ckpt.path, "--device mlx: GGUF RoPE frequency factors (Llama 3.1) are not read; use the HF checkpoint")
@@ -114,6 +125,8 @@ class MLXShard:
             model.load_weights(list(weights.items()), strict=True)
         except ValueError as e:
             raise ModelFileError(ckpt.path, f"--device mlx: the checkpoint does not fit mlx-lm's model ({e})") from None
+        if part.size > 1:
+            _cut_to_part(model, part, tied)
         mx.eval(model.parameters())
         return cls(args, part, model, tied)
 
@@ -123,9 +136,13 @@ class MLXShard:
         return self
 
     def shard(self, group: Any | None) -> MLXShard:
-        """A whole stage has no group to join (see the module's docstring)."""
-        if group is not None:
-            raise ValueError("--device mlx runs whole stages, not ranks of a tensor or expert group")
+        """Join the stage's tensor group (runner/stage.TensorGroup, or any object with its
+        `allreduce([x])`): the vocabulary-split embedding and every `SummedOverGroup` sum over it."""
+        if self.part.size == 1:
+            return self
+        self.group = group
+        for layer in self.layers:
+            layer.self_attn.o_proj.group = layer.mlp.down_proj.group = group
         return self
 
     def make_cache(self) -> list[KVCache]:
@@ -159,7 +176,14 @@ class MLXShard:
     __call__ = forward
 
     def _embed(self, ids: torch.Tensor) -> mx.array:
-        return self.embed_tokens(mx.array(ids.numpy())).astype(self.dtype)
+        if self.part.vocab is None:
+            return self.embed_tokens(mx.array(ids.numpy())).astype(self.dtype)
+        # This rank's vocabulary rows: zeros for the other tokens, and the group's sum assembles each row.
+        v0, v1 = self.part.vocab
+        mine = (ids >= v0) & (ids < v1)
+        rows = self.embed_tokens(mx.array(torch.where(mine, ids - v0, 0).numpy()))
+        h = _to_host(rows * mx.array(mine.numpy())[:, None])
+        return self._in(all_reduce(h, self.group))
 
     def _in(self, h: torch.Tensor) -> mx.array:
         return mx.array(h.numpy()).astype(self.dtype)
@@ -178,6 +202,78 @@ class MLXShard:
             out.append(x[0])
             row += n
         return mx.concatenate(out) if len(out) > 1 else out[0]
+
+
+# ----------------------------------------------------------------------------- tensor groups
+
+
+class SummedOverGroup(nn.Module):
+    """A row-split layer (o_proj, down_proj holding some input columns): its output is this rank's
+    share of the product, and the group's all-reduce (models/base.all_reduce, over the runner's
+    links) makes it the whole. The sum runs on host float32, as every rank's partials travel."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.group = None  # set by MLXShard.shard
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.layer(x)
+        total = all_reduce(_to_host(y.reshape(-1, y.shape[-1])), self.group)  # (tokens, hidden), as every rank sends it
+        return mx.array(total.numpy()).astype(y.dtype).reshape(y.shape)
+
+
+def _cut_to_part(model: nn.Module, part: Part, tied: bool) -> None:
+    """Cut the loaded (still lazy) layers, embedding and head to a tensor-parallel rank's share, as
+    models/llama.slice_weight cuts the numba engine's: q/k/v and gate/up by output rows (the part's
+    KV heads with their query heads, its MLP columns), o_proj and down_proj by input columns (wrapped
+    to sum over the group), embedding and head by vocabulary rows. Only the kept slices are then read."""
+    kv0, kv1 = part.kv_heads
+    f0, f1 = part.ffn
+    for layer in model.model.layers[part.start : part.end]:
+        attn, mlp = layer.self_attn, layer.mlp
+        per_kv = attn.n_heads // attn.n_kv_heads
+        d = attn.k_proj.weight.shape[0] // attn.n_kv_heads
+        _keep_rows(attn.q_proj, kv0 * per_kv * d, kv1 * per_kv * d)
+        _keep_rows(attn.k_proj, kv0 * d, kv1 * d)
+        _keep_rows(attn.v_proj, kv0 * d, kv1 * d)
+        attn.o_proj = SummedOverGroup(_keep_cols(attn.o_proj, kv0 * per_kv * d, kv1 * per_kv * d, part.rank == 0))
+        attn.n_heads, attn.n_kv_heads = (kv1 - kv0) * per_kv, kv1 - kv0
+        _keep_rows(mlp.gate_proj, f0, f1)
+        _keep_rows(mlp.up_proj, f0, f1)
+        mlp.down_proj = SummedOverGroup(_keep_cols(mlp.down_proj, f0, f1, part.rank == 0))
+    if part.vocab is not None:
+        v0, v1 = part.vocab
+        if model.model.embed_tokens is not None:  # a tied head is this same (cut) table
+            _keep_rows(model.model.embed_tokens, v0, v1)
+        if part.has_head and not tied:
+            _keep_rows(model.lm_head, v0, v1)
+
+
+def _keep_rows(layer: nn.Module, a: int, b: int) -> None:
+    """Output rows [a, b) of a linear or embedding, plain or packed (the packed rows' scales and
+    biases go with them)."""
+    for key in ("weight", "scales", "biases", "bias"):
+        if key in layer:
+            layer[key] = layer[key][a:b]
+
+
+def _keep_cols(layer: nn.Module, a: int, b: int, keeps_bias: bool) -> nn.Module:
+    """Input columns [a, b) of a linear, plain or packed. A packed layer is cut between whole
+    quantization groups; a bias is added once, by the group's first rank."""
+    if "scales" in layer:
+        g, bits = layer.group_size, layer.bits
+        if a % g or b % g:
+            raise ValueError(f"--device mlx: a tensor-parallel cut at columns {a}-{b} splits a quantization group of {g}")
+        layer.weight = layer.weight[:, a * bits // 32 : b * bits // 32]
+        layer.scales = layer.scales[:, a // g : b // g]
+        if "biases" in layer:
+            layer.biases = layer.biases[:, a // g : b // g]
+    else:
+        layer.weight = layer.weight[:, a:b]
+    if "bias" in layer and not keeps_bias:
+        del layer["bias"]
+    return layer
 
 
 # ----------------------------------------------------------------------------- prefix copies
@@ -278,4 +374,4 @@ def _to_host(a: mx.array) -> torch.Tensor:
     return torch.from_numpy(np.array(a.astype(mx.float32)))
 
 
-__all__ = ["MLXShard", "keep_prefix", "load_prefix", "mlx_family"]
+__all__ = ["MLXShard", "SummedOverGroup", "keep_prefix", "load_prefix", "mlx_family"]

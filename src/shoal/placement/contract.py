@@ -47,8 +47,8 @@ class ShardPlan(BaseModel):
     device: str = "cpu"
     experts: tuple[int, int] | None = None  # expert parallel: the routed experts [a, b) held here
     shared: tuple[int, int] | None = None  # expert parallel: the shared experts' columns [a, b) held here
-    # Tensor parallel inside an MoE group (priced by dry runs only; the engine does not run it yet):
-    # the columns [a, b) of every routed expert's intermediate held here.
+    # Tensor parallel inside an MoE group (planner.TENSOR_MOE families; any family in a dry run): the
+    # columns [a, b) of every routed expert's intermediate held here.
     expert_cols: tuple[int, int] | None = None
     # The node's measured-decode correction this rank was priced with (placement/feedback.py): what
     # a measurement of this placement is corrected from.

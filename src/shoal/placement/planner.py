@@ -35,6 +35,7 @@ import math
 from collections.abc import Iterator
 
 from shoal.cluster.topology import ClusterView
+from shoal.engine.device import MLX_TENSOR_FAMILIES
 from shoal.placement.contract import (
     Placement,
     PlacementError,
@@ -96,6 +97,8 @@ def plan(
     for subset in _subsets(nodes, request):
         for kind in kinds:
             for stages in _layouts(subset, kind, spec, request, view, cal, fixed_order=bool(request.nodes)):
+                if not hypothetical and not _runnable(stages, spec):
+                    continue
                 got = _build(spec, view, stages, kind, context, request.prompt_tokens, cal)
                 if isinstance(got, _Shortfall):
                     if shortfall is None or got.missing < shortfall.missing:
@@ -203,6 +206,14 @@ def _layouts(
                 yield groups
             else:
                 yield _chain_groups([_entry_first(g) for g in groups], view, cal)
+
+
+def _runnable(stages: list[list[NodeRes]], spec: ModelSpec) -> bool:
+    """Whether every group's ranks can run their share: an MLX node joins only the tensor groups of
+    the dense families its backend cuts (engine/mlx_backend.py); in any other group it would refuse
+    to load, so such layouts are never offered (it still holds whole stages of any model)."""
+    mlx_cuts = not spec.is_moe and spec.architecture in MLX_TENSOR_FAMILIES
+    return all(mlx_cuts or len(g) == 1 or all(n.device != "mlx" for n in g) for g in stages)
 
 
 def _entry_first(nodes: list[NodeRes]) -> list[NodeRes]:
@@ -603,7 +614,11 @@ def _refusal(
     if shortfall is None:
         what = request.strategy if request.strategy != "auto" else "any strategy"
         hint = ""
-        if request.strategy == "tensor" and spec.is_moe:
+        mlx_whole = any(n.device == "mlx" for n in nodes) and (spec.is_moe or spec.architecture not in MLX_TENSOR_FAMILIES)
+        if mlx_whole and request.strategy in ("tensor", "expert", "hybrid"):
+            hint = (f" (an MLX node joins the tensor groups of {', '.join(MLX_TENSOR_FAMILIES)} models only; it holds "
+                    "whole stages of this one: use strategy pipeline, or group the CPU and CUDA nodes)")
+        elif request.strategy == "tensor" and spec.is_moe:
             hint = " (tensor parallel is not built for mixture-of-experts models: use strategy expert)"
         elif request.strategy == "expert" and not spec.is_moe:
             hint = " (expert parallel is for mixture-of-experts models)"
