@@ -204,10 +204,49 @@ def test_mlx_ranks_join_a_tensor_group(tmp_path, kind):
         torch.testing.assert_close(torch.cat(outs, dim=1), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_mlx_does_not_run_ranks_of_an_moe_group(moe_ckpts):
+def test_mlx_does_not_run_ranks_of_an_expert_group(moe_ckpts):
     from shoal.engine.loader import load_shard
     from shoal.models.base import Part
 
     part = Part(rank=0, size=2, experts=(0, 4))
     with pytest.raises(ValueError, match="not run on MLX"):
         load_shard(str(moe_ckpts["qwen3-moe"]), part, device=MLX)
+
+
+@pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral", "deepseek-v3", "kimi-k2"])
+def test_an_mlx_rank_joins_a_tensor_group_inside_an_moe(moe_ckpts, kind):
+    """Tensor parallel inside an MoE group as exo runs it on Macs, with rank 0 on MLX and rank 1 on
+    the numba engine, cut unevenly: heads (GQA KV heads with their query heads; MLA heads with their
+    per-head latent projections), every routed expert's columns, the shared experts' and dense MLPs'
+    columns. Greedy tokens and logits equal the whole model's, with two all-reduces a layer a step."""
+    from test_moe import IDS, LONG, HandAllReduce, greedy, run_ranks, shard_step
+
+    from shoal.engine.loader import load_shard
+    from shoal.models.base import Part
+
+    path = moe_ckpts[kind]
+    whole = load_model(str(path), with_tokenizer=False).model
+    args = whole.args
+    mla = kind in ("deepseek-v3", "kimi-k2")
+    width = args.moe_intermediate_size if mla else args.expert_size
+    n_experts = args.n_routed_experts if mla else args.n_experts
+    heads = args.num_attention_heads if mla else args.num_key_value_heads
+    shared = args.shared_size if mla else 0
+
+    def thirds(n: int) -> list[tuple[int, int]]:
+        cut = max(1, n // 3)
+        return [(0, cut), (cut, n)]
+
+    group = HandAllReduce(2)
+    parts = [Part(rank=r, size=2, kv_heads=thirds(heads)[r], ffn=thirds(args.intermediate_size)[r],
+                  experts=tuple(range(n_experts)), expert_cols=thirds(width)[r], shared=thirds(shared)[r] if shared else None)
+             for r in range(2)]
+    shards = [load_shard(str(path), p, device=d).model.shard(group.member(p.rank)) for p, d in zip(parts, (MLX, None))]
+    assert isinstance(shards[0], MLXShard) and not isinstance(shards[1], MLXShard)
+    ids = LONG[:12] if mla else IDS[:9]
+    want_tokens, want_logits = greedy(shard_step(whole, whole.make_cache()), ids, 8)
+    got = run_ranks(shards, lambda r, m: greedy(shard_step(m, m.make_cache()), ids, 8))
+    for tokens, logits in got:
+        assert tokens == want_tokens
+        torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
+    assert group.calls == 8 * 2 * args.num_hidden_layers

@@ -658,9 +658,9 @@ def test_a_real_placement_chooses_tensor_inside_an_moe_only_where_the_engine_run
         plan(other, view, PlacementRequest(strategy="tensor"))
     dry = plan(other, view, hypothetical=True)
     assert dry.strategy == "tensor" and "priced only" in dry.reason
-    # The same Macs as a live cluster: their MLX ranks do not join MoE groups, so no group is placed.
+    # The same Macs as a live cluster: their MLX ranks join the tensor group inside the MoE too.
     macs = cluster_view(parse_cluster_spec(studios(4)))
-    assert all(len(st) == 1 for st in plan(ModelSpec.from_catalog(CATALOG["deepseek-v3.1-4bit"]), macs).stages)
+    assert plan(ModelSpec.from_catalog(CATALOG["deepseek-v3.1-4bit"]), macs).strategy == "tensor"
 
 
 def test_link_kinds_are_priced_differently():
@@ -693,10 +693,10 @@ def test_mlx_nodes_hold_weights_as_stored_and_read_at_their_gpu_bandwidth():
     assert kimi.moe.num_experts == 384 and kimi.stored_bytes / kimi.weight_bytes < 0.8  # bf16 dense part, not float32
 
 
-def test_mlx_nodes_join_dense_tensor_groups_and_hold_whole_stages_of_an_moe():
-    """On a live cluster an MLX node joins the tensor groups of the dense families its backend cuts
-    (engine/mlx_backend.py), and never an MoE's expert or tensor group, where its runner would refuse
-    to load: those plans group the CPU nodes only, and asking for a group of MLX nodes says why."""
+def test_mlx_nodes_join_tensor_groups_but_never_an_expert_group():
+    """On a live cluster an MLX node joins tensor groups, an MoE's too (engine/mlx_backend.py cuts
+    the families' layers), and never an expert group, where its runner would refuse to load: those
+    plans group the CPU nodes only, and asking for an expert group of MLX nodes says why."""
 
     def mlx(name: str) -> NodeView:
         n = node(name, 512, bw=400)
@@ -706,12 +706,14 @@ def test_mlx_nodes_join_dense_tensor_groups_and_hold_whole_stages_of_an_moe():
     dense = plan(spec(), view, PlacementRequest(strategy="tensor", nodes=["m1", "c1"]))
     assert [s.node_name for s in dense.shards] == ["m1", "c1"] and dense.shards[0].device == "mlx"
     every = plan_each_strategy(_kimi(), view, PlacementRequest(context=8192))
-    grouped = [every[k] for k in ("expert", "tensor", "hybrid") if isinstance(every[k], Placement)]
-    assert grouped  # the CPU nodes still make groups
-    for p in grouped + [every["auto"]]:
+    macs = plan(_kimi(), view, PlacementRequest(strategy="tensor", nodes=["m1", "m2"], context=8192))
+    assert [s.device for s in macs.shards] == ["mlx", "mlx"] and macs.shards[0].expert_cols is not None
+    expert_groups = [every[k] for k in ("expert", "hybrid") if isinstance(every[k], Placement)]
+    assert expert_groups  # the CPU nodes still make expert groups
+    for p in expert_groups:
         for st in p.stages:
             assert len(st) == 1 or all(s.device != "mlx" for s in st), (p.strategy, p.stages)
-    with pytest.raises(PlacementError, match="MLX node joins the tensor groups of llama"):
+    with pytest.raises(PlacementError, match="MLX node joins tensor groups of llama"):
         plan(_kimi(), view, PlacementRequest(strategy="expert", nodes=["m1", "m2"], context=8192))
 
 

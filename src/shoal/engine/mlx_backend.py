@@ -19,14 +19,16 @@ with numba or torch stages. The caches are mlx-lm's `KVCache`, one per layer per
 run sequence by sequence through the layers (correct first; one lazy graph for the whole step, one
 `mx.eval`), not yet as one padded batch.
 
-A rank of a dense model's tensor group (Llama, Qwen2, Qwen3: `Part.kv_heads`, `Part.ffn`, `Part.vocab`)
-is mlx-lm's model with each layer cut to the part after loading: q/k/v and gate/up keep their rows,
-o_proj and down_proj their input columns, the embedding and head their vocabulary rows. mlx-lm's own
-`shard` needs an `mx.distributed` group and even splits; shoal's ranks sum over the runner's
-encrypted links (runner/stage.TensorGroup) in uneven shares, so o_proj and down_proj are wrapped in
-`SummedOverGroup`, which completes each rank's partial product with the group's all-reduce — the same
-two collectives a layer, in the same order, as a numba or torch rank, so MLX, CPU and CUDA ranks make
-one group. Ranks of an MoE model's expert or tensor group are not offered here.
+A rank of a tensor group (`Part.kv_heads`, `Part.ffn`, `Part.vocab`; inside an MoE also
+`Part.expert_cols` and `Part.shared`) is mlx-lm's model with each layer cut to the part after
+loading (`_cut_to_part`): attention to the part's heads, MLPs and every routed expert to its columns,
+the embedding and head to its vocabulary rows. mlx-lm's own `shard` needs an `mx.distributed` group
+and even splits; shoal's ranks sum over the runner's encrypted links (runner/stage.TensorGroup) in
+uneven shares, so each layer that ends a partial product — o_proj, a dense down_proj, a whole MoE
+layer (routed and shared experts summed once) — is wrapped in `SummedOverGroup`, which completes it
+with the group's all-reduce: the same two collectives a layer, in the same order, as a numba or torch
+rank, so MLX, CPU and CUDA ranks make one group. An expert group's ranks (routed experts split
+between them) are not run on MLX: MLX_TENSOR_FAMILIES in engine/device.py says what is.
 """
 
 from __future__ import annotations
@@ -91,9 +93,11 @@ class MLXShard:
     def load(cls, ckpt: HFCheckpoint | GGUFCheckpoint, args: Any, part: Part) -> MLXShard:
         """Build the part's share of mlx-lm's model and read only its tensors from `ckpt`."""
         config = _rope_keys(dict(ckpt.config))
-        if part.size > 1 and (config["model_type"] not in MLX_TENSOR_FAMILIES or part.kv_heads is None or part.ffn is None):
-            raise ValueError(f"--device mlx: a rank of a {config['model_type']} group is not run on MLX (MLX ranks "
-                             f"join tensor groups of {', '.join(MLX_TENSOR_FAMILIES)}; place an MoE's groups on CPU or CUDA nodes)")
+        if part.size > 1 and (config["model_type"] not in MLX_TENSOR_FAMILIES or part.kv_heads is None
+                              or (part.experts is not None and part.expert_cols is None)):
+            raise ValueError(f"--device mlx: this rank of a {config['model_type']} group is not run on MLX (MLX ranks join "
+                             f"tensor groups, also inside an MoE, of {', '.join(MLX_TENSOR_FAMILIES)}; an expert group's "
+                             "ranks run on CPU or CUDA nodes)")
         gguf = isinstance(ckpt, GGUFCheckpoint)
         if gguf and ckpt.rope_freqs is not None:
             raise ModelFileError(ckpt.path, "--device mlx: GGUF RoPE frequency factors (Llama 3.1) are not read; use the HF checkpoint")
@@ -127,7 +131,9 @@ class MLXShard:
             raise ModelFileError(ckpt.path, f"--device mlx: the checkpoint does not fit mlx-lm's model ({e})") from None
         if part.size > 1:
             _cut_to_part(model, part, tied)
-        mx.eval(model.parameters())
+        # Every array, the modules' private ones too (RoPE frequencies): a lazy array is tied to
+        # the stream of the thread that made it, and a rank may compute on another thread.
+        mx.eval([v for m in model.modules() for v in m.values() if isinstance(v, mx.array)], model.parameters())
         return cls(args, part, model, tied)
 
     # -- the Shard interface (models/base.Shard), on host float32 tensors
@@ -141,8 +147,9 @@ class MLXShard:
         if self.part.size == 1:
             return self
         self.group = group
-        for layer in self.layers:
-            layer.self_attn.o_proj.group = layer.mlp.down_proj.group = group
+        for module in self.model.modules():
+            if isinstance(module, SummedOverGroup):
+                module.group = group
         return self
 
     def make_cache(self) -> list[KVCache]:
@@ -225,23 +232,46 @@ class SummedOverGroup(nn.Module):
 
 def _cut_to_part(model: nn.Module, part: Part, tied: bool) -> None:
     """Cut the loaded (still lazy) layers, embedding and head to a tensor-parallel rank's share, as
-    models/llama.slice_weight cuts the numba engine's: q/k/v and gate/up by output rows (the part's
-    KV heads with their query heads, its MLP columns), o_proj and down_proj by input columns (wrapped
-    to sum over the group), embedding and head by vocabulary rows. Only the kept slices are then read."""
-    kv0, kv1 = part.kv_heads
-    f0, f1 = part.ffn
+    the numba engine's `slice_weight`s cut theirs, so only the kept slices are then read:
+    - attention: the part's heads — GQA's KV heads with their query heads (q/k/v by rows), or MLA's
+      heads (q by rows, the per-head latent projections by head) —, o_proj by input columns;
+    - a dense MLP: gate/up by rows, down by columns ([ffn));
+    - an MoE layer: every routed expert's columns [expert_cols) and the shared experts' [shared),
+      the router whole, and the layer's output (routed plus shared partials) summed once;
+    - the embedding and head: the vocabulary rows [vocab).
+    Every sum over the group is a `SummedOverGroup`: two a layer, as on every other backend."""
     for layer in model.model.layers[part.start : part.end]:
-        attn, mlp = layer.self_attn, layer.mlp
-        per_kv = attn.n_heads // attn.n_kv_heads
-        d = attn.k_proj.weight.shape[0] // attn.n_kv_heads
-        _keep_rows(attn.q_proj, kv0 * per_kv * d, kv1 * per_kv * d)
-        _keep_rows(attn.k_proj, kv0 * d, kv1 * d)
-        _keep_rows(attn.v_proj, kv0 * d, kv1 * d)
-        attn.o_proj = SummedOverGroup(_keep_cols(attn.o_proj, kv0 * per_kv * d, kv1 * per_kv * d, part.rank == 0))
-        attn.n_heads, attn.n_kv_heads = (kv1 - kv0) * per_kv, kv1 - kv0
-        _keep_rows(mlp.gate_proj, f0, f1)
-        _keep_rows(mlp.up_proj, f0, f1)
-        mlp.down_proj = SummedOverGroup(_keep_cols(mlp.down_proj, f0, f1, part.rank == 0))
+        attn = layer.self_attn
+        if "kv_a_proj_with_mqa" in attn:  # MLA (DeepSeek-V3, Kimi-K2): the latent projections stay whole
+            h0, h1 = part.kv_heads
+            _keep_rows(attn.q_b_proj if "q_b_proj" in attn else attn.q_proj, h0 * attn.q_head_dim, h1 * attn.q_head_dim)
+            for per_head in (attn.embed_q, attn.unembed_out):
+                for key in ("weight", "scales", "biases"):
+                    if key in per_head:
+                        per_head[key] = per_head[key][h0:h1]
+            attn.o_proj = SummedOverGroup(_keep_cols(attn.o_proj, h0 * attn.v_head_dim, h1 * attn.v_head_dim, part.rank == 0))
+            attn.num_heads = h1 - h0
+        else:
+            heads, kv_heads = ("n_heads", "n_kv_heads") if hasattr(attn, "n_heads") else ("num_heads", "num_key_value_heads")
+            kv0, kv1 = part.kv_heads
+            per_kv = getattr(attn, heads) // getattr(attn, kv_heads)
+            d = attn.k_proj.weight.shape[0] // getattr(attn, kv_heads)
+            _keep_rows(attn.q_proj, kv0 * per_kv * d, kv1 * per_kv * d)
+            _keep_rows(attn.k_proj, kv0 * d, kv1 * d)
+            _keep_rows(attn.v_proj, kv0 * d, kv1 * d)
+            attn.o_proj = SummedOverGroup(_keep_cols(attn.o_proj, kv0 * per_kv * d, kv1 * per_kv * d, part.rank == 0))
+            setattr(attn, heads, (kv1 - kv0) * per_kv)
+            setattr(attn, kv_heads, kv1 - kv0)
+        ffn = "block_sparse_moe" if "block_sparse_moe" in layer else "mlp"  # Mixtral's name, everyone else's
+        mlp = layer[ffn]
+        if "switch_mlp" in mlp:
+            _cut_mlp(mlp.switch_mlp, *part.expert_cols, part.rank == 0)
+            if "shared_experts" in mlp:
+                _cut_mlp(mlp.shared_experts, *(part.shared or (0, mlp.shared_experts.gate_proj.weight.shape[-2])), part.rank == 0)
+            setattr(layer, ffn, SummedOverGroup(mlp))
+        else:
+            _cut_mlp(mlp, *part.ffn, part.rank == 0)
+            mlp.down_proj = SummedOverGroup(mlp.down_proj)
     if part.vocab is not None:
         v0, v1 = part.vocab
         if model.model.embed_tokens is not None:  # a tied head is this same (cut) table
@@ -250,27 +280,37 @@ def _cut_to_part(model: nn.Module, part: Part, tied: bool) -> None:
             _keep_rows(model.lm_head, v0, v1)
 
 
+def _cut_mlp(mlp: nn.Module, a: int, b: int, keeps_bias: bool) -> None:
+    """A gated MLP (or every expert of a SwitchGLU) cut to its intermediate columns [a, b)."""
+    _keep_rows(mlp.gate_proj, a, b)
+    _keep_rows(mlp.up_proj, a, b)
+    _keep_cols(mlp.down_proj, a, b, keeps_bias)
+
+
 def _keep_rows(layer: nn.Module, a: int, b: int) -> None:
-    """Output rows [a, b) of a linear or embedding, plain or packed (the packed rows' scales and
-    biases go with them)."""
-    for key in ("weight", "scales", "biases", "bias"):
+    """Output rows [a, b) of a linear or embedding, plain or packed, or of every expert of a
+    SwitchLinear (the rows are the second-last axis; a packed layer's scales and biases go with them)."""
+    for key in ("weight", "scales", "biases"):
         if key in layer:
-            layer[key] = layer[key][a:b]
+            layer[key] = layer[key][..., a:b, :]
+    if "bias" in layer:
+        layer.bias = layer.bias[..., a:b]
 
 
 def _keep_cols(layer: nn.Module, a: int, b: int, keeps_bias: bool) -> nn.Module:
-    """Input columns [a, b) of a linear, plain or packed. A packed layer is cut between whole
-    quantization groups; a bias is added once, by the group's first rank."""
+    """Input columns [a, b) of a linear (or of every expert of a SwitchLinear), plain or packed. A
+    packed layer is cut between whole quantization groups; a bias is added once, by the group's
+    first rank."""
     if "scales" in layer:
         g, bits = layer.group_size, layer.bits
         if a % g or b % g:
             raise ValueError(f"--device mlx: a tensor-parallel cut at columns {a}-{b} splits a quantization group of {g}")
-        layer.weight = layer.weight[:, a * bits // 32 : b * bits // 32]
-        layer.scales = layer.scales[:, a // g : b // g]
+        layer.weight = layer.weight[..., a * bits // 32 : b * bits // 32]
+        layer.scales = layer.scales[..., a // g : b // g]
         if "biases" in layer:
-            layer.biases = layer.biases[:, a // g : b // g]
+            layer.biases = layer.biases[..., a // g : b // g]
     else:
-        layer.weight = layer.weight[:, a:b]
+        layer.weight = layer.weight[..., a:b]
     if "bias" in layer and not keeps_bias:
         del layer["bias"]
     return layer
