@@ -116,12 +116,12 @@ def runner_pids(node: NodeProc) -> list[int]:
     return [p.pid for p in kids if "shoal.runner" in " ".join(p.cmdline())]
 
 
-def single_process_tokens(model: str, prompt: list[int], max_tokens: int, ignore_eos: bool) -> list[int]:
+def single_process_tokens(model: str, prompt: list[int], max_tokens: int, ignore_eos: bool, weights: str = "stored") -> list[int]:
     from shoal.engine.generate import stream_generate
     from shoal.engine.loader import load_model
     from shoal.engine.sampler import SamplingParams
 
-    lm = load_model(model)
+    lm = load_model(model, weights=weights)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
     return [ev.token for ev, _ in stream_generate(lm.model, lm.tokenizer, prompt, params, CONTEXT) if ev.token is not None]
 
@@ -226,6 +226,33 @@ def run_equivalence(cluster: list[NodeProc], models: list[str], layout: str,
         for inst in placed:
             delete(cluster[0], inst["id"])
     wait_for(lambda: not any(runner_pids(nd) for nd in cluster), 30, what="runners gone")
+
+
+def test_float_matrices_held_as_q8_where_an_instance_asks(cluster4, tiny_models):
+    """`"weights": "q8"` on POST /v1/instances: the preview prices the float32 matrices at 8 bits,
+    the instance records it, and both stages' runners load so — the greedy tokens equal one process
+    loading the checkpoint with weights="q8", not the float32 model's."""
+    model = str(tiny_models["llama"])
+    node = cluster4[0]
+
+    def planned(weights: str) -> int:
+        q = f"/v1/placement?model={urllib.request.quote(model)}&strategy=pipeline&nodes=2&weights={weights}"
+        return sum(s["weight_bytes"] for s in call(node, "GET", q)[1]["plans"]["pipeline"]["shards"])
+
+    assert planned("q8") < 0.45 * planned("stored")
+    status, out = call(node, "POST", "/v1/instances", {"model": model, "strategy": "pipeline", "nodes": 2,
+                                                       "context": CONTEXT, "weights": "q8"}, timeout_s=120)
+    assert status == 202, out
+    try:
+        inst = wait_ready(node, out["instance"]["id"])
+        assert inst["weights"] == "q8" and len(inst["shards"]) == 2
+        logs = [p.read_text() for nd in cluster4 for p in (nd.home / "runners").glob(f"{inst['id']}-*.log")]
+        assert len(logs) == 2 and all("weights q8" in text for text in logs), logs
+        want = single_process_tokens(model, TINY_PROMPT, 16, ignore_eos=True, weights="q8")
+        assert generate(cluster4[-1], inst["id"], TINY_PROMPT, 16, ignore_eos=True) == want
+    finally:
+        delete(node, out["instance"]["id"])
+    wait_for(lambda: not any(runner_pids(nd) for nd in cluster4), 30, what="runners gone")
 
 
 # -- in-process: the tensor-parallel slicing itself -----------------------------------------------------

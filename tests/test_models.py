@@ -186,6 +186,42 @@ def test_bf16_checkpoint(tmp_path, kind):
             torch.testing.assert_close(step[0], run_ref(ref, IDS[: pos + 1])[-1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_bf16_checkpoint_held_as_q8_where_asked(tmp_path, kind):
+    """`weights="q8"` (a placement's PlacementRequest.weights): every bf16 linear, the embedding and
+    the head held as 8-bit codes with a float32 scale per 32 (quant/formats.quantize_sym8), the
+    planner's spec counting exactly the bytes held, and the logits equal transformers' on the same
+    weights rounded through the 8-bit codes — a prompt and decode steps after it."""
+    from shoal.engine.loader import load_shard
+    from shoal.models.base import Part
+    from shoal.placement.spec import ModelSpec
+    from shoal.quant.formats import quantize_sym8
+    from shoal.quant.kernels import dequantize
+    from shoal.quant.linear import QuantLinear
+
+    path, ref = make_checkpoint(tmp_path, kind, dtype=torch.bfloat16)
+    lm = load_shard(str(path), Part(), weights="q8")
+    linears = [m for m in lm.model.modules() if isinstance(m, (QuantLinear, torch.nn.Linear))]
+    assert linears and all(isinstance(m, QuantLinear) and m.qweight.kind == "q8_sym" for m in linears)
+    assert lm.model.embed_tokens.quantized is not None
+    spec, stored = ModelSpec.from_checkpoint(path, weights="q8"), ModelSpec.from_checkpoint(path)
+    held = sum(m.qweight.nbytes + (0 if m.bias is None else m.bias.numel() * 4)
+               for m in lm.model.layers[0].modules() if isinstance(m, QuantLinear))
+    assert spec.attn_bytes + spec.mlp_bytes == held and spec.embed_bytes == lm.model.embed_tokens.quantized.nbytes
+    assert spec.weight_bytes < 0.6 * stored.weight_bytes and spec.quant_group == 32
+    with torch.no_grad():  # the reference: the same weights, each matrix through the 8-bit codes and back
+        for name, t in ref.named_parameters():
+            if t.dim() == 2:
+                t.copy_(torch.from_numpy(dequantize(quantize_sym8(t.numpy(), 32))))
+    torch.testing.assert_close(run_ours(lm, IDS), run_ref(ref, IDS), atol=1e-4, rtol=1e-4)
+    caches = [lm.model.make_cache()]
+    with torch.inference_mode():
+        lm.model(torch.tensor(IDS[:6]), BatchLayout([6], torch.arange(6), caches))
+        for pos in range(6, len(IDS)):
+            step = lm.model(torch.tensor([IDS[pos]]), BatchLayout([1], torch.tensor([pos]), caches))
+            torch.testing.assert_close(step[0], run_ref(ref, IDS[: pos + 1])[-1], atol=1e-4, rtol=1e-4)
+
+
 def _mlx_pack(w: np.ndarray, bits: int, group: int):
     """MLX's affine quantization, written out plainly: per group, scale=(max-min)/(2^bits-1), bias=min;
     codes packed little end first into uint32 words."""

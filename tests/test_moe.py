@@ -381,3 +381,34 @@ def test_int4_expert_shard_keeps_experts_packed(tmp_path):
     held = [mod for mod in m.modules() if isinstance(mod, RoutedExperts)]
     assert held and all(isinstance(lin.qweight, QuantizedWeight) for h in held for lin in h.gate_up)
     assert np.all([lin.qweight.kind == "q4_affine" for h in held for lin in h.down])
+
+
+@pytest.mark.parametrize("kind", ["deepseek-v3", "qwen3-moe"])
+def test_a_bf16_moe_held_as_q8_where_asked(tmp_path, kind):
+    """A bf16 MoE checkpoint placed with `weights="q8"`: its linear layers — attention (MLA's latent
+    projections too), routed and shared experts — and the embedding and head held as 8-bit codes
+    with a float32 scale per 32, the routers as stored. Logits equal transformers' on the same
+    weights, each matrix rounded through the 8-bit codes; the planner prices it below the stored
+    checkpoint (bf16 held as bf16)."""
+    from shoal.placement.spec import ModelSpec
+    from shoal.quant.formats import quantize_sym8
+    from shoal.quant.kernels import dequantize
+    from shoal.quant.linear import BF16Linear, QuantLinear
+
+    path = make_checkpoint(kind, tmp_path / kind, experts=8, layers=2, fmt="bf16", seed=1)
+    ours = load_shard(str(path), Part(), weights="q8").model
+    q8 = [m for m in ours.modules() if isinstance(m, QuantLinear) and m.qweight.kind == "q8_sym"]
+    left = [m for m in ours.modules() if isinstance(m, BF16Linear)]
+    assert q8 and not left
+    held = [m for m in ours.modules() if isinstance(m, RoutedExperts)]
+    assert held and {m.qweight.kind for e in held for m in e.modules() if isinstance(m, QuantLinear)} == {"q8_sym"}
+    ref = reference(path, tmp_path)
+    with torch.no_grad():
+        for name, t in ref.named_parameters():
+            matrix = name.endswith(("proj.weight", "proj_with_mqa.weight", "embed_tokens.weight", "lm_head.weight",
+                                    "experts.gate_up_proj", "experts.down_proj"))
+            if matrix and t.shape[-1] % 32 == 0:
+                rows = t.reshape(-1, t.shape[-1])
+                t.copy_(torch.from_numpy(dequantize(quantize_sym8(rows.numpy(), 32))).reshape(t.shape))
+    torch.testing.assert_close(run_ours(ours, IDS[:9]), run_ref(ref, IDS[:9]), atol=1e-4, rtol=1e-4)
+    assert ModelSpec.from_checkpoint(path, weights="q8").weight_bytes < 0.7 * ModelSpec.from_checkpoint(path).weight_bytes

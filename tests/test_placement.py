@@ -606,6 +606,15 @@ def test_cluster_spec_file_errors_and_the_cli_json(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["plans"]["auto"]["strategy"] == "tensor" and out["plans"]["auto"]["prediction"]["decode_tokens_per_s"] > 20
     assert set(out["plans"]) == {"auto", "pipeline", "tensor", "expert", "hybrid"}
+    # --weights q8: a bf16 model's matrices (and Kimi-K2-Thinking's bf16 dense part) priced at 8 bits.
+    for model, below in (("llama-3.1-70b", 0.6), ("kimi-k2-thinking", 0.99)):  # Kimi: ~10 GB of its 784
+        held = {}
+        for weights in ("stored", "q8"):
+            assert run_place(ap.parse_args([model, "--dry-run", "--json", "--cluster-spec", str(good), "--weights", weights])) == 0
+            plan_ = json.loads(capsys.readouterr().out)["plans"]["pipeline"]
+            assert plan_["weights"] == weights
+            held[weights] = sum(s["weight_bytes"] for s in plan_["shards"])
+        assert held["q8"] < below * held["stored"], (model, held)
     assert run_place(ap.parse_args(["deepseek-v3.1-4bit", "--cluster-spec", str(good)])) == 2  # needs --dry-run
     assert run_place(ap.parse_args(["deepseek-v3.1-4bit", "--dry-run", "--cluster-spec", str(bad)])) == 2
     assert "is not JSON" in capsys.readouterr().err

@@ -71,7 +71,7 @@ class Coordinator:
         self.ended: collections.deque[Coordinated] = collections.deque(maxlen=KEEP_ENDED_INSTANCES)
         self.cluster: list[InstanceRecord] = []  # the last cluster-wide listing
         self._heard: dict[str, list[InstanceRecord]] = {}  # node id -> what it coordinates, as last heard
-        self._specs: dict[str, ModelSpec] = {}
+        self._specs: dict[tuple[str, str], ModelSpec] = {}  # by (model, weights)
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -142,8 +142,8 @@ class Coordinator:
         return out
 
     # -- placing ----------------------------------------------------------------------------------
-    async def spec_of(self, model: str) -> ModelSpec:
-        spec = self._specs.get(model)
+    async def spec_of(self, model: str, weights: str = "stored") -> ModelSpec:
+        spec = self._specs.get((model, weights))
         if spec is None:
             from shoal.engine.loader import ModelNotFound, check_network_reference
             from shoal.placement.spec import spec_for
@@ -151,16 +151,16 @@ class Coordinator:
 
             try:
                 check_network_reference(model)
-                spec = await asyncio.to_thread(spec_for, model)
+                spec = await asyncio.to_thread(spec_for, model, weights)
             except (ModelNotFound, ModelFileError) as e:
                 raise InstanceError(404, str(e)) from None
-            self._specs[model] = spec
+            self._specs[(model, weights)] = spec
         return spec
 
     async def create(self, body: CreateInstance) -> tuple[InstanceRecord, bool]:
         """(the instance, whether it is new): a model that already has a live instance gets that one
         back unless a replica is asked for."""
-        spec = await self.spec_of(body.model)
+        spec = await self.spec_of(body.model, body.weights)
         request = body.request()
         last_error = ""
         for _ in range(PLACE_ATTEMPTS):
@@ -431,14 +431,14 @@ class Coordinator:
     async def _best_plan(self, inst: Coordinated, lists: dict[str, ListReply]) -> Placement | None:
         """The plan a fresh placement of this instance would get now (its own memory counted free)."""
         try:
-            spec = await self.spec_of(inst.model)
+            spec = await self.spec_of(inst.model, inst.placement.weights)
             view = self.view
             view = view.model_copy(update={"nodes": [n for n in view.nodes if n.id in lists and n.id not in inst.exclude]})
             reserved = self.reserved_by_node(lists)
             for nid, b in inst.placement.memory_by_node().items():
                 if nid in reserved:
                     reserved[nid] -= b
-            return plan(spec, view, PlacementRequest(context=inst.placement.context), reserved)
+            return plan(spec, view, PlacementRequest(context=inst.placement.context, weights=inst.placement.weights), reserved)
         except (PlacementError, InstanceError):
             return None
 
@@ -548,10 +548,10 @@ class Coordinator:
         answering = set(lists)
         lists = {nid: r for nid, r in (await self.gather_lists()).items() if nid in answering}  # their memory is free now
         inst.planned_on = set(lists) - inst.exclude
-        spec = await self.spec_of(inst.model)
+        spec = await self.spec_of(inst.model, inst.placement.weights)
         if inst.ended:
             return
-        request = PlacementRequest(context=inst.placement.context)
+        request = PlacementRequest(context=inst.placement.context, weights=inst.placement.weights)
         refused = ""
         for _ in range(PLACE_ATTEMPTS):
             view = self.view

@@ -144,7 +144,8 @@ class Host:
                            num_layers=max(s.layers[1] for s in msg.placement.shards), context=msg.placement.context,
                            master_port=msg.master_port, threads=shard.threads,
                            secret=instance_secret(self._wire_root, msg.instance_id, msg.epoch, msg.coordinator).hex(),
-                           kv_budget_bytes=self.kv_budget_bytes if msg.rank == 0 else None, device=self.device)
+                           kv_budget_bytes=self.kv_budget_bytes if msg.rank == 0 else None, device=self.device,
+                           weights=msg.placement.weights)
         log_path = self.home / "runners" / f"{msg.instance_id}-{msg.rank}.log"
         hosted: Hosted | None = None
 

@@ -155,8 +155,9 @@ class PublicRoutes:
             req = PlacementRequest(strategy=q.get("strategy", "auto"), nodes=names,
                                    node_count=int(nodes) if nodes and nodes.isdigit() else None,
                                    context=int(q["context"]) if "context" in q else None,
-                                   tp_size=int(q["tp_size"]) if "tp_size" in q else None)
-            spec = await co.spec_of(model)
+                                   tp_size=int(q["tp_size"]) if "tp_size" in q else None,
+                                   weights=q.get("weights", "stored"))
+            spec = await co.spec_of(model, req.weights)
         except (ValidationError, ValueError) as e:
             return _error(400, f"bad query: {e}")
         except InstanceError as e:

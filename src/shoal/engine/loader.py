@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import numpy as np
 import torch
 
 from shoal.catalog import CATALOG, DEFAULT_MODEL, bundled_path
@@ -16,6 +17,7 @@ from shoal.engine.device import Device, to_device
 from shoal.engine.tokenizer import Tokenizer
 from shoal.models import deepseek, llama, mixtral
 from shoal.models.base import Part, Shard, Weight
+from shoal.quant.formats import quantize_sym8
 from shoal.weights.errors import ModelFileError
 from shoal.weights.gguf import GGUFCheckpoint
 from shoal.weights.hf import HFCheckpoint
@@ -121,7 +123,8 @@ class LoadedModel:
     tokenizer: Tokenizer | None
 
 
-def load_shard(ref: str | None, part: Part | None = None, with_tokenizer: bool = False, device: Device | None = None) -> LoadedModel:
+def load_shard(ref: str | None, part: Part | None = None, with_tokenizer: bool = False, device: Device | None = None,
+               weights: str = "stored") -> LoadedModel:
     """Load the part of a model a process holds (the whole model by default).
 
     Tensors are read one at a time, each cut to the part as it arrives (see the architecture's
@@ -129,7 +132,8 @@ def load_shard(ref: str | None, part: Part | None = None, with_tokenizer: bool =
     part with some of the routed experts reads only theirs (safetensors are memory-mapped: the
     other experts' bytes are never touched). A parallel rank then joins its group with
     `model.shard(group)`. With a torch `device` (engine/device.py) the shard computes there; with
-    `mlx` it is an MLXShard built from mlx-lm's model files (engine/mlx_backend.py)."""
+    `mlx` it is an MLXShard built from mlx-lm's model files (engine/mlx_backend.py). `weights="q8"`
+    holds the float matrices as 8-bit codes (`held_as_q8`; placement/contract.HeldAs)."""
     path = resolve_model(ref)
     ckpt = open_checkpoint(path)
     try:
@@ -149,14 +153,15 @@ def load_shard(ref: str | None, part: Part | None = None, with_tokenizer: bool =
             tokenizer = load_tokenizer(ckpt) if with_tokenizer else None
             return LoadedModel(ref or DEFAULT_MODEL, path, model, args, part, tokenizer)
         _check_split(model_type, arch, part)
-        weights = {}
+        tensors = {}
         for name in arch.required_weights(args, part, ckpt.tensor_names()):
-            weights[name] = arch.slice_weight(args, part, name, ckpt.load([name])[name])
+            w = arch.slice_weight(args, part, name, ckpt.load([name])[name])
+            tensors[name] = held_as_q8(name, w) if weights == "q8" else w
         try:
-            model = arch.model(args, part, weights)
+            model = arch.model(args, part, tensors)
         except KeyError as e:
             raise ModelFileError(path, f"missing tensor {e}") from None
-        del weights
+        del tensors
         rope_freqs = getattr(ckpt, "rope_freqs", None)
         if rope_freqs is not None:
             model.rope.rescale(torch.from_numpy(rope_freqs))
@@ -166,6 +171,25 @@ def load_shard(ref: str | None, part: Part | None = None, with_tokenizer: bool =
     finally:
         ckpt.close()
     return LoadedModel(ref or DEFAULT_MODEL, path, model.eval(), args, part, tokenizer)
+
+
+# The float matrices `weights="q8"` holds as 8-bit: every linear layer's, the embedding's and the head's
+# (placement/spec._MATRICES prices the same names); norms and biases stay float32.
+_Q8_MATRICES = ("proj.weight", "proj_with_mqa.weight", "embed_tokens.weight", "lm_head.weight", ".w1.weight", ".w2.weight",
+                ".w3.weight")
+
+
+def held_as_q8(name: str, w: Weight) -> Weight:
+    """A float matrix as 8-bit codes with a float32 scale per 32 of a row (quant/formats.quantize_sym8),
+    for a placement that asked for it; anything else (quantized, a vector, rows not in whole groups
+    of 32) as it is."""
+    if not (name.endswith(_Q8_MATRICES) and getattr(w, "ndim", 0) == 2 and w.shape[1] % 32 == 0):
+        return w
+    if isinstance(w, torch.Tensor) and w.is_floating_point():
+        return quantize_sym8(w.float().numpy(), 32)
+    if isinstance(w, np.ndarray) and w.dtype.kind == "f":
+        return quantize_sym8(w, 32)
+    return w
 
 
 def _check_split(model_type: str, arch: Architecture, part: Part) -> None:
@@ -184,6 +208,6 @@ def _check_split(model_type: str, arch: Architecture, part: Part) -> None:
 
 
 def load_model(ref: str | None = None, start: int | None = None, end: int | None = None, with_tokenizer: bool = True,
-               device: Device | None = None) -> LoadedModel:
+               device: Device | None = None, weights: str = "stored") -> LoadedModel:
     """Load layers [start, end) of a model (the whole model by default), with its tokenizer."""
-    return load_shard(ref, Part(start or 0, end), with_tokenizer=with_tokenizer, device=device)
+    return load_shard(ref, Part(start or 0, end), with_tokenizer=with_tokenizer, device=device, weights=weights)

@@ -122,21 +122,21 @@ def cluster_view(spec: ClusterSpec) -> ClusterView:
     return ClusterView(self_id=nodes[0].id, cluster="cluster spec", nodes=nodes, links=links)
 
 
-def model_spec(model: str) -> ModelSpec:
+def model_spec(model: str, weights: str = "stored") -> ModelSpec:
     """A catalog id's spec from its published figures (no torch needed), else the local checkpoint's."""
     from shoal.catalog import CATALOG
 
     if model in CATALOG:
-        return ModelSpec.from_catalog(CATALOG[model])
+        return ModelSpec.from_catalog(CATALOG[model], weights)
     from shoal.placement.spec import spec_for
 
-    return spec_for(model)
+    return spec_for(model, weights)
 
 
 def dry_run(model: str, spec: ClusterSpec, request: PlacementRequest | None = None) -> dict:
     """The preview GET /v1/placement answers, for the described cluster instead of the live one."""
     request = request or PlacementRequest()
-    mspec, view = model_spec(model), cluster_view(spec)
+    mspec, view = model_spec(model, request.weights), cluster_view(spec)
     if request.strategy == "auto":
         plans = plan_each_strategy(mspec, view, request, hypothetical=True)
     else:

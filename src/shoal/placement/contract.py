@@ -11,6 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field
 Strategy = Literal["auto", "single", "pipeline", "tensor", "hybrid", "expert"]
 
 
+# How a placement holds a checkpoint's float matrices (bf16, fp16, fp32 linear layers and the
+# embedding): "stored" keeps bf16 as bf16 (quant/linear.BF16Linear) and fp16/fp32 as float32; "q8"
+# holds them as 8-bit codes with a float32 scale per 32 (quant/formats.quantize_sym8: ~1.125 bytes a
+# parameter, half of bf16), for a model that would not fit otherwise. Quantized tensors stay as stored.
+HeldAs = Literal["stored", "q8"]
+
+
 class PlacementRequest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -20,6 +27,7 @@ class PlacementRequest(BaseModel):
     context: int | None = Field(default=None, ge=1)  # tokens of KV cache to provide for (default 2048)
     tp_size: int | None = Field(default=None, ge=1)  # hybrid/tensor/expert: ranks per tensor (or expert) group
     prompt_tokens: int = Field(default=128, ge=1)  # prompt length the TTFT prediction is for
+    weights: HeldAs = "stored"  # how float (bf16/fp16/fp32) matrices are held; see HeldAs
 
 
 class ShardPlan(BaseModel):
@@ -83,6 +91,7 @@ class Placement(BaseModel):
     shards: list[ShardPlan]
     prediction: Prediction
     reason: str
+    weights: HeldAs = "stored"  # PlacementRequest.weights, which every rank loads by
 
     @property
     def stages(self) -> list[list[ShardPlan]]:

@@ -110,7 +110,7 @@ def plan(
                     best, best_key = got, key
     if best is None:
         raise _refusal(spec, nodes, request, context, shortfall, cal)
-    return best.model_copy(update={"reason": _reason(best, nodes, request, spec.architecture)})
+    return best.model_copy(update={"reason": _reason(best, nodes, request, spec.architecture), "weights": request.weights})
 
 
 def plan_each_strategy(

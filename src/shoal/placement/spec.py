@@ -23,6 +23,13 @@ Q4_BYTES_PER_PARAM = 0.75  # 4-bit codes + float32 scale and bias per 32: how IN
 FP8_HELD_BYTES_PER_PARAM = 1.125  # FP8 weights are held as 8-bit codes + a float32 scale per 32
 BF16_BYTES_PER_PARAM = 2.0  # bf16 matrices are held as stored
 _MATRICES = ("proj.weight", "embed_tokens.weight", "lm_head.weight")  # kept bf16; vectors become float32
+Q8_HELD_BYTES_PER_PARAM = 1.125  # float matrices held as 8-bit codes + a float32 scale per 32, where asked
+
+
+def held_float(bpp: float, weights: str) -> float:
+    """Bytes a parameter of a float matrix held at `bpp` takes when a placement asks for `weights`
+    (contract.HeldAs): "q8" holds bf16, fp16 and float32 matrices as 8-bit codes."""
+    return Q8_HELD_BYTES_PER_PARAM if weights == "q8" and bpp >= 2 else bpp
 
 
 class MoEShape(BaseModel):
@@ -117,14 +124,14 @@ class ModelSpec(BaseModel):
 
     # -- builders
     @classmethod
-    def from_catalog(cls, entry: CatalogEntry) -> "ModelSpec":
+    def from_catalog(cls, entry: CatalogEntry, weights: str = "stored") -> "ModelSpec":
         """An estimate from published figures: the catalog's bytes per parameter, as the engine
-        holds them (the catalog's 2-byte checkpoints are bf16, held as stored; ~4.5-bit GGUF
-        quantizations grow by a fifth). A mixture of experts is built from its published
-        config.json (`moe_spec_from_config`)."""
+        holds them (the catalog's 2-byte checkpoints are bf16, held as stored, or as 8-bit where
+        `weights` asks; ~4.5-bit GGUF quantizations grow by a fifth). A mixture of experts is built
+        from its published config.json (`moe_spec_from_config`)."""
         if entry.config is not None:
-            return moe_spec_from_config(dict(entry.config), entry.id)
-        mem_per_param = entry.bytes_per_param if entry.bytes_per_param >= 2 else entry.bytes_per_param * 1.2
+            return moe_spec_from_config(dict(entry.config), entry.id, weights)
+        mem_per_param = held_float(entry.bytes_per_param, weights) if entry.bytes_per_param >= 2 else entry.bytes_per_param * 1.2
         h, f = entry.hidden_size, entry.intermediate_size
         q, kv = entry.num_heads * entry.head_dim, entry.num_kv_heads * entry.head_dim
         embed = int(entry.vocab_size * h * mem_per_param)
@@ -150,8 +157,9 @@ class ModelSpec(BaseModel):
         )
 
     @classmethod
-    def from_checkpoint(cls, path: Path, name: str | None = None) -> "ModelSpec":
-        """Exact in-memory sizes of a local checkpoint (GGUF file or HF directory), weights unread."""
+    def from_checkpoint(cls, path: Path, name: str | None = None, weights: str = "stored") -> "ModelSpec":
+        """Exact in-memory sizes of a local checkpoint (GGUF file or HF directory), weights unread,
+        its float matrices held as `weights` asks (contract.HeldAs)."""
         from shoal.engine.loader import open_checkpoint
         from shoal.models.llama import ModelArgs
         from shoal.weights.gguf import GGUFCheckpoint
@@ -159,7 +167,7 @@ class ModelSpec(BaseModel):
         ckpt = open_checkpoint(path)
         if ckpt.config.get("model_type") in MOE_TYPES:
             try:
-                return _moe_spec_from_checkpoint(ckpt, name or path.stem)
+                return _moe_spec_from_checkpoint(ckpt, name or path.stem, weights)
             finally:
                 ckpt.close()
         try:
@@ -171,11 +179,12 @@ class ModelSpec(BaseModel):
             def mem(tensor: str) -> int:
                 params = _params(args, tensor)
                 if is_gguf:
-                    return int(params * _gguf_memory_per_param(ckpt.tensor_nbytes(tensor) / max(params, 1)))
+                    per_param = _gguf_memory_per_param(ckpt.tensor_nbytes(tensor) / max(params, 1))
+                    return int(params * (held_float(per_param, weights) if tensor.endswith(_MATRICES) else per_param))
                 if quant and tensor.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight")):
                     return int(params * (quant["bits"] / 8 + 8 / quant["group_size"]))
-                if tensor.endswith(_MATRICES) and ckpt.stored_dtype(tensor) == "BF16":
-                    return params * 2  # bf16 matrices are held as stored (quant/linear.BF16Linear)
+                if tensor.endswith(_MATRICES):  # bf16 held as stored (quant/linear.BF16Linear), or 8-bit where asked
+                    return int(params * held_float(2.0 if ckpt.stored_dtype(tensor) == "BF16" else 4.0, weights))
                 return params * 4  # the rest as float32
 
             def layer_sum(i: int, part: str) -> int:
@@ -194,7 +203,7 @@ class ModelSpec(BaseModel):
             if is_gguf:
                 group = 32 if mem(down) < 4 * _params(args, down) else 1
             else:
-                group = int(quant["group_size"]) if quant else 1
+                group = int(quant["group_size"]) if quant else 32 if weights == "q8" else 1
         finally:
             ckpt.close()
         return cls(
@@ -296,7 +305,7 @@ def moe_spec(config: dict[str, Any], name: str, dense_bpp: float, expert_bpp: fl
     )
 
 
-def moe_spec_from_config(config: dict[str, Any], name: str) -> ModelSpec:
+def moe_spec_from_config(config: dict[str, Any], name: str, weights: str = "stored") -> ModelSpec:
     """A mixture-of-experts spec from a published config.json alone, its quantization read from the
     config as the loader would find it: MLX's `quantization` (every linear and the embedding
     `bits`-bit in groups, bf16 scale and bias held as float32), compressed-tensors INT4 experts
@@ -317,11 +326,14 @@ def moe_spec_from_config(config: dict[str, Any], name: str) -> ModelSpec:
         held, stored = (FP8_HELD_BYTES_PER_PARAM, FP8_HELD_BYTES_PER_PARAM, BF16_BYTES_PER_PARAM), (1.0, 1.0, 2.0)
     else:
         group, held, stored = 1, (BF16_BYTES_PER_PARAM,) * 3, (2.0, 2.0, 2.0)
+    if weights == "q8":
+        held = tuple(held_float(b, weights) for b in held)
+        group = max(group, 32)
     as_stored = moe_spec(config, name, stored[0], stored[1], group, stored[2]).weight_bytes
     return moe_spec(config, name, held[0], held[1], group, held[2]).model_copy(update={"stored_bytes": as_stored})
 
 
-def _moe_spec_from_checkpoint(ckpt, name: str) -> ModelSpec:
+def _moe_spec_from_checkpoint(ckpt, name: str, weights: str = "stored") -> ModelSpec:
     """Bytes per parameter as the loader will hold them, judged from one stored tensor of each kind:
     4-bit experts (compressed-tensors INT4, MLX 4-bit) stay packed; FP8 linear layers become 8-bit
     codes (1.125, hf_quant.fp8_to_q8); bf16 matrices stay bf16; everything else becomes float32."""
@@ -345,6 +357,10 @@ def _moe_spec_from_checkpoint(ckpt, name: str) -> ModelSpec:
     elif (cfg.get("quantization_config") or {}).get("quant_method") == "fp8":
         dense_bpp, group = FP8_HELD_BYTES_PER_PARAM, 32
         expert_bpp = min(expert_bpp, FP8_HELD_BYTES_PER_PARAM)
+    if weights == "q8":
+        dense_bpp, expert_bpp = held_float(dense_bpp, weights), held_float(expert_bpp, weights)
+        embed_bpp = None if embed_bpp is None else held_float(embed_bpp, weights)
+        group = max(group, 32)
     spec = moe_spec(cfg, name, dense_bpp, expert_bpp, group, embed_bpp)
     if quant:  # MLX holds it as stored: the scale and bias per group in bf16
         stored = quant["bits"] / 8 + 4 / quant["group_size"]
@@ -352,17 +368,18 @@ def _moe_spec_from_checkpoint(ckpt, name: str) -> ModelSpec:
     return spec
 
 
-def spec_for(ref: str) -> ModelSpec:
-    """The spec of a model reference: exact from the checkpoint when it is on this machine, else
-    estimated from the catalog. Raises the loader's ModelNotFound for an unknown reference."""
+def spec_for(ref: str, weights: str = "stored") -> ModelSpec:
+    """The spec of a model reference, its float matrices held as `weights` asks: exact from the
+    checkpoint when it is on this machine, else estimated from the catalog. Raises the loader's
+    ModelNotFound for an unknown reference."""
     from shoal.catalog import CATALOG
     from shoal.engine.loader import ModelNotFound, resolve_model
 
     try:
-        return ModelSpec.from_checkpoint(resolve_model(ref), name=ref)
+        return ModelSpec.from_checkpoint(resolve_model(ref), name=ref, weights=weights)
     except ModelNotFound:
         if ref in CATALOG:
-            return ModelSpec.from_catalog(CATALOG[ref])
+            return ModelSpec.from_catalog(CATALOG[ref], weights)
         raise
 
 

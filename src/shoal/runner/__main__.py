@@ -85,11 +85,12 @@ def main() -> int:
             store = dist.TCPStore(host, port, len(cfg.shards), True, _td(cfg.rendezvous_timeout_s),
                                   wait_for_workers=False, master_listen_fd=sock.detach(), use_libuv=True)
             out(PortBound(port=port))
-        stage = load_stage(cfg.model, me, cfg.num_layers, with_tokenizer=cfg.rank == 0, device=Device(cfg.device))
+        stage = load_stage(cfg.model, me, cfg.num_layers, with_tokenizer=cfg.rank == 0, device=Device(cfg.device),
+                           weights=cfg.weights)
         rss = psutil.Process().memory_info().rss
         out(Loaded(seconds=round(time.perf_counter() - t0, 3), rss=rss))
-        log.info("rank %d loaded layers %s (tp %d/%d) on %s in %.1f s, rss %.0f MiB", cfg.rank, me.layers, me.tp_rank,
-                 me.tp_size, cfg.device, time.perf_counter() - t0, rss / 2**20)
+        log.info("rank %d loaded layers %s (tp %d/%d) on %s, weights %s, in %.1f s, rss %.0f MiB", cfg.rank, me.layers,
+                 me.tp_rank, me.tp_size, cfg.device, cfg.weights, time.perf_counter() - t0, rss / 2**20)
         if cfg.rank != 0:
             assert cfg.master_port is not None
             store = dist.TCPStore(_host(cfg.shards[0].address), cfg.master_port, len(cfg.shards), False,

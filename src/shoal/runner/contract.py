@@ -21,7 +21,7 @@ from shoal.engine.generate import SequenceStats, TokenEvent
 from shoal.engine.grammar import Constraint, Kind
 from shoal.engine.sampler import SamplingParams
 from shoal.engine.scheduler import MAX_LOGPROBS, RequestRefused
-from shoal.placement.contract import ShardPlan
+from shoal.placement.contract import HeldAs, ShardPlan
 
 RequestId = Annotated[str, Field(pattern=r"^[0-9A-Za-z_-]{1,64}$")]
 MAX_PROMPT_IDS = 1 << 17
@@ -52,6 +52,7 @@ class RunnerConfig(_Msg):
     rendezvous_timeout_s: float = 600.0  # loading every rank's weights included
     kv_budget_bytes: int | None = None  # the entry's KV budget (None: half the memory free at start)
     device: Annotated[str, Field(pattern=r"^(cpu|torch-cpu|cuda(:[0-9]+)?|mps|mlx)$")] = "cpu"  # engine/device.py
+    weights: HeldAs = "stored"  # how the float matrices are held (placement/contract.HeldAs)
     # Benchmarks only (scripts/bench_wire.py, which writes this config itself): frames between ranks
     # travel in clear and unauthenticated, to measure what the cipher costs. No daemon sets it.
     bench_plaintext_wire: bool = False

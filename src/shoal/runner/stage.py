@@ -46,7 +46,7 @@ class LoadedStage:
 
 
 def load_stage(ref: str, shard: ShardPlan, num_layers: int | None = None, with_tokenizer: bool = False,
-               device: Device | None = None) -> LoadedStage:
+               device: Device | None = None, weights: str = "stored") -> LoadedStage:
     """Load this rank's part of the model (`load_shard`: only its tensors, each cut to its slice as
     it arrives). A placement's rank holds the embedding and head iff it is on the entry stage."""
     entry = shard.vocab is not None
@@ -58,7 +58,7 @@ def load_stage(ref: str, shard: ShardPlan, num_layers: int | None = None, with_t
         experts=tuple(range(*shard.experts)) if shard.experts is not None else None, shared=shard.shared, vocab=shard.vocab,
         expert_cols=shard.expert_cols if tensor else None,
     )
-    loaded = load_shard(ref, part, with_tokenizer=with_tokenizer, device=device)
+    loaded = load_shard(ref, part, with_tokenizer=with_tokenizer, device=device, weights=weights)
     _trim_heap()
     return LoadedStage(loaded.model, loaded.args, loaded.tokenizer)
 
