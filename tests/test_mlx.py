@@ -156,10 +156,8 @@ def test_mlx_ranks_join_a_tensor_group(tmp_path, kind):
     heads 1+1, MLP columns 64+32 — whole quantization groups —, vocabulary 60+37) and summing over
     one group: a prompt and then one-token decodes through each rank's caches give transformers'
     logits within 1e-4. The MLX rank holds only its slices."""
-    import threading
-
-    from test_distributed import ThreadGroup
     from test_models import IDS, make_checkpoint
+    from test_moe import HandAllReduce, run_ranks
     from test_native_decode import _quantized_checkpoint
 
     from shoal.engine.loader import load_shard
@@ -170,38 +168,22 @@ def test_mlx_ranks_join_a_tensor_group(tmp_path, kind):
     parts = [Part(rank=0, size=2, kv_heads=(0, 1), ffn=(0, 64), vocab=(0, 60)),
              Part(rank=1, size=2, kv_heads=(1, 2), ffn=(64, 96), vocab=(60, 97))]
     chunks = [(0, len(IDS) - 3)] + [(i, i + 1) for i in range(len(IDS) - 3, len(IDS))]
+    def run(r: int, m) -> torch.Tensor:
+        caches, rows = [m.make_cache()], []
+        with torch.inference_mode():
+            for a, b in chunks:
+                layout = BatchLayout([b - a], torch.arange(a, b), caches)
+                rows.append(m.logits(m.run_layers(m.embed(torch.tensor(IDS[a:b])), layout)))
+        return torch.cat(rows)
+
     for devices in ((MLX, None), (MLX, MLX)):
-        group = ThreadGroup(2)
+        group = HandAllReduce(2)
         shards = [load_shard(str(path), p, device=d).model.shard(group.member(p.rank)) for p, d in zip(parts, devices)]
         mlx_rank = shards[0]
         assert isinstance(mlx_rank, MLXShard)
         attn = mlx_rank.layers[0].self_attn
         assert (attn.n_heads, attn.n_kv_heads) == (2, 1) and mlx_rank.embed_tokens.weight.shape[0] == 60
-        outs: list = [None, None]
-
-        def run(r: int) -> None:
-            m = shards[r]
-            caches, rows = [m.make_cache()], []
-            try:
-                with torch.inference_mode():
-                    for a, b in chunks:
-                        layout = BatchLayout([b - a], torch.arange(a, b), caches)
-                        rows.append(m.logits(m.run_layers(m.embed(torch.tensor(IDS[a:b])), layout)))
-            except BaseException as e:
-                group.barrier.abort()  # the other rank stops waiting for this one's sums
-                outs[r] = e
-                raise
-            outs[r] = torch.cat(rows)
-
-        ranks = [threading.Thread(target=run, args=(r,)) for r in range(2)]
-        for t in ranks:
-            t.start()
-        for t in ranks:
-            t.join()
-        errors = [o for o in outs if isinstance(o, BaseException)]
-        if errors:
-            raise errors[0]
-        torch.testing.assert_close(torch.cat(outs, dim=1), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.cat(run_ranks(shards, run), dim=1), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_mlx_does_not_run_ranks_of_an_expert_group(moe_ckpts):
@@ -219,34 +201,14 @@ def test_an_mlx_rank_joins_a_tensor_group_inside_an_moe(moe_ckpts, kind):
     the numba engine, cut unevenly: heads (GQA KV heads with their query heads; MLA heads with their
     per-head latent projections), every routed expert's columns, the shared experts' and dense MLPs'
     columns. Greedy tokens and logits equal the whole model's, with two all-reduces a layer a step."""
-    from test_moe import IDS, LONG, HandAllReduce, greedy, run_ranks, shard_step
+    from test_moe import HandAllReduce, check_tensor_moe_ranks, tensor_moe_parts
 
     from shoal.engine.loader import load_shard
-    from shoal.models.base import Part
 
     path = moe_ckpts[kind]
     whole = load_model(str(path), with_tokenizer=False).model
-    args = whole.args
-    mla = kind in ("deepseek-v3", "kimi-k2")
-    width = args.moe_intermediate_size if mla else args.expert_size
-    n_experts = args.n_routed_experts if mla else args.n_experts
-    heads = args.num_attention_heads if mla else args.num_key_value_heads
-    shared = args.shared_size if mla else 0
-
-    def thirds(n: int) -> list[tuple[int, int]]:
-        cut = max(1, n // 3)
-        return [(0, cut), (cut, n)]
-
+    parts, ids = tensor_moe_parts(whole, kind)
     group = HandAllReduce(2)
-    parts = [Part(rank=r, size=2, kv_heads=thirds(heads)[r], ffn=thirds(args.intermediate_size)[r],
-                  experts=tuple(range(n_experts)), expert_cols=thirds(width)[r], shared=thirds(shared)[r] if shared else None)
-             for r in range(2)]
     shards = [load_shard(str(path), p, device=d).model.shard(group.member(p.rank)) for p, d in zip(parts, (MLX, None))]
     assert isinstance(shards[0], MLXShard) and not isinstance(shards[1], MLXShard)
-    ids = LONG[:12] if mla else IDS[:9]
-    want_tokens, want_logits = greedy(shard_step(whole, whole.make_cache()), ids, 8)
-    got = run_ranks(shards, lambda r, m: greedy(shard_step(m, m.make_cache()), ids, 8))
-    for tokens, logits in got:
-        assert tokens == want_tokens
-        torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
-    assert group.calls == 8 * 2 * args.num_hidden_layers
+    check_tensor_moe_ranks(whole, shards, ids, group)

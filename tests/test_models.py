@@ -156,6 +156,16 @@ def test_a_part_that_does_not_fit_is_refused(tmp_path):
             load_shard(str(path), part)
 
 
+def check_decode_steps(lm, ref) -> None:
+    """A 6-token prompt, then one-token decodes through the caches, each step's logits transformers'."""
+    caches = [lm.model.make_cache()]
+    with torch.inference_mode():
+        lm.model(torch.tensor(IDS[:6]), BatchLayout([6], torch.arange(6), caches))
+        for pos in range(6, len(IDS)):
+            step = lm.model(torch.tensor([IDS[pos]]), BatchLayout([1], torch.tensor([pos]), caches))
+            torch.testing.assert_close(step[0], run_ref(ref, IDS[: pos + 1])[-1], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_bf16_checkpoint(tmp_path, kind):
     """A bf16 checkpoint's matrices are held as bf16 (half of float32), and its logits equal
@@ -178,12 +188,7 @@ def test_bf16_checkpoint(tmp_path, kind):
     torch.testing.assert_close(run_ours(lm, IDS), run_ref(ref, IDS), atol=1e-4, rtol=1e-4)
     long_ids = [(i * 37 + 11) % VOCAB for i in range(100)]  # past QuantLinear.small_m rows
     torch.testing.assert_close(run_ours(lm, long_ids), run_ref(ref, long_ids), atol=1e-4, rtol=1e-4)
-    caches = [lm.model.make_cache()]
-    with torch.inference_mode():
-        lm.model(torch.tensor(IDS[:6]), BatchLayout([6], torch.arange(6), caches))
-        for pos in range(6, len(IDS)):
-            step = lm.model(torch.tensor([IDS[pos]]), BatchLayout([1], torch.tensor([pos]), caches))
-            torch.testing.assert_close(step[0], run_ref(ref, IDS[: pos + 1])[-1], atol=1e-4, rtol=1e-4)
+    check_decode_steps(lm, ref)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
@@ -214,12 +219,7 @@ def test_bf16_checkpoint_held_as_q8_where_asked(tmp_path, kind):
             if t.dim() == 2:
                 t.copy_(torch.from_numpy(dequantize(quantize_sym8(t.numpy(), 32))))
     torch.testing.assert_close(run_ours(lm, IDS), run_ref(ref, IDS), atol=1e-4, rtol=1e-4)
-    caches = [lm.model.make_cache()]
-    with torch.inference_mode():
-        lm.model(torch.tensor(IDS[:6]), BatchLayout([6], torch.arange(6), caches))
-        for pos in range(6, len(IDS)):
-            step = lm.model(torch.tensor([IDS[pos]]), BatchLayout([1], torch.tensor([pos]), caches))
-            torch.testing.assert_close(step[0], run_ref(ref, IDS[: pos + 1])[-1], atol=1e-4, rtol=1e-4)
+    check_decode_steps(lm, ref)
 
 
 def _mlx_pack(w: np.ndarray, bits: int, group: int):

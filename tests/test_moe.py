@@ -210,15 +210,10 @@ def test_expert_parallel_equals_whole_model(ckpts, kind, ranks):
     assert group.calls == 8 * moe_layers  # exactly one all-reduce per MoE layer per step
 
 
-@pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral", "deepseek-v3", "kimi-k2"])
-def test_tensor_parallel_inside_an_moe_group_equals_whole_model(ckpts, kind):
-    """Tensor parallel inside an MoE group, as exo runs MoE models: each of 2 ranks holds its heads
-    (GQA KV heads with their query heads; MLA heads, the latent projections whole) and the columns
-    [expert_cols) of every routed expert, its columns of the shared experts and dense MLPs, uneven
-    by a 1:2 speed ratio; the routers whole; one all-reduce after attention and one after the MLP.
-    Greedy tokens and logits equal the whole model's."""
-    path = ckpts[kind]
-    whole = load_model(str(path), with_tokenizer=False).model
+def tensor_moe_parts(whole, kind: str) -> tuple[list[Part], list[int]]:
+    """Two ranks of a tensor group inside an MoE, cut 1:2 (a speed ratio): heads (GQA KV heads, or
+    MLA heads), every routed expert's columns, the shared experts' and dense MLPs' columns; and the
+    prompt to decode from."""
     args = whole.args
     mla = kind in ("deepseek-v3", "kimi-k2")
     width = args.moe_intermediate_size if mla else args.expert_size
@@ -230,21 +225,39 @@ def test_tensor_parallel_inside_an_moe_group_equals_whole_model(ckpts, kind):
         cut = max(1, n // 3)
         return [(0, cut), (cut, n)]
 
-    group = HandAllReduce(2)
     parts = [Part(rank=r, size=2, kv_heads=thirds(heads)[r], ffn=thirds(args.intermediate_size)[r],
                   experts=tuple(range(n_experts)), expert_cols=thirds(width)[r], shared=thirds(shared)[r] if shared else None)
              for r in range(2)]
-    shards = [load_shard(str(path), p).model.shard(group.member(p.rank)) for p in parts]
-    for p, m in zip(parts, shards):  # each rank holds its columns of every expert, nothing more
-        held = [mod for mod in m.modules() if isinstance(mod, RoutedExperts)]
-        assert held and all(h.hidden == p.expert_cols[1] - p.expert_cols[0] and len(h.ids) == n_experts for h in held)
-    ids = LONG[:12] if mla else IDS[:9]
+    return parts, LONG[:12] if mla else IDS[:9]
+
+
+def check_tensor_moe_ranks(whole, shards, ids: list[int], group: HandAllReduce) -> None:
+    """The ranks' 8 greedy tokens and logits equal the whole model's, with two all-reduces a layer a step."""
     want_tokens, want_logits = greedy(shard_step(whole, whole.make_cache()), ids, 8)
     got = run_ranks(shards, lambda r, m: greedy(shard_step(m, m.make_cache()), ids, 8))
     for tokens, logits in got:
         assert tokens == want_tokens
         torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
-    assert group.calls == 8 * 2 * args.num_hidden_layers  # two all-reduces per layer per step
+    assert group.calls == 8 * 2 * whole.args.num_hidden_layers
+
+
+@pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral", "deepseek-v3", "kimi-k2"])
+def test_tensor_parallel_inside_an_moe_group_equals_whole_model(ckpts, kind):
+    """Tensor parallel inside an MoE group, as exo runs MoE models: each of 2 ranks holds its heads
+    (GQA KV heads with their query heads; MLA heads, the latent projections whole) and the columns
+    [expert_cols) of every routed expert, its columns of the shared experts and dense MLPs, uneven
+    by a 1:2 speed ratio; the routers whole; one all-reduce after attention and one after the MLP.
+    Greedy tokens and logits equal the whole model's."""
+    path = ckpts[kind]
+    whole = load_model(str(path), with_tokenizer=False).model
+    parts, ids = tensor_moe_parts(whole, kind)
+    n_experts = len(parts[0].experts)
+    group = HandAllReduce(2)
+    shards = [load_shard(str(path), p).model.shard(group.member(p.rank)) for p in parts]
+    for p, m in zip(parts, shards):  # each rank holds its columns of every expert, nothing more
+        held = [mod for mod in m.modules() if isinstance(mod, RoutedExperts)]
+        assert held and all(h.hidden == p.expert_cols[1] - p.expert_cols[0] and len(h.ids) == n_experts for h in held)
+    check_tensor_moe_ranks(whole, shards, ids, group)
     with pytest.raises(ValueError, match="holds KV heads and expert columns"):
         load_shard(str(path), Part(rank=0, size=2, experts=tuple(range(n_experts)), expert_cols=(0, 8)))
 
