@@ -186,13 +186,42 @@ def test_mlx_ranks_join_a_tensor_group(tmp_path, kind):
         torch.testing.assert_close(torch.cat(run_ranks(shards, run), dim=1), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_mlx_does_not_run_ranks_of_an_expert_group(moe_ckpts):
+@pytest.mark.parametrize("kind,ranks", [("kimi-k2", 2), ("deepseek-v3", 3), ("qwen3-moe", 2), ("mixtral", 3)])
+def test_an_mlx_rank_joins_an_expert_group(moe_ckpts, kind, ranks):
+    """Expert parallel with rank 0 on MLX and the others on the numba engine: each rank holds only
+    its routed experts (mlx-lm's stacked experts cut to them) and its columns of the shared experts;
+    a pick of an expert held elsewhere adds nothing on this rank. Greedy tokens and logits equal the
+    whole model's, with one all-reduce an MoE layer a step."""
+    from test_moe import IDS, HandAllReduce, greedy, run_ranks, shard_step
+
+    from shoal.engine.loader import load_shard
+    from shoal.engine.mlx_backend import HeldExperts
+    from shoal.models.moe import split_experts
+
+    path = moe_ckpts[kind]
+    whole = load_model(str(path), with_tokenizer=False).model
+    args = whole.args
+    mla = kind in ("kimi-k2", "deepseek-v3")
+    n_experts = args.n_routed_experts if mla else args.n_experts
+    slices = split_experts(n_experts, [1.0, 2.0, 1.5][:ranks], args.shared_size if mla else 0, align=8)
+    group = HandAllReduce(ranks)
+    shards = [load_shard(str(path), s, device=MLX if s.rank == 0 else None).model.shard(group.member(s.rank)) for s in slices]
+    held = [m for m in shards[0].model.modules() if isinstance(m, HeldExperts)]
+    assert held and all(h.switch.gate_proj.weight.shape[0] == len(slices[0].experts) for h in held)
+    want_tokens, want_logits = greedy(shard_step(whole, whole.make_cache()), IDS[:9], 8)
+    got = run_ranks(shards, lambda r, m: greedy(shard_step(m, m.make_cache()), IDS[:9], 8))
+    for tokens, logits in got:
+        assert tokens == want_tokens
+        torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
+    assert group.calls == 8 * sum(args.is_moe(i) for i in range(args.num_hidden_layers))
+
+
+def test_mlx_does_not_run_ranks_of_a_group_it_cannot_cut(moe_ckpts):
     from shoal.engine.loader import load_shard
     from shoal.models.base import Part
 
-    part = Part(rank=0, size=2, experts=(0, 4))
-    with pytest.raises(ValueError, match="not run on MLX"):
-        load_shard(str(moe_ckpts["qwen3-moe"]), part, device=MLX)
+    with pytest.raises(ValueError, match="holds KV heads .a tensor group. or some routed experts"):
+        load_shard(str(moe_ckpts["qwen3-moe"]), Part(rank=0, size=2), device=MLX)
 
 
 @pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral", "deepseek-v3", "kimi-k2"])

@@ -702,10 +702,11 @@ def test_mlx_nodes_hold_weights_as_stored_and_read_at_their_gpu_bandwidth():
     assert kimi.moe.num_experts == 384 and kimi.stored_bytes / kimi.weight_bytes < 0.8  # bf16 dense part, not float32
 
 
-def test_mlx_nodes_join_tensor_groups_but_never_an_expert_group():
-    """On a live cluster an MLX node joins tensor groups, an MoE's too (engine/mlx_backend.py cuts
-    the families' layers), and never an expert group, where its runner would refuse to load: those
-    plans group the CPU nodes only, and asking for an expert group of MLX nodes says why."""
+def test_mlx_nodes_join_the_groups_of_the_families_their_backend_cuts():
+    """On a live cluster an MLX node joins tensor and expert groups of the families whose layers its
+    backend cuts (engine/mlx_backend.py); of any other family it holds whole stages only, since its
+    runner would refuse a group's share: those plans group the other nodes, and asking for a group
+    of MLX nodes says why."""
 
     def mlx(name: str) -> NodeView:
         n = node(name, 512, bw=400)
@@ -714,16 +715,16 @@ def test_mlx_nodes_join_tensor_groups_but_never_an_expert_group():
     view = cluster([mlx("m1"), mlx("m2"), node("c1", 512, bw=400), node("c2", 512, bw=400)])
     dense = plan(spec(), view, PlacementRequest(strategy="tensor", nodes=["m1", "c1"]))
     assert [s.node_name for s in dense.shards] == ["m1", "c1"] and dense.shards[0].device == "mlx"
-    every = plan_each_strategy(_kimi(), view, PlacementRequest(context=8192))
-    macs = plan(_kimi(), view, PlacementRequest(strategy="tensor", nodes=["m1", "m2"], context=8192))
-    assert [s.device for s in macs.shards] == ["mlx", "mlx"] and macs.shards[0].expert_cols is not None
-    expert_groups = [every[k] for k in ("expert", "hybrid") if isinstance(every[k], Placement)]
-    assert expert_groups  # the CPU nodes still make expert groups
-    for p in expert_groups:
-        for st in p.stages:
-            assert len(st) == 1 or all(s.device != "mlx" for s in st), (p.strategy, p.stages)
-    with pytest.raises(PlacementError, match="MLX node joins tensor groups of llama"):
-        plan(_kimi(), view, PlacementRequest(strategy="expert", nodes=["m1", "m2"], context=8192))
+    for strategy in ("tensor", "expert"):
+        macs = plan(_kimi(), view, PlacementRequest(strategy=strategy, nodes=["m1", "m2"], context=8192))
+        assert [s.device for s in macs.shards] == ["mlx", "mlx"]
+    other = spec().model_copy(update={"architecture": "phi3"})
+    every = plan_each_strategy(other, view, PlacementRequest())
+    for p in (every["tensor"], every["hybrid"]):
+        assert any(len(st) > 1 for st in p.stages)  # the CPU nodes still make groups
+        assert all(len(st) == 1 or all(s.device != "mlx" for s in st) for st in p.stages), (p.strategy, p.stages)
+    with pytest.raises(PlacementError, match="MLX node joins the groups of llama"):
+        plan(other, view, PlacementRequest(strategy="tensor", nodes=["m1", "m2"]))
 
 
 def test_bf16_parts_are_priced_as_held_two_bytes_a_parameter():

@@ -37,10 +37,9 @@ if TYPE_CHECKING:  # torch is imported where a device is used, not by a node tha
     from torch import nn
 
 DEVICE_CHOICES = "auto, cpu, torch-cpu, cuda, cuda:N, mps, mlx"
-# The families whose MLX ranks join tensor groups, an MoE's too (engine/mlx_backend.py cuts their
-# layers). An MLX node holds whole stages of any other model, and never joins an expert group (the
-# experts split between ranks); the planner places it so.
-MLX_TENSOR_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "deepseek_v3", "kimi_k2")
+# The families whose MLX ranks join tensor and expert groups (engine/mlx_backend.py cuts their
+# layers). An MLX node holds whole stages of any other model; the planner places it so.
+MLX_GROUP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "deepseek_v3", "kimi_k2")
 CARD_USABLE = 0.9  # of a card's memory, for shards: the rest is the CUDA context, allocator slack, activations
 
 

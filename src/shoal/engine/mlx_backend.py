@@ -22,13 +22,14 @@ run sequence by sequence through the layers (correct first; one lazy graph for t
 A rank of a tensor group (`Part.kv_heads`, `Part.ffn`, `Part.vocab`; inside an MoE also
 `Part.expert_cols` and `Part.shared`) is mlx-lm's model with each layer cut to the part after
 loading (`_cut_to_part`): attention to the part's heads, MLPs and every routed expert to its columns,
-the embedding and head to its vocabulary rows. mlx-lm's own `shard` needs an `mx.distributed` group
+the embedding and head to its vocabulary rows. A rank of an expert group (`Part.experts`) keeps its
+routed experts (`HeldExperts`) and its columns of the shared experts. mlx-lm's own `shard` needs an `mx.distributed` group
 and even splits; shoal's ranks sum over the runner's encrypted links (runner/stage.TensorGroup) in
 uneven shares, so each layer that ends a partial product — o_proj, a dense down_proj, a whole MoE
 layer (routed and shared experts summed once) — is wrapped in `SummedOverGroup`, which completes it
 with the group's all-reduce: the same two collectives a layer, in the same order, as a numba or torch
-rank, so MLX, CPU and CUDA ranks make one group. An expert group's ranks (routed experts split
-between them) are not run on MLX: MLX_TENSOR_FAMILIES in engine/device.py says what is.
+rank, so MLX, CPU and CUDA ranks make one group (engine/device.MLX_GROUP_FAMILIES: the families
+whose layers this file cuts).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import infer_quant_config
 
-from shoal.engine.device import MLX_TENSOR_FAMILIES
+from shoal.engine.device import MLX_GROUP_FAMILIES
 from shoal.models.base import BatchLayout, Part, all_reduce
 from shoal.weights.errors import ModelFileError
 from shoal.weights.gguf import GGUFCheckpoint, hf_name
@@ -93,11 +94,12 @@ class MLXShard:
     def load(cls, ckpt: HFCheckpoint | GGUFCheckpoint, args: Any, part: Part) -> MLXShard:
         """Build the part's share of mlx-lm's model and read only its tensors from `ckpt`."""
         config = _rope_keys(dict(ckpt.config))
-        if part.size > 1 and (config["model_type"] not in MLX_TENSOR_FAMILIES or part.kv_heads is None
-                              or (part.experts is not None and part.expert_cols is None)):
-            raise ValueError(f"--device mlx: this rank of a {config['model_type']} group is not run on MLX (MLX ranks join "
-                             f"tensor groups, also inside an MoE, of {', '.join(MLX_TENSOR_FAMILIES)}; an expert group's "
-                             "ranks run on CPU or CUDA nodes)")
+        if part.size > 1 and config["model_type"] not in MLX_GROUP_FAMILIES:
+            raise ValueError(f"--device mlx: a rank of a {config['model_type']} group is not run on MLX (MLX ranks join "
+                             f"the groups of {', '.join(MLX_GROUP_FAMILIES)}; place it as a pipeline stage)")
+        if part.size > 1 and (part.kv_heads is None) == (part.experts is None or part.expert_cols is not None):
+            raise ValueError("--device mlx: a group's rank holds KV heads (a tensor group) or some routed experts "
+                             "(an expert group)")
         gguf = isinstance(ckpt, GGUFCheckpoint)
         if gguf and ckpt.rope_freqs is not None:
             raise ModelFileError(ckpt.path, "--device mlx: GGUF RoPE frequency factors (Llama 3.1) are not read; use the HF checkpoint")
@@ -230,17 +232,63 @@ class SummedOverGroup(nn.Module):
         return mx.array(total.numpy()).astype(y.dtype).reshape(y.shape)
 
 
+class HeldExperts(nn.Module):
+    """An expert group's rank's routed experts: mlx-lm's SwitchGLU keeping only the held experts
+    (`ids`), indexed by a lookup from the router's global ids. A token's pick of an expert held
+    elsewhere adds nothing here (its output is zeroed; the rank it is held on adds it), so the MoE
+    layer's sum over the group adds each pick once. (Such a pick is computed on local expert 0 and
+    dropped: one more read of an expert already read, instead of a data-dependent gather.)"""
+
+    def __init__(self, switch: nn.Module, ids: tuple[int, ...], num_experts: int):
+        super().__init__()
+        self.switch = switch
+        lookup = np.full(num_experts, -1, np.int32)
+        lookup[list(ids)] = np.arange(len(ids), dtype=np.int32)
+        self._lookup = mx.array(lookup)  # private: not a parameter
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        local = self._lookup[indices]
+        mine = local >= 0
+        y = self.switch(x, mx.where(mine, local, 0))
+        return y * mine[..., None].astype(y.dtype)
+
+
+def _keep_experts(switch: nn.Module, ids: tuple[int, ...]) -> None:
+    """Only the experts `ids` of each of a SwitchGLU's stacked projections (weights, packed scales and
+    biases, a bias) — the rest of the stack is dropped before it is evaluated."""
+    keep = mx.array(list(ids))
+    for proj in (switch.gate_proj, switch.up_proj, switch.down_proj):
+        for key in ("weight", "scales", "biases", "bias"):
+            if key in proj:
+                proj[key] = proj[key][keep]
+
+
 def _cut_to_part(model: nn.Module, part: Part, tied: bool) -> None:
-    """Cut the loaded (still lazy) layers, embedding and head to a tensor-parallel rank's share, as
-    the numba engine's `slice_weight`s cut theirs, so only the kept slices are then read:
+    """Cut the loaded (still lazy) layers, embedding and head to a group rank's share, as the numba
+    engine's `slice_weight`s and `required_weights` cut theirs. A rank of an expert group keeps
+    attention and dense MLPs whole, its routed experts (`HeldExperts`) and its columns of the shared
+    experts, and sums each MoE layer over the group. A rank of a tensor group is cut:
     - attention: the part's heads — GQA's KV heads with their query heads (q/k/v by rows), or MLA's
       heads (q by rows, the per-head latent projections by head) —, o_proj by input columns;
     - a dense MLP: gate/up by rows, down by columns ([ffn));
     - an MoE layer: every routed expert's columns [expert_cols) and the shared experts' [shared),
       the router whole, and the layer's output (routed plus shared partials) summed once;
     - the embedding and head: the vocabulary rows [vocab).
-    Every sum over the group is a `SummedOverGroup`: two a layer, as on every other backend."""
+    Every sum over the group is a `SummedOverGroup`: as many, in the same order, as on every other
+    backend (a tensor rank two a layer, an expert rank one an MoE layer)."""
+    experts_only = part.kv_heads is None
     for layer in model.model.layers[part.start : part.end]:
+        ffn = "block_sparse_moe" if "block_sparse_moe" in layer else "mlp"  # Mixtral's name, everyone else's
+        mlp = layer[ffn]
+        if experts_only:
+            if "switch_mlp" in mlp:
+                mlp.switch_mlp = HeldExperts(mlp.switch_mlp, part.experts, mlp.switch_mlp.gate_proj.weight.shape[0])
+                _keep_experts(mlp.switch_mlp.switch, part.experts)
+                if "shared_experts" in mlp and part.shared is not None:
+                    _cut_mlp(mlp.shared_experts, *part.shared, part.rank == 0)
+                setattr(layer, ffn, SummedOverGroup(mlp))
+                mx.eval(layer.parameters())  # one layer's whole stack of experts in memory at a time, not every layer's
+            continue
         attn = layer.self_attn
         if "kv_a_proj_with_mqa" in attn:  # MLA (DeepSeek-V3, Kimi-K2): the latent projections stay whole
             h0, h1 = part.kv_heads
@@ -262,8 +310,6 @@ def _cut_to_part(model: nn.Module, part: Part, tied: bool) -> None:
             attn.o_proj = SummedOverGroup(_keep_cols(attn.o_proj, kv0 * per_kv * d, kv1 * per_kv * d, part.rank == 0))
             setattr(attn, heads, (kv1 - kv0) * per_kv)
             setattr(attn, kv_heads, kv1 - kv0)
-        ffn = "block_sparse_moe" if "block_sparse_moe" in layer else "mlp"  # Mixtral's name, everyone else's
-        mlp = layer[ffn]
         if "switch_mlp" in mlp:
             _cut_mlp(mlp.switch_mlp, *part.expert_cols, part.rank == 0)
             if "shared_experts" in mlp:

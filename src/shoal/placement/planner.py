@@ -35,7 +35,7 @@ import math
 from collections.abc import Iterator
 
 from shoal.cluster.topology import ClusterView
-from shoal.engine.device import MLX_TENSOR_FAMILIES
+from shoal.engine.device import MLX_GROUP_FAMILIES
 from shoal.placement.contract import (
     Placement,
     PlacementError,
@@ -97,7 +97,7 @@ def plan(
     for subset in _subsets(nodes, request):
         for kind in kinds:
             for stages in _layouts(subset, kind, spec, request, view, cal, fixed_order=bool(request.nodes)):
-                if not hypothetical and not _runnable(stages, spec, kind):
+                if not hypothetical and not _runnable(stages, spec):
                     continue
                 got = _build(spec, view, stages, kind, context, request.prompt_tokens, cal)
                 if isinstance(got, _Shortfall):
@@ -208,12 +208,11 @@ def _layouts(
                 yield _chain_groups([_entry_first(g) for g in groups], view, cal)
 
 
-def _runnable(stages: list[list[NodeRes]], spec: ModelSpec, kind: str) -> bool:
-    """Whether every group's ranks can run their share: an MLX node joins only tensor groups (an
-    MoE's too) of the families its backend cuts (engine/mlx_backend.py), never an expert group; in
-    any other group it would refuse to load, so such layouts are never offered (it still holds
-    whole stages of any model)."""
-    mlx_joins = spec.architecture in MLX_TENSOR_FAMILIES and (kind == "tensor" or not spec.is_moe)
+def _runnable(stages: list[list[NodeRes]], spec: ModelSpec) -> bool:
+    """Whether every group's ranks can run their share: an MLX node joins the groups of the families
+    its backend cuts (engine/mlx_backend.py); in any other group it would refuse to load, so such
+    layouts are never offered (it still holds whole stages of any model)."""
+    mlx_joins = spec.architecture in MLX_GROUP_FAMILIES
     return all(mlx_joins or len(g) == 1 or all(n.device != "mlx" for n in g) for g in stages)
 
 
@@ -616,10 +615,9 @@ def _refusal(
         what = request.strategy if request.strategy != "auto" else "any strategy"
         hint = ""
         mlx = any(n.device == "mlx" for n in nodes)
-        if mlx and (request.strategy == "expert" or (request.strategy == "hybrid" and spec.is_moe)
-                    or spec.architecture not in MLX_TENSOR_FAMILIES and request.strategy in ("tensor", "hybrid")):
-            hint = (f" (an MLX node joins tensor groups of {', '.join(MLX_TENSOR_FAMILIES)} models, never an expert "
-                    "group: use strategy tensor or pipeline, or group the CPU and CUDA nodes)")
+        if mlx and spec.architecture not in MLX_GROUP_FAMILIES and request.strategy in ("tensor", "expert", "hybrid"):
+            hint = (f" (an MLX node joins the groups of {', '.join(MLX_GROUP_FAMILIES)} models only; it holds whole "
+                    "stages of this one: use strategy pipeline, or group the CPU and CUDA nodes)")
         elif request.strategy == "tensor" and spec.is_moe:
             hint = " (tensor parallel is not built for mixture-of-experts models: use strategy expert)"
         elif request.strategy == "expert" and not spec.is_moe:
