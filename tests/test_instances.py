@@ -98,21 +98,22 @@ def decode(ids: list[int]) -> str:
 
 
 def two_node_pipeline(nl: NodeLauncher, b_extra: list[str], a_extra: tuple[str, ...] = (),
-                      strategy: str = "pipeline") -> tuple[NodeProc, NodeProc, dict]:
-    """Nodes a (numba) and b (started with `b_extra`, e.g. another --device), and the bundled model
-    placed over both (a pipeline, or `strategy`); checks from the runners' logs where each rank computes."""
+                      strategy: str = "pipeline", **placement: str) -> tuple[NodeProc, NodeProc, dict]:
+    """Nodes a (numba, or as `a_extra` says) and b (started with `b_extra`, e.g. another --device),
+    and the bundled model placed over both (a pipeline, or `strategy`, with any other `placement`
+    fields); checks from the runners' logs where each rank computes."""
     a = nl.start("a", extra=list(a_extra))
     b = nl.start("b", peers=[a], extra=b_extra)
     wait_for(lambda: all(len([x for x in n.cluster()["nodes"] if x["status"] == "up"]) == 2 for n in (a, b)), 30,
              what="two nodes up")
     status, out, _ = call(a, "POST", "/v1/instances", {"model": DEFAULT_MODEL, "strategy": strategy, "nodes": ["a", "b"],
-                                                        "context": CONTEXT})
+                                                        "context": CONTEXT, **placement})
     assert status == 202, out
     inst = wait_ready(a, out["instance"]["id"])
     assert [s["node_name"] for s in inst["shards"]] == ["a", "b"]
-    device_b = b_extra[b_extra.index("--device") + 1] if "--device" in b_extra else "cpu"
+    device = {n: x[x.index("--device") + 1] if "--device" in x else "cpu" for n, x in (("a", a_extra), ("b", b_extra))}
     logs = {n: "".join(p.read_text() for p in (nl.root / n / "runners").glob("*.log")) for n in "ab"}
-    assert "on cpu" in logs["a"] and f"on {device_b}" in logs["b"], logs
+    assert all(f"on {device[n]}" in logs[n] for n in "ab"), logs
     return a, b, inst
 
 

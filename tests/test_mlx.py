@@ -127,19 +127,28 @@ def test_a_kept_prefix_fills_new_mlx_caches(tmp_path):
 
 
 @pytest.mark.skipif(pytest.importorskip("api_helpers").MODEL_PATH is None, reason="bundled model not installed")
-@pytest.mark.parametrize("strategy", ["pipeline", "tensor"])
+@pytest.mark.parametrize("strategy", ["pipeline", "tensor", "tensor over mlx-ring"])
 def test_an_mlx_node_and_a_cpu_node_serve_one_model(tmp_path_factory, cached_profile, strategy):
     """Two `shoal node`s on loopback, a with the numba engine (the entry), b with `--device mlx`:
     the bundled model placed over both (two stages, or one tensor group summing over the runners'
     encrypted links) gives the single-process greedy text, and a second turn reuses the first's
-    prompt through both ranks' caches with the same text as one process."""
+    prompt through both ranks' caches with the same text as one process. "tensor over mlx-ring": both
+    nodes on MLX, their group summing over MLX's ring with every partial sealed (runner/mlx_group.py)."""
     from conftest import NodeLauncher
     from test_instances import QUESTION, chat_ids, decode, single_process_tokens, stream_chat, two_node_pipeline
 
-    nl = NodeLauncher(tmp_path_factory.mktemp(f"mlx_{strategy}"), cached_profile)
+    nl = NodeLauncher(tmp_path_factory.mktemp(strategy.replace(" ", "_")), cached_profile)
+    ring = strategy == "tensor over mlx-ring"
     try:
-        a, b, inst = two_node_pipeline(nl, ["--device", "mlx"], strategy=strategy)
+        a, b, inst = two_node_pipeline(nl, ["--device", "mlx"], ("--device", "mlx") if ring else (),
+                                       strategy.split()[0], **({"collective": "mlx-ring"} if ring else {}))
         assert [s["tp_size"] for s in inst["shards"]] == ([1, 1] if strategy == "pipeline" else [2, 2])
+        if ring:
+            profiles = {n["name"]: n["profile"] for n in a.cluster()["nodes"]}
+            assert all("mlx-ring" in profiles[n]["collectives"] for n in "ab")  # each node says what it offers
+            assert inst["collective"] == "mlx-ring"
+            logs = [p.read_text() for n in "ab" for p in (nl.root / n / "runners").glob("*.log")]
+            assert len(logs) == 2 and all("sums over its group on mlx-ring" in text for text in logs), logs
         first, _ = stream_chat(a, QUESTION, 12)
         assert first == decode(single_process_tokens(chat_ids(QUESTION), 12))
         turn2 = [*QUESTION, {"role": "assistant", "content": first}, {"role": "user", "content": "And of Italy?"}]
@@ -241,3 +250,23 @@ def test_an_mlx_rank_joins_a_tensor_group_inside_an_moe(moe_ckpts, kind):
     shards = [load_shard(str(path), p, device=d).model.shard(group.member(p.rank)) for p, d in zip(parts, (MLX, None))]
     assert isinstance(shards[0], MLXShard) and not isinstance(shards[1], MLXShard)
     check_tensor_moe_ranks(whole, shards, ids, group)
+
+
+def test_sealed_partials_open_only_as_sent():
+    """runner/mlx_group.py: a partial sealed for MLX's transport opens only under the group's key,
+    at the place and all-reduce it was sealed for, unaltered."""
+    from shoal.runner.mlx_group import SealedFrameError, group_key, open_sealed, seal
+    from shoal.runner.wire import WireError
+
+    key = group_key(b"s" * 32, [0, 1])
+    assert key != group_key(b"s" * 32, [2, 3]) and key != group_key(b"t" * 32, [0, 1])
+    data = torch.arange(8, dtype=torch.float32).numpy().tobytes()
+    frame = seal(key, 1, 7, data)
+    assert open_sealed(key, 1, 7, frame) == data and data not in frame
+    altered = bytearray(frame)
+    altered[20] ^= 1
+    for bad_key, place, count, bad in ((key, 1, 7, bytes(altered)), (key, 0, 7, frame), (key, 1, 8, frame),
+                                       (group_key(b"t" * 32, [0, 1]), 1, 7, frame), (key, 1, 7, frame[:10])):
+        with pytest.raises(SealedFrameError):
+            open_sealed(bad_key, place, count, bad)
+    assert issubclass(SealedFrameError, WireError)  # it fails the instance as a broken link does

@@ -64,6 +64,9 @@ class NodeProfile(Message):
     # Where this node's shards compute (`shoal node --device`, engine/device.py): cpu (the numba
     # engine), torch-cpu, cuda, cuda:N or mps. A setting, not a measurement: filled in at start.
     device: Annotated[str, Field(max_length=16)] = "cpu"
+    # The transports beside shoal's own its groups may sum over (placement/contract.Collective): an
+    # MLX node's mlx-ring, and mlx-jaccl where its MLX has the JACCL (Thunderbolt 5 RDMA) backend.
+    collectives: Annotated[list[Annotated[str, Field(max_length=16)]], Field(max_length=8)] = []
 
 
 # -- membership ------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from shoal.cluster.peer import CIPHER_KEY, OwnAddresses, PeerClient, peer_auth_m
 from shoal.cluster.profile import load_or_measure
 from shoal.cluster.topology import ClusterView, LinkView
 from shoal.config import NodeConfig
+from shoal.engine.device import collectives
 
 log = logging.getLogger("shoal.node")
 
@@ -186,7 +187,8 @@ class Node:
             None, load_or_measure, self.config.profile_file, PROFILE_BUDGET_S
         )
         # Where shards compute is this start's setting (--device), whatever the cached profile says.
-        self.profile = p = self.profile.model_copy(update={"device": self.config.device})
+        self.profile = p = self.profile.model_copy(update={"device": self.config.device,
+                                                           "collectives": collectives(self.config.device)})
         log.info(
             "profile (%s): %s, %d cores, %.1f GiB RAM, %.0f GFLOP/s fp32, %.1f GB/s memory%s; shards compute on %s",
             "cached" if cached else f"measured in {p.measure_seconds:.1f} s"

@@ -39,6 +39,9 @@ def add_place_arguments(p: argparse.ArgumentParser) -> None:
     add_cluster_placement_arguments(p, _default_cluster())
     p.add_argument("--weights", default="stored", choices=["stored", "q8"],
                    help="how to hold bf16/fp16/fp32 matrices: as stored (bf16 as bf16), or q8 (8-bit, ~half of bf16)")
+    p.add_argument("--collective", default="shoal", choices=["shoal", "mlx-ring", "mlx-jaccl"],
+                   help="what a group's all-reduces travel on: shoal's own links (default), or for groups of MLX "
+                        "nodes MLX's ring (TCP) or JACCL (Thunderbolt 5 RDMA), every partial sealed")
     p.add_argument("--dry-run", action="store_true", help="only show the plan and prediction of each strategy")
     p.add_argument("--cluster-spec", default=None, metavar="FILE",
                    help="with --dry-run: plan for the machines and links FILE describes (JSON), no node needed")
@@ -80,9 +83,10 @@ def _nodes(text: str | None) -> list[str] | int | None:
 
 def create_instance(base: str, model: str, strategy: str = "auto", nodes: str | None = None,
                     context: int | None = None, tp_size: int | None = None, replica: bool = False,
-                    weights: str = "stored") -> dict[str, Any]:
+                    weights: str = "stored", collective: str = "shoal") -> dict[str, Any]:
     """The model's live instance, or a new one (always a new one with `replica`)."""
-    body: dict[str, Any] = {"model": model, "strategy": strategy, "replica": replica, "weights": weights}
+    body: dict[str, Any] = {"model": model, "strategy": strategy, "replica": replica, "weights": weights,
+                            "collective": collective}
     for k, v in (("nodes", _nodes(nodes)), ("context", context), ("tp_size", tp_size)):
         if v is not None:
             body[k] = v
@@ -137,14 +141,14 @@ def run_place(args: argparse.Namespace) -> int:
         if args.cluster_spec is not None:
             return _dry_run_spec(args)
         if args.dry_run:
-            q = f"/v1/placement?model={urllib.request.quote(args.model)}&strategy={args.strategy}&weights={args.weights}"
+            q = f"/v1/placement?model={urllib.request.quote(args.model)}&strategy={args.strategy}&weights={args.weights}&collective={args.collective}"
             for k, v in (("nodes", args.nodes), ("context", args.context), ("tp_size", args.tp_size)):
                 if v is not None:
                     q += f"&{k}={urllib.request.quote(str(v))}"
             _print_preview(_request(args.cluster, "GET", q), args.json)
             return 0
         inst = create_instance(args.cluster, args.model, args.strategy, args.nodes, args.context, args.tp_size,
-                               args.replica, args.weights)
+                               args.replica, args.weights, args.collective)
         if not args.no_wait:
             inst = wait_ready(args.cluster, inst["id"], progress=not args.json)
             if not args.json:
@@ -189,7 +193,7 @@ def _dry_run_spec(args: argparse.Namespace) -> int:
         nodes = _nodes(args.nodes)
         request = PlacementRequest(strategy=args.strategy, nodes=nodes if isinstance(nodes, list) else None,
                                    node_count=nodes if isinstance(nodes, int) else None, context=args.context,
-                                   tp_size=args.tp_size, weights=args.weights)
+                                   tp_size=args.tp_size, weights=args.weights, collective=args.collective)
         preview = dry_run(args.model, spec, request)
     except ClusterSpecError as e:
         print(f"shoal place: {args.cluster_spec}: {e}", file=sys.stderr)

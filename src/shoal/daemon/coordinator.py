@@ -438,7 +438,9 @@ class Coordinator:
             for nid, b in inst.placement.memory_by_node().items():
                 if nid in reserved:
                     reserved[nid] -= b
-            return plan(spec, view, PlacementRequest(context=inst.placement.context, weights=inst.placement.weights), reserved)
+            request = PlacementRequest(context=inst.placement.context, weights=inst.placement.weights,
+                                       collective=inst.placement.collective)
+            return plan(spec, view, request, reserved)
         except (PlacementError, InstanceError):
             return None
 
@@ -551,7 +553,8 @@ class Coordinator:
         spec = await self.spec_of(inst.model, inst.placement.weights)
         if inst.ended:
             return
-        request = PlacementRequest(context=inst.placement.context, weights=inst.placement.weights)
+        request = PlacementRequest(context=inst.placement.context, weights=inst.placement.weights,
+                                   collective=inst.placement.collective)
         refused = ""
         for _ in range(PLACE_ATTEMPTS):
             view = self.view

@@ -145,7 +145,7 @@ class Host:
                            master_port=msg.master_port, threads=shard.threads,
                            secret=instance_secret(self._wire_root, msg.instance_id, msg.epoch, msg.coordinator).hex(),
                            kv_budget_bytes=self.kv_budget_bytes if msg.rank == 0 else None, device=self.device,
-                           weights=msg.placement.weights)
+                           weights=msg.placement.weights, collective=msg.placement.collective)
         log_path = self.home / "runners" / f"{msg.instance_id}-{msg.rank}.log"
         hosted: Hosted | None = None
 

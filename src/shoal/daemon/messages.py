@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shoal.cluster.messages import Message, NodeId, NonNeg, ShortStr
-from shoal.placement.contract import HeldAs, Placement, PlacementRequest
+from shoal.placement.contract import Collective, HeldAs, Placement, PlacementRequest
 from shoal.runner.contract import (
     Failure,
     RequestId,
@@ -234,9 +234,10 @@ class CreateInstance(BaseModel):
     tp_size: int | None = Field(default=None, ge=1)
     replica: bool = False  # place another instance even if the model already has a ready one
     weights: HeldAs = "stored"  # "q8": float matrices held as 8-bit (placement/contract.HeldAs)
+    collective: Collective = "shoal"  # what the groups' all-reduces travel on (placement/contract.Collective)
 
     def request(self) -> PlacementRequest:
         names = self.nodes if isinstance(self.nodes, list) else None
         count = self.nodes if isinstance(self.nodes, int) else None
         return PlacementRequest(strategy=self.strategy, nodes=names, node_count=count, context=self.context, tp_size=self.tp_size,
-                                weights=self.weights)
+                                weights=self.weights, collective=self.collective)

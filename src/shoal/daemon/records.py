@@ -177,5 +177,5 @@ def public_instance(rec: InstanceRecord, shards: dict[tuple[str, int], HostedSha
         "error": rec.error or None, "entry": rec.entry, "coordinator": rec.coordinator, "created_at": rec.created_at,
         "ended_at": rec.ended_at, "epoch": rec.epoch, "degraded": rec.degraded, "events": [e.model_dump() for e in rec.events],
         "context": rec.placement.context, "prediction": rec.placement.prediction.model_dump(), "reason": rec.placement.reason,
-        "weights": rec.placement.weights,
+        "weights": rec.placement.weights, "collective": rec.placement.collective,
     }

@@ -156,7 +156,7 @@ class PublicRoutes:
                                    node_count=int(nodes) if nodes and nodes.isdigit() else None,
                                    context=int(q["context"]) if "context" in q else None,
                                    tp_size=int(q["tp_size"]) if "tp_size" in q else None,
-                                   weights=q.get("weights", "stored"))
+                                   weights=q.get("weights", "stored"), collective=q.get("collective", "shoal"))
             spec = await co.spec_of(model, req.weights)
         except (ValidationError, ValueError) as e:
             return _error(400, f"bad query: {e}")

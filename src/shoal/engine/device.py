@@ -43,6 +43,17 @@ MLX_GROUP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_mo
 CARD_USABLE = 0.9  # of a card's memory, for shards: the rest is the CUDA context, allocator slack, activations
 
 
+
+def collectives(device: str) -> list[str]:
+    """The transports beside shoal's own that a node computing on `device` offers its groups
+    (NodeProfile.collectives, placement/contract.Collective): MLX's ring, and JACCL where this MLX
+    build has it (macOS with Thunderbolt 5 RDMA)."""
+    if device != "mlx":
+        return []
+    import mlx.core as mx
+
+    return [name for name, backend in (("mlx-ring", "ring"), ("mlx-jaccl", "jaccl")) if mx.distributed.is_available(backend)]
+
 @dataclass(frozen=True)
 class Device:
     name: str  # "cpu" (numba), "torch-cpu", "cuda", "cuda:1", "mps", "mlx"

@@ -16,6 +16,10 @@ Strategy = Literal["auto", "single", "pipeline", "tensor", "hybrid", "expert"]
 # holds them as 8-bit codes with a float32 scale per 32 (quant/formats.quantize_sym8: ~1.125 bytes a
 # parameter, half of bf16), for a model that would not fit otherwise. Quantized tensors stay as stored.
 HeldAs = Literal["stored", "q8"]
+# What a group's all-reduces travel on: "shoal", the runners' own encrypted links (any devices); or,
+# for a group of MLX nodes that report it (NodeProfile.collectives), MLX's ring over TCP or JACCL over
+# Thunderbolt 5 RDMA, every partial sealed (runner/mlx_group.py).
+Collective = Literal["shoal", "mlx-ring", "mlx-jaccl"]
 
 
 class PlacementRequest(BaseModel):
@@ -28,6 +32,7 @@ class PlacementRequest(BaseModel):
     tp_size: int | None = Field(default=None, ge=1)  # hybrid/tensor/expert: ranks per tensor (or expert) group
     prompt_tokens: int = Field(default=128, ge=1)  # prompt length the TTFT prediction is for
     weights: HeldAs = "stored"  # how float (bf16/fp16/fp32) matrices are held; see HeldAs
+    collective: Collective = "shoal"  # what the groups' all-reduces travel on; see Collective
 
 
 class ShardPlan(BaseModel):
@@ -92,6 +97,7 @@ class Placement(BaseModel):
     prediction: Prediction
     reason: str
     weights: HeldAs = "stored"  # PlacementRequest.weights, which every rank loads by
+    collective: Collective = "shoal"  # PlacementRequest.collective, which every group's ranks join by
 
     @property
     def stages(self) -> list[list[ShardPlan]]:

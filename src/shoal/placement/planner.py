@@ -79,6 +79,11 @@ def plan(
     node running) is also priced for strategies the engine cannot run yet (tensor inside an MoE)."""
     request = request or PlacementRequest()
     context = min(request.context or DEFAULT_CONTEXT, spec.max_context)
+    offers = {n.id: set(n.profile.collectives) for n in view.nodes if n.profile is not None}
+    if request.collective == "mlx-jaccl":  # its groups' links are RDMA, priced as such
+        view = view.model_copy(update={"links": [
+            lk.model_copy(update={"kind": "rdma"}) if {lk.a, lk.b} <= {i for i, c in offers.items() if "mlx-jaccl" in c} else lk
+            for lk in view.links]})
     nodes = held_as(node_resources(view, reserved, cal), spec)
     if request.nodes:
         nodes = _pick(nodes, request.nodes, view)
@@ -99,6 +104,9 @@ def plan(
             for stages in _layouts(subset, kind, spec, request, view, cal, fixed_order=bool(request.nodes)):
                 if not hypothetical and not _runnable(stages, spec):
                     continue
+                if request.collective != "shoal" and any(
+                        len(g) > 1 and not all(request.collective in offers.get(n.id, ()) for n in g) for g in stages):
+                    continue  # a group on a transport one of its nodes does not offer
                 got = _build(spec, view, stages, kind, context, request.prompt_tokens, cal)
                 if isinstance(got, _Shortfall):
                     if shortfall is None or got.missing < shortfall.missing:
@@ -110,7 +118,8 @@ def plan(
                     best, best_key = got, key
     if best is None:
         raise _refusal(spec, nodes, request, context, shortfall, cal)
-    return best.model_copy(update={"reason": _reason(best, nodes, request, spec.architecture), "weights": request.weights})
+    return best.model_copy(update={"reason": _reason(best, nodes, request, spec.architecture), "weights": request.weights,
+                                   "collective": request.collective})
 
 
 def plan_each_strategy(
@@ -615,7 +624,10 @@ def _refusal(
         what = request.strategy if request.strategy != "auto" else "any strategy"
         hint = ""
         mlx = any(n.device == "mlx" for n in nodes)
-        if mlx and spec.architecture not in MLX_GROUP_FAMILIES and request.strategy in ("tensor", "expert", "hybrid"):
+        if request.collective != "shoal" and request.strategy in ("tensor", "expert", "hybrid"):
+            hint = (f" (collective {request.collective}: every node of a group must offer it — MLX nodes offer mlx-ring, "
+                    "and mlx-jaccl where their MLX has JACCL)")
+        elif mlx and spec.architecture not in MLX_GROUP_FAMILIES and request.strategy in ("tensor", "expert", "hybrid"):
             hint = (f" (an MLX node joins the groups of {', '.join(MLX_GROUP_FAMILIES)} models only; it holds whole "
                     "stages of this one: use strategy pipeline, or group the CPU and CUDA nodes)")
         elif request.strategy == "tensor" and spec.is_moe:

@@ -96,7 +96,9 @@ def main() -> int:
             store = dist.TCPStore(_host(cfg.shards[0].address), cfg.master_port, len(cfg.shards), False,
                                   _td(cfg.rendezvous_timeout_s), use_libuv=True)
         comm, tp = join_groups(store, bytes.fromhex(cfg.secret), cfg.rank, cfg.shards, host, cfg.timeout_s,
-                               stage.args.hidden_size, cfg.rendezvous_timeout_s, cfg.bench_plaintext_wire)
+                               stage.args.hidden_size, cfg.rendezvous_timeout_s, cfg.bench_plaintext_wire, cfg.collective)
+        if me.tp_size > 1:
+            log.info("rank %d sums over its group on %s", cfg.rank, cfg.collective)
         worker = StageWorker(stage.model, comm, tp, cfg.shards)
         if cfg.rank == 0:
             scheduler = entry_scheduler(cfg, DistributedModel(worker), stage)

@@ -21,7 +21,7 @@ from shoal.engine.generate import SequenceStats, TokenEvent
 from shoal.engine.grammar import Constraint, Kind
 from shoal.engine.sampler import SamplingParams
 from shoal.engine.scheduler import MAX_LOGPROBS, RequestRefused
-from shoal.placement.contract import HeldAs, ShardPlan
+from shoal.placement.contract import Collective, HeldAs, ShardPlan
 
 RequestId = Annotated[str, Field(pattern=r"^[0-9A-Za-z_-]{1,64}$")]
 MAX_PROMPT_IDS = 1 << 17
@@ -53,6 +53,7 @@ class RunnerConfig(_Msg):
     kv_budget_bytes: int | None = None  # the entry's KV budget (None: half the memory free at start)
     device: Annotated[str, Field(pattern=r"^(cpu|torch-cpu|cuda(:[0-9]+)?|mps|mlx)$")] = "cpu"  # engine/device.py
     weights: HeldAs = "stored"  # how the float matrices are held (placement/contract.HeldAs)
+    collective: Collective = "shoal"  # what its group's all-reduces travel on (placement/contract.Collective)
     # Benchmarks only (scripts/bench_wire.py, which writes this config itself): frames between ranks
     # travel in clear and unauthenticated, to measure what the cipher costs. No daemon sets it.
     bench_plaintext_wire: bool = False

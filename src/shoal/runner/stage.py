@@ -7,6 +7,7 @@ import ctypes
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,12 +105,15 @@ class TensorGroup:
 
 
 def join_groups(store: dist.Store, secret: bytes, rank: int, shards: list[ShardPlan], host: str, timeout_s: float,
-                hidden: int, setup_timeout_s: float = 120.0, plaintext: bool = False) -> tuple[Comm, TensorGroup | None]:
+                hidden: int, setup_timeout_s: float = 120.0, plaintext: bool = False,
+                collective: str = "shoal") -> tuple[Comm, Any]:
     """Rendezvous: connect this rank to every other one over encrypted links (`wire.connect`), and
     name this rank's stage and tensor group. The store's keys live under a prefix derived from the
     secret, so a process that does not know it can neither read the addresses nor plant its own;
-    the links then prove themselves with keys derived from the same secret. `plaintext`: for
-    benchmarks only (wire.Link)."""
+    the links then prove themselves with keys derived from the same secret. The group sums over
+    those links (TensorGroup), or, where the placement chose one of MLX's transports for its MLX
+    ranks, over that with every partial sealed (runner/mlx_group.py). `plaintext`: for benchmarks
+    only (wire.Link)."""
     store = dist.PrefixStore(store_prefix(secret), store)
     links = wire.connect(store, secret, rank, len(shards), host, timeout_s, setup_timeout_s, plaintext)
     stages: list[list[int]] = []
@@ -118,7 +122,13 @@ def join_groups(store: dist.Store, secret: bytes, rank: int, shards: list[ShardP
             stages.append([])
         stages[s.stage].append(s.rank)
     me = shards[rank]
-    tp = TensorGroup(links, stages[me.stage], rank) if me.tp_size > 1 else None
+    tp = None
+    if me.tp_size > 1 and collective != "shoal":
+        from shoal.runner.mlx_group import join_mlx_group
+
+        tp = join_mlx_group(store, secret, rank, stages[me.stage], host, collective)
+    elif me.tp_size > 1:
+        tp = TensorGroup(links, stages[me.stage], rank)
     return Comm(links, rank, stages, hidden), tp
 
 
