@@ -727,25 +727,21 @@ def test_mlx_nodes_join_the_groups_of_the_families_their_backend_cuts():
         plan(other, view, PlacementRequest(strategy="tensor", nodes=["m1", "m2"]))
 
 
-def test_a_group_sums_on_mlx_transports_only_where_every_node_offers_them():
-    """`collective` mlx-ring / mlx-jaccl: a group placed only on nodes whose profile offers that
-    transport (an MLX node offers the ring, and JACCL where its MLX has it); over JACCL its links are
-    priced as RDMA; asking for it with nodes that do not offer it says why."""
+def test_a_group_sums_on_mlx_ring_only_where_every_node_offers_it():
+    """`collective` mlx-ring: a group placed only on nodes whose profile offers MLX's ring (an MLX
+    node does), and asking for it with a node that does not says why."""
 
     def mac(name: str, *offers: str) -> NodeView:
         n = node(name, 512, bw=400)
         return n.model_copy(update={"profile": n.profile.model_copy(update={"device": "mlx", "collectives": list(offers)})})
 
-    view = cluster([mac("m1", "mlx-ring", "mlx-jaccl"), mac("m2", "mlx-ring", "mlx-jaccl"), mac("m3", "mlx-ring"),
-                    node("c1", 512, bw=400)])
+    view = cluster([mac("m1", "mlx-ring"), mac("m2", "mlx-ring"), mac("m3"), node("c1", 512, bw=400)])
     ring = plan(spec(), view, PlacementRequest(strategy="tensor", nodes=["m1", "m2"], collective="mlx-ring"))
-    jaccl = plan(spec(), view, PlacementRequest(strategy="tensor", nodes=["m1", "m2"], collective="mlx-jaccl"))
-    assert ring.collective == "mlx-ring" and jaccl.collective == "mlx-jaccl"
-    assert jaccl.prediction.decode_tokens_per_s > ring.prediction.decode_tokens_per_s  # ~5 us a message, not ~250
-    for nodes, collective in ((["m1", "c1"], "mlx-ring"), (["m1", "m3"], "mlx-jaccl")):
-        with pytest.raises(PlacementError, match=f"collective {collective}: every node of a group must offer it"):
-            plan(spec(), view, PlacementRequest(strategy="tensor", nodes=nodes, collective=collective))
-    auto = plan(spec(), view, PlacementRequest(collective="mlx-jaccl"))
+    assert ring.collective == "mlx-ring" and [s.node_name for s in ring.shards] == ["m1", "m2"]
+    for nodes in (["m1", "c1"], ["m1", "m3"]):
+        with pytest.raises(PlacementError, match="collective mlx-ring: every node of a group must offer it"):
+            plan(spec(), view, PlacementRequest(strategy="tensor", nodes=nodes, collective="mlx-ring"))
+    auto = plan(spec(), view, PlacementRequest(collective="mlx-ring"))
     assert all(len(st) == 1 or {s.node_name for s in st} <= {"m1", "m2"} for st in auto.stages)
 
 

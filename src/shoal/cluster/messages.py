@@ -65,7 +65,7 @@ class NodeProfile(Message):
     # engine), torch-cpu, cuda, cuda:N or mps. A setting, not a measurement: filled in at start.
     device: Annotated[str, Field(max_length=16)] = "cpu"
     # The transports beside shoal's own its groups may sum over (placement/contract.Collective): an
-    # MLX node's mlx-ring, and mlx-jaccl where its MLX has the JACCL (Thunderbolt 5 RDMA) backend.
+    # MLX node's mlx-ring.
     collectives: Annotated[list[Annotated[str, Field(max_length=16)]], Field(max_length=8)] = []
 
 

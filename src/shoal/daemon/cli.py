@@ -39,9 +39,9 @@ def add_place_arguments(p: argparse.ArgumentParser) -> None:
     add_cluster_placement_arguments(p, _default_cluster())
     p.add_argument("--weights", default="stored", choices=["stored", "q8"],
                    help="how to hold bf16/fp16/fp32 matrices: as stored (bf16 as bf16), or q8 (8-bit, ~half of bf16)")
-    p.add_argument("--collective", default="shoal", choices=["shoal", "mlx-ring", "mlx-jaccl"],
-                   help="what a group's all-reduces travel on: shoal's own links (default), or for groups of MLX "
-                        "nodes MLX's ring (TCP) or JACCL (Thunderbolt 5 RDMA), every partial sealed")
+    p.add_argument("--collective", default="shoal", choices=["shoal", "mlx-ring"],
+                   help="what a group's all-reduces travel on: shoal's own links (default), or for a group of MLX "
+                        "nodes MLX's ring, every partial sealed")
     p.add_argument("--dry-run", action="store_true", help="only show the plan and prediction of each strategy")
     p.add_argument("--cluster-spec", default=None, metavar="FILE",
                    help="with --dry-run: plan for the machines and links FILE describes (JSON), no node needed")

@@ -46,13 +46,12 @@ CARD_USABLE = 0.9  # of a card's memory, for shards: the rest is the CUDA contex
 
 def collectives(device: str) -> list[str]:
     """The transports beside shoal's own that a node computing on `device` offers its groups
-    (NodeProfile.collectives, placement/contract.Collective): MLX's ring, and JACCL where this MLX
-    build has it (macOS with Thunderbolt 5 RDMA)."""
+    (NodeProfile.collectives, placement/contract.Collective): MLX's ring, where this MLX has it."""
     if device != "mlx":
         return []
     import mlx.core as mx
 
-    return [name for name, backend in (("mlx-ring", "ring"), ("mlx-jaccl", "jaccl")) if mx.distributed.is_available(backend)]
+    return ["mlx-ring"] if mx.distributed.is_available("ring") else []
 
 @dataclass(frozen=True)
 class Device:

@@ -113,8 +113,7 @@ def cluster_view(spec: ClusterSpec) -> ClusterView:
                            cpu_cores_physical=n.cores, ram_total_bytes=mem, accelerators=cards,
                            gflops_fp32=n.tflops * 1e3, memory_bandwidth_gbps=n.bandwidth_gbs, measured_with="cluster spec",
                            measured_at=0.0, measure_seconds=0.0, fingerprint=n.name, device=n.device,
-                           # Described Macs offer MLX's transports (their links' kind says which is priced).
-                           collectives=["mlx-ring", "mlx-jaccl"] if n.device == "mlx" else [])
+                           collectives=["mlx-ring"] if n.device == "mlx" else [])
         nodes.append(NodeView(id=f"{i + 1:032x}", name=n.name, address=f"{n.name}:52600", status="up", is_self=i == 0,
                               last_seen_s=0.0, incarnation=1, memory_available_bytes=mem, memory_offered_bytes=mem,
                               profile=prof))

@@ -17,9 +17,9 @@ Strategy = Literal["auto", "single", "pipeline", "tensor", "hybrid", "expert"]
 # parameter, half of bf16), for a model that would not fit otherwise. Quantized tensors stay as stored.
 HeldAs = Literal["stored", "q8"]
 # What a group's all-reduces travel on: "shoal", the runners' own encrypted links (any devices); or,
-# for a group of MLX nodes that report it (NodeProfile.collectives), MLX's ring over TCP or JACCL over
-# Thunderbolt 5 RDMA, every partial sealed (runner/mlx_group.py).
-Collective = Literal["shoal", "mlx-ring", "mlx-jaccl"]
+# for a group of MLX nodes that all offer it (NodeProfile.collectives), MLX's ring over TCP, every
+# partial sealed (runner/mlx_group.py).
+Collective = Literal["shoal", "mlx-ring"]
 
 
 class PlacementRequest(BaseModel):

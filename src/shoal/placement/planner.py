@@ -80,10 +80,6 @@ def plan(
     request = request or PlacementRequest()
     context = min(request.context or DEFAULT_CONTEXT, spec.max_context)
     offers = {n.id: set(n.profile.collectives) for n in view.nodes if n.profile is not None}
-    if request.collective == "mlx-jaccl":  # its groups' links are RDMA, priced as such
-        view = view.model_copy(update={"links": [
-            lk.model_copy(update={"kind": "rdma"}) if {lk.a, lk.b} <= {i for i, c in offers.items() if "mlx-jaccl" in c} else lk
-            for lk in view.links]})
     nodes = held_as(node_resources(view, reserved, cal), spec)
     if request.nodes:
         nodes = _pick(nodes, request.nodes, view)
@@ -625,8 +621,7 @@ def _refusal(
         hint = ""
         mlx = any(n.device == "mlx" for n in nodes)
         if request.collective != "shoal" and request.strategy in ("tensor", "expert", "hybrid"):
-            hint = (f" (collective {request.collective}: every node of a group must offer it — MLX nodes offer mlx-ring, "
-                    "and mlx-jaccl where their MLX has JACCL)")
+            hint = f" (collective {request.collective}: every node of a group must offer it, as MLX nodes offer mlx-ring)"
         elif mlx and spec.architecture not in MLX_GROUP_FAMILIES and request.strategy in ("tensor", "expert", "hybrid"):
             hint = (f" (an MLX node joins the groups of {', '.join(MLX_GROUP_FAMILIES)} models only; it holds whole "
                     "stages of this one: use strategy pipeline, or group the CPU and CUDA nodes)")

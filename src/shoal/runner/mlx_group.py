@@ -1,5 +1,7 @@
-"""MLX's own transports for a group of MLX ranks — its ring over TCP, JACCL over Thunderbolt 5 RDMA
-(`PlacementRequest.collective`: mlx-ring, mlx-jaccl) — with shoal's trust kept.
+"""MLX's own transport for a group of MLX ranks — its ring over TCP (`PlacementRequest.collective`:
+mlx-ring) — with shoal's trust kept. (MLX's JACCL, over Thunderbolt 5 RDMA, would go the same way:
+its `all_gather` moves sealed bytes alike; what it needs besides is each node's map of which RDMA
+port reaches which peer, which only Thunderbolt 5 Macs can show.)
 
 MLX's `all_sum` would carry each rank's partial sum in clear to whoever connects to the ring. Here a
 rank seals its partial (AES-256-GCM under a key derived from the placement's secret, the nonce its
@@ -36,7 +38,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from shoal.runner.wire import WireError
 
 # PlacementRequest.collective -> MLX's backend name.
-BACKENDS = {"mlx-ring": "ring", "mlx-jaccl": "jaccl"}
+BACKENDS = {"mlx-ring": "ring"}
 _AAD = b"shoal-mlx-allreduce-v1"
 _NONCE = struct.Struct("<IQ")  # the sender's place in the group, the all-reduce's number: 12 bytes
 
