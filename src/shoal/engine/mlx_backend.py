@@ -217,9 +217,10 @@ class MLXShard:
 
 
 class SummedOverGroup(nn.Module):
-    """A row-split layer (o_proj, down_proj holding some input columns): its output is this rank's
-    share of the product, and the group's all-reduce (models/base.all_reduce, over the runner's
-    links) makes it the whole. The sum runs on host float32, as every rank's partials travel."""
+    """A layer whose output is this rank's share of a sum over the group — a row-split linear (o_proj,
+    down_proj holding some input columns) or a whole MoE layer (some experts, or some columns of
+    every expert) —, made the whole by the group's all-reduce (models/base.all_reduce: shoal's links,
+    or MLX's ring sealed). The sum runs on host float32, as every rank's partials travel."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
