@@ -314,7 +314,7 @@ def test_placement_ui_with_server_shapes(browser: Any, cluster: Cluster) -> None
         keep = ("node_id", "node_name", "layers", "tp_rank", "tp_size", "weight_bytes")
         return {**real_inst["shards"][0], **{k: sh[k] for k in keep}}
 
-    instance = {**real_inst, "id": "inst-stub-1", "strategy": "pipeline", "status": "loading", "error": None,
+    instance = {**real_inst, "id": "inst-stub-1", "strategy": "pipeline", "status": "loading", "error": None, "weights": "q8",
                 "shards": [inst_shard(sh) for sh in pipeline["shards"]], "prediction": prediction, "epoch": 1,
                 "events": [{"at": time.time() - 5, "text": "node-c (0a1b2c3d) is down; re-placing"},
                            {"at": time.time() - 2, "text": "re-placed on node-a+node-b in 3.4 s"}]}
@@ -364,6 +364,7 @@ def test_placement_ui_with_server_shapes(browser: Any, cluster: Cluster) -> None
     expect(inst).to_have_attribute("data-status", "ready", timeout=15_000)
     expect(inst.locator(".layerbar > span")).to_have_count(2)
     expect(inst.locator(".meta").first).to_contain_text("predicted 48.2 tok/s")
+    expect(inst.locator(".meta").first).to_contain_text("weights: 8-bit")  # held as the placement asked
     expect(inst.locator(".events li")).to_have_count(2)  # what happened to it: a recovery
     expect(inst.locator(".events")).to_contain_text("re-placed on node-a+node-b in 3.4 s")
     expect(node_card(pg, "node-b").locator(".chip")).to_contain_text("layers 16–29")

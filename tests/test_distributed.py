@@ -229,9 +229,9 @@ def run_equivalence(cluster: list[NodeProc], models: list[str], layout: str,
 
 
 def test_float_matrices_held_as_q8_where_an_instance_asks(cluster4, tiny_models):
-    """`"weights": "q8"` on POST /v1/instances: the preview prices the float32 matrices at 8 bits,
-    the instance records it, and both stages' runners load so — the greedy tokens equal one process
-    loading the checkpoint with weights="q8", not the float32 model's."""
+    """`shoal place --weights q8` (`"weights": "q8"` on POST /v1/instances): the preview prices the
+    float32 matrices at 8 bits, the instance records it, and both stages' runners load so — the
+    greedy tokens equal one process loading the checkpoint with weights="q8"."""
     model = str(tiny_models["llama"])
     node = cluster4[0]
 
@@ -240,18 +240,21 @@ def test_float_matrices_held_as_q8_where_an_instance_asks(cluster4, tiny_models)
         return sum(s["weight_bytes"] for s in call(node, "GET", q)[1]["plans"]["pipeline"]["shards"])
 
     assert planned("q8") < 0.45 * planned("stored")
-    status, out = call(node, "POST", "/v1/instances", {"model": model, "strategy": "pipeline", "nodes": 2,
-                                                       "context": CONTEXT, "weights": "q8"}, timeout_s=120)
-    assert status == 202, out
+    out = subprocess.run([sys.executable, "-m", "shoal.cli", "place", model, "--cluster", node.url, "--strategy", "pipeline",
+                          "--nodes", "2", "--context", str(CONTEXT), "--weights", "q8"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "weights q8" in out.stdout and "status ready" in out.stdout, out.stdout
+    iid = out.stdout.split()[1]
     try:
-        inst = wait_ready(node, out["instance"]["id"])
+        inst = next(i for i in instances(node) if i["id"] == iid)
         assert inst["weights"] == "q8" and len(inst["shards"]) == 2
-        logs = [p.read_text() for nd in cluster4 for p in (nd.home / "runners").glob(f"{inst['id']}-*.log")]
+        logs = [p.read_text() for nd in cluster4 for p in (nd.home / "runners").glob(f"{iid}-*.log")]
         assert len(logs) == 2 and all("weights q8" in text for text in logs), logs
         want = single_process_tokens(model, TINY_PROMPT, 16, ignore_eos=True, weights="q8")
-        assert generate(cluster4[-1], inst["id"], TINY_PROMPT, 16, ignore_eos=True) == want
+        assert generate(cluster4[-1], iid, TINY_PROMPT, 16, ignore_eos=True) == want
     finally:
-        delete(node, out["instance"]["id"])
+        delete(node, iid)
     wait_for(lambda: not any(runner_pids(nd) for nd in cluster4), 30, what="runners gone")
 
 

@@ -116,7 +116,9 @@ def wait_ready(base: str, iid: str, timeout_s: float = READY_TIMEOUT_S, progress
 
 
 def _describe(inst: dict[str, Any]) -> str:
-    lines = [f"instance {inst['id']}  model {inst['model']}  strategy {inst['strategy']}  status {inst['status']}"]
+    held = (f"  weights {inst['weights']}" if inst.get("weights", "stored") != "stored" else "") + (
+        f"  groups sum over {inst['collective']}" if inst.get("collective", "shoal") != "shoal" else "")
+    lines = [f"instance {inst['id']}  model {inst['model']}  strategy {inst['strategy']}{held}  status {inst['status']}"]
     for s in inst["shards"]:
         tp = f"  tp {s['tp_rank']}/{s['tp_size']} kv heads {s['kv_heads'][0]}-{s['kv_heads'][1]} mlp {s['ffn'][0]}-{s['ffn'][1]}" if s["tp_size"] > 1 else ""
         if s.get("expert_cols") and s["tp_size"] > 1:

@@ -92,7 +92,8 @@ function liveItem(inst) {
       inst.degraded ? h("span", { class: "pill degraded", title: "a better plan exists; it is re-placed when idle" }, "degraded") : null,
       stopButton),
     h("p", { class: "meta" },
-      [`strategy: ${inst.strategy}`, nodesText(inst), `predicted ${fmtTps(inst.prediction.decode_tokens_per_s)} tok/s`, `id ${inst.id.slice(0, 12)}`].join(" · ")),
+      [`strategy: ${inst.strategy}`, nodesText(inst), ...held(inst), `predicted ${fmtTps(inst.prediction.decode_tokens_per_s)} tok/s`,
+        `id ${inst.id.slice(0, 12)}`].join(" · ")),
     layerBar(inst.model, inst.shards),
     (inst.copying || []).map((c) => h("p", { class: "meta copying" },
       `copying the model's files to ${c.node_name} from ${c.source}: ${Math.floor(100 * c.done_bytes / Math.max(c.total_bytes, 1))}%`)),
@@ -100,6 +101,10 @@ function liveItem(inst) {
     inst.events.length ? h("ul", { class: "events" }, inst.events.slice(-SHOWN_EVENTS).map((e) =>
       h("li", {}, `${new Date(e.at * 1000).toLocaleTimeString()} ${e.text}`))) : null);
 }
+
+// How the placement holds the weights and sums its groups, where it is not the default.
+const held = (inst) => [inst.weights === "q8" ? "weights: 8-bit" : null,
+  inst.collective && inst.collective !== "shoal" ? `groups sum over ${inst.collective}` : null].filter(Boolean);
 
 function endedItem(inst) {
   const when = `ended ${new Date(inst.ended_at * 1000).toLocaleTimeString()}`;
@@ -112,7 +117,7 @@ function endedItem(inst) {
 }
 
 // What a card shows, without the shards' live counters (which change on every poll).
-const shown = (inst) => [inst.id, inst.model, inst.strategy, inst.status, inst.degraded, inst.error, inst.ended_at, inst.epoch, inst.events, inst.copying,
+const shown = (inst) => [inst.id, inst.model, inst.strategy, inst.weights, inst.collective, inst.status, inst.degraded, inst.error, inst.ended_at, inst.epoch, inst.events, inst.copying,
   inst.prediction.decode_tokens_per_s, inst.shards.map((sh) => [sh.node_id, sh.node_name, sh.layers, sh.tp_rank, sh.tp_size])];
 
 function render() {
