@@ -97,7 +97,7 @@ def decode(ids: list[int]) -> str:
     return load_model(DEFAULT_MODEL).tokenizer.decode(ids)
 
 
-def two_node_pipeline(nl: NodeLauncher, b_extra: list[str], a_extra: tuple[str, ...] = (),
+def two_node_instance(nl: NodeLauncher, b_extra: list[str], a_extra: tuple[str, ...] = (),
                       strategy: str = "pipeline", **placement: str) -> tuple[NodeProc, NodeProc, dict]:
     """Nodes a (numba, or as `a_extra` says) and b (started with `b_extra`, e.g. another --device),
     and the bundled model placed over both (a pipeline, or `strategy`, with any other `placement`
@@ -126,7 +126,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, cached_profile: Path):
     single-process run's."""
     nl = NodeLauncher(tmp_path_factory.mktemp("pipeline2"), cached_profile)
     try:
-        yield two_node_pipeline(nl, ["--device", "torch-cpu"], ("--kv-budget", KV_BUDGET))
+        yield two_node_instance(nl, ["--device", "torch-cpu"], ("--kv-budget", KV_BUDGET))
     finally:
         nl.close()
 

@@ -135,12 +135,12 @@ def test_an_mlx_node_and_a_cpu_node_serve_one_model(tmp_path_factory, cached_pro
     prompt through both ranks' caches with the same text as one process. "tensor over mlx-ring": both
     nodes on MLX, their group summing over MLX's ring with every partial sealed (runner/mlx_group.py)."""
     from conftest import NodeLauncher
-    from test_instances import QUESTION, chat_ids, decode, single_process_tokens, stream_chat, two_node_pipeline
+    from test_instances import QUESTION, chat_ids, decode, single_process_tokens, stream_chat, two_node_instance
 
     nl = NodeLauncher(tmp_path_factory.mktemp(strategy.replace(" ", "_")), cached_profile)
     ring = strategy == "tensor over mlx-ring"
     try:
-        a, b, inst = two_node_pipeline(nl, ["--device", "mlx"], ("--device", "mlx") if ring else (),
+        a, b, inst = two_node_instance(nl, ["--device", "mlx"], ("--device", "mlx") if ring else (),
                                        strategy.split()[0], **({"collective": "mlx-ring"} if ring else {}))
         assert [s["tp_size"] for s in inst["shards"]] == ([1, 1] if strategy == "pipeline" else [2, 2])
         if ring:
@@ -255,18 +255,19 @@ def test_an_mlx_rank_joins_a_tensor_group_inside_an_moe(moe_ckpts, kind):
 def test_sealed_partials_open_only_as_sent():
     """runner/mlx_group.py: a partial sealed for MLX's transport opens only under the group's key,
     at the place and all-reduce it was sealed for, unaltered."""
-    from shoal.runner.mlx_group import SealedFrameError, group_key, open_sealed, seal
+    from shoal.runner.mlx_group import SealedFrameError, group_cipher, open_sealed, seal
     from shoal.runner.wire import WireError
 
-    key = group_key(b"s" * 32, [0, 1])
-    assert key != group_key(b"s" * 32, [2, 3]) and key != group_key(b"t" * 32, [0, 1])
+    cipher = group_cipher(b"s" * 32, [0, 1])
     data = torch.arange(8, dtype=torch.float32).numpy().tobytes()
-    frame = seal(key, 1, 7, data)
-    assert open_sealed(key, 1, 7, frame) == data and data not in frame
+    frame = seal(cipher, 1, 7, data)
+    assert open_sealed(cipher, 1, 7, frame) == data and data not in frame
+    for other in (group_cipher(b"s" * 32, [2, 3]), group_cipher(b"t" * 32, [0, 1])):  # another group, another placement
+        with pytest.raises(SealedFrameError):
+            open_sealed(other, 1, 7, frame)
     altered = bytearray(frame)
     altered[20] ^= 1
-    for bad_key, place, count, bad in ((key, 1, 7, bytes(altered)), (key, 0, 7, frame), (key, 1, 8, frame),
-                                       (group_key(b"t" * 32, [0, 1]), 1, 7, frame), (key, 1, 7, frame[:10])):
+    for place, count, bad in ((1, 7, bytes(altered)), (0, 7, frame), (1, 8, frame), (1, 7, frame[:10])):
         with pytest.raises(SealedFrameError):
-            open_sealed(bad_key, place, count, bad)
+            open_sealed(cipher, place, count, bad)
     assert issubclass(SealedFrameError, WireError)  # it fails the instance as a broken link does

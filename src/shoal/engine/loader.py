@@ -17,6 +17,7 @@ from shoal.engine.device import Device, to_device
 from shoal.engine.tokenizer import Tokenizer
 from shoal.models import deepseek, llama, mixtral
 from shoal.models.base import Part, Shard, Weight
+from shoal.placement.spec import FLOAT_MATRICES
 from shoal.quant.formats import quantize_sym8
 from shoal.weights.errors import ModelFileError
 from shoal.weights.gguf import GGUFCheckpoint
@@ -173,17 +174,11 @@ def load_shard(ref: str | None, part: Part | None = None, with_tokenizer: bool =
     return LoadedModel(ref or DEFAULT_MODEL, path, model.eval(), args, part, tokenizer)
 
 
-# The float matrices `weights="q8"` holds as 8-bit: every linear layer's, the embedding's and the head's
-# (placement/spec._MATRICES prices the same names); norms and biases stay float32.
-_Q8_MATRICES = ("proj.weight", "proj_with_mqa.weight", "embed_tokens.weight", "lm_head.weight", ".w1.weight", ".w2.weight",
-                ".w3.weight")
-
-
 def held_as_q8(name: str, w: Weight) -> Weight:
-    """A float matrix as 8-bit codes with a float32 scale per 32 of a row (quant/formats.quantize_sym8),
-    for a placement that asked for it; anything else (quantized, a vector, rows not in whole groups
-    of 32) as it is."""
-    if not (name.endswith(_Q8_MATRICES) and getattr(w, "ndim", 0) == 2 and w.shape[1] % 32 == 0):
+    """A float matrix (placement/spec.FLOAT_MATRICES, the names the planner prices so) as 8-bit codes
+    with a float32 scale per 32 of a row (quant/formats.quantize_sym8), for a placement that asked
+    for it; anything else (quantized, a vector, rows not in whole groups of 32) as it is."""
+    if not (name.endswith(FLOAT_MATRICES) and getattr(w, "ndim", 0) == 2 and w.shape[1] % 32 == 0):
         return w
     if isinstance(w, torch.Tensor) and w.is_floating_point():
         return quantize_sym8(w.float().numpy(), 32)

@@ -23,9 +23,9 @@ A rank of a tensor group (`Part.kv_heads`, `Part.ffn`, `Part.vocab`; inside an M
 `Part.expert_cols` and `Part.shared`) is mlx-lm's model with each layer cut to the part after
 loading (`_cut_to_part`): attention to the part's heads, MLPs and every routed expert to its columns,
 the embedding and head to its vocabulary rows. A rank of an expert group (`Part.experts`) keeps its
-routed experts (`HeldExperts`) and its columns of the shared experts. mlx-lm's own `shard` needs an `mx.distributed` group
-and even splits; shoal's ranks sum over the runner's encrypted links (runner/stage.TensorGroup) in
-uneven shares, so each layer that ends a partial product — o_proj, a dense down_proj, a whole MoE
+routed experts (`HeldExperts`) and its columns of the shared experts. mlx-lm's own `shard` needs
+an `mx.distributed` group and even splits; shoal's ranks sum over the runner's encrypted links
+(runner/stage.TensorGroup) in uneven shares, so each layer that ends a partial product — o_proj, a dense down_proj, a whole MoE
 layer (routed and shared experts summed once) — is wrapped in `SummedOverGroup`, which completes it
 with the group's all-reduce: the same two collectives a layer, in the same order, as a numba or torch
 rank, so MLX, CPU and CUDA ranks make one group (engine/device.MLX_GROUP_FAMILIES: the families

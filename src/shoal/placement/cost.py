@@ -31,9 +31,10 @@ class Calibration:
     are priced with those; `read_efficiency` and `layer_overhead_s` serve only nodes without them
     (an AMD EPYC: 15.6 ms/token = 30 layers x 0.40 ms, 0.15 ms of each fixed). On an Intel Xeon
     (probe: 21 us fixed per narrow layer, 26 GB/s of 4-bit reads, one native call a layer) the
-    bundled model decodes at ~6 ms/token: 30 layers x 0.15 ms + the head + ~0.6 ms at the entry. Pipeline stages on one
-    machine add ~0.5 ms each time a stage's process takes the cores over from another, and
-    ~0.3 ms per hop (a thread wake-up at each end dominates on loopback)."""
+    bundled model decodes at ~6 ms/token: 30 layers x 0.15 ms + the head + ~0.6 ms at the entry.
+    Pipeline stages on one machine add ~0.5 ms each time a stage's process takes the cores over
+    from another, and ~0.3 ms per hop as a stage sees it: the wire itself takes 15-52 us
+    (scripts/bench_wire.py), the rest is the receiving stage's step starting cold."""
 
     read_efficiency: float = 0.38  # weight bytes read per second / the profile's copy bandwidth
     layer_overhead_s: float = 1.5e-4  # per layer per step on one rank (dispatch, norms, RoPE, attention)

@@ -22,7 +22,11 @@ MOE_TYPES = ("deepseek_v3", "kimi_k2", "qwen3_moe", "mixtral")
 Q4_BYTES_PER_PARAM = 0.75  # 4-bit codes + float32 scale and bias per 32: how INT4/MLX-4bit experts are held
 FP8_HELD_BYTES_PER_PARAM = 1.125  # FP8 weights are held as 8-bit codes + a float32 scale per 32
 BF16_BYTES_PER_PARAM = 2.0  # bf16 matrices are held as stored
-_MATRICES = ("proj.weight", "embed_tokens.weight", "lm_head.weight")  # kept bf16; vectors become float32
+# The names of the matrices (every linear layer's, MLA's kv_a_proj_with_mqa, Mixtral's experts' w1-w3,
+# the embedding and head): bf16 ones are held as stored, or all float ones as 8-bit where a placement
+# asks (engine/loader.held_as_q8); vectors (norms, biases) become float32.
+FLOAT_MATRICES = ("proj.weight", "proj_with_mqa.weight", ".w1.weight", ".w2.weight", ".w3.weight", "embed_tokens.weight",
+                  "lm_head.weight")
 Q8_HELD_BYTES_PER_PARAM = 1.125  # float matrices held as 8-bit codes + a float32 scale per 32, where asked
 
 
@@ -180,10 +184,10 @@ class ModelSpec(BaseModel):
                 params = _params(args, tensor)
                 if is_gguf:
                     per_param = _gguf_memory_per_param(ckpt.tensor_nbytes(tensor) / max(params, 1))
-                    return int(params * (held_float(per_param, weights) if tensor.endswith(_MATRICES) else per_param))
+                    return int(params * (held_float(per_param, weights) if tensor.endswith(FLOAT_MATRICES) else per_param))
                 if quant and tensor.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight")):
                     return int(params * (quant["bits"] / 8 + 8 / quant["group_size"]))
-                if tensor.endswith(_MATRICES):  # bf16 held as stored (quant/linear.BF16Linear), or 8-bit where asked
+                if tensor.endswith(FLOAT_MATRICES):  # bf16 held as stored (quant/linear.BF16Linear), or 8-bit where asked
                     return int(params * held_float(2.0 if ckpt.stored_dtype(tensor) == "BF16" else 4.0, weights))
                 return params * 4  # the rest as float32
 

@@ -47,24 +47,24 @@ class SealedFrameError(WireError):
     """A sealed partial that does not open: altered, replayed, or from the wrong rank."""
 
 
-def group_key(secret: bytes, ranks: list[int]) -> bytes:
-    """The key of one group's sealed partials, derived from the placement's secret and the group's ranks."""
+def group_cipher(secret: bytes, ranks: list[int]) -> AESGCM:
+    """The cipher of one group's sealed partials, its key derived from the placement's secret and the group's ranks."""
     info = ("shoal mlx group " + ",".join(map(str, ranks))).encode()
-    return HKDF(SHA256(), 32, salt=b"shoal-mlx-group-v1", info=info).derive(secret)
+    return AESGCM(HKDF(SHA256(), 32, salt=b"shoal-mlx-group-v1", info=info).derive(secret))
 
 
-def seal(key: bytes, place: int, count: int, data: bytes) -> bytes:
+def seal(cipher: AESGCM, place: int, count: int, data: bytes) -> bytes:
     nonce = _NONCE.pack(place, count)
-    return nonce + AESGCM(key).encrypt(nonce, data, _AAD)
+    return nonce + cipher.encrypt(nonce, data, _AAD)
 
 
-def open_sealed(key: bytes, place: int, count: int, frame: bytes) -> bytes:
+def open_sealed(cipher: AESGCM, place: int, count: int, frame: bytes) -> bytes:
     """The data of `frame`, which must be the partial of the rank at `place` for all-reduce `count`."""
     nonce = frame[: _NONCE.size]
     if len(frame) < _NONCE.size or _NONCE.unpack(nonce) != (place, count):
         raise SealedFrameError(f"a partial from place {place} of all-reduce {count} came with another rank's or all-reduce's nonce")
     try:
-        return AESGCM(key).decrypt(nonce, frame[_NONCE.size :], _AAD)
+        return cipher.decrypt(nonce, frame[_NONCE.size :], _AAD)
     except InvalidTag:
         raise SealedFrameError(f"the partial from place {place} of all-reduce {count} failed its check") from None
 
@@ -72,8 +72,8 @@ def open_sealed(key: bytes, place: int, count: int, frame: bytes) -> bytes:
 class SealedMLXGroup:
     """A tensor or expert group's all-reduce over an `mx.distributed` group, every partial sealed."""
 
-    def __init__(self, group: Any, key: bytes):
-        self.group, self.key = group, key
+    def __init__(self, group: Any, cipher: AESGCM):
+        self.group, self.cipher = group, cipher
         self.place, self.size = group.rank(), group.size()
         self.count = 0
         self.seconds = 0.0
@@ -84,12 +84,12 @@ class SealedMLXGroup:
         (x,) = tensors
         t = time.perf_counter()
         mine = np.ascontiguousarray(x.detach().to(torch.float32).numpy())
-        frame = seal(self.key, self.place, self.count, mine.tobytes())
+        frame = seal(self.cipher, self.place, self.count, mine.tobytes())
         gathered = mx.distributed.all_gather(mx.array(np.frombuffer(frame, dtype=np.uint8)), group=self.group)
         frames = np.array(gathered).reshape(self.size, len(frame))
         total = None
         for place in range(self.size):  # the same order on every rank: the same sum, bit for bit
-            part = np.frombuffer(open_sealed(self.key, place, self.count, frames[place].tobytes()), dtype=np.float32)
+            part = np.frombuffer(open_sealed(self.cipher, place, self.count, frames[place].tobytes()), dtype=np.float32)
             total = part.copy() if total is None else total + part
         self.count += 1
         x.copy_(torch.from_numpy(total.reshape(mine.shape)))
@@ -124,7 +124,7 @@ def join_mlx_group(store: Any, secret: bytes, rank: int, ranks: list[int], host:
         os.unlink(path)
     if group.size() != len(ranks):
         raise ValueError(f"{collective}: MLX made a group of {group.size()} ranks, not {len(ranks)}")
-    return SealedMLXGroup(group, group_key(secret, ranks))
+    return SealedMLXGroup(group, group_cipher(secret, ranks))
 
 
-__all__ = ["BACKENDS", "SealedFrameError", "SealedMLXGroup", "group_key", "join_mlx_group", "open_sealed", "seal"]
+__all__ = ["BACKENDS", "SealedFrameError", "SealedMLXGroup", "group_cipher", "join_mlx_group", "open_sealed", "seal"]
