@@ -14,6 +14,11 @@ Every process it starts is stopped by its own pid at the end.
 With --peer (llama.cpp's tools built: ../shared/tools/llama-cpp-tools.sh .peers/llama.cpp, or
 $SHOAL_LLAMA_CPP), each turn also runs llama.cpp's own `llama-bench` on the same GGUF alone and over
 three `ggml-rpc-server` processes on 127.0.0.1 (its distributed mode), and prints both beside shoal.
+
+With --timeline, every runner records when each decode step reaches each point of its path
+(runner/timeline.py: one clock for all the processes), and the bench prints, for each instance of a
+single rank per stage, the median of each leg of a token's path: each stage's bookkeeping, its
+layers, each hop (the wire, the receiver waking, the message), the head, the entry's scheduler.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from shoal.runner.timeline import ENV as TIMELINE_ENV
+from shoal.runner.timeline import legs as timeline_legs
+from shoal.runner.timeline import read as read_timeline
 
 KEY = "bench-cluster-key-0123456789abcdef"
 CONFIGS = [  # label, strategy, nodes
@@ -128,6 +137,7 @@ def main() -> int:
     ap.add_argument("--configs", default=",".join(c[0] for c in CONFIGS),
                     help="which of " + ", ".join(c[0] for c in CONFIGS) + " to run (single always runs: the ratios need it)")
     ap.add_argument("--peer", action="store_true", help="also llama.cpp alone and over 3 RPC servers, in the same turns")
+    ap.add_argument("--timeline", action="store_true", help="also where a decode step's time goes, leg by leg (runner/timeline.py)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     tools = None
@@ -139,6 +149,7 @@ def main() -> int:
             raise SystemExit("--peer: llama.cpp's tools are not built (../shared/tools/llama-cpp-tools.sh .peers/llama.cpp)")
 
     root = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
+    (root / "timeline").mkdir()
     procs: list[subprocess.Popen[bytes]] = []
     try:
         # One profile for the three nodes, kept even if measured under load (its warning says so):
@@ -157,7 +168,10 @@ def main() -> int:
             if urls:
                 cmd += ["--peer", urls[0].removeprefix("http://")]
             log = open(root / f"n{i}.log", "wb")  # noqa: SIM115 - the child holds it
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            if args.timeline:
+                env[TIMELINE_ENV] = str(root / "timeline")
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
             urls.append(f"http://127.0.0.1:{port}")
         url = urls[0]
         deadline = time.monotonic() + 60
@@ -193,6 +207,7 @@ def main() -> int:
             generate(url, inst["id"], prompt, 16)
         before = {label: shard_stats(url, inst["id"]) for label, inst in placed.items()}
         runs: dict[str, list[float]] = {label: [] for label in placed}
+        windows: dict[str, list[tuple[float, float]]] = {label: [] for label in placed}
         peer: dict[str, list[float]] = {"llama.cpp": [], "llama.cpp RPC-3": []}
         rpc: list[str] = []
         if tools is not None:
@@ -202,7 +217,9 @@ def main() -> int:
             rpc = start_rpc_servers(tools, 3, os.cpu_count() or 1, procs)
         for _ in range(args.repeats):
             for label, inst in placed.items():
+                t0 = time.perf_counter()
                 runs[label].append(generate(url, inst["id"], prompt, args.tokens)["decode_tps"])
+                windows[label].append((t0, time.perf_counter()))
             if tools is not None:  # in the same turn, so load from elsewhere hits both alike
                 peer["llama.cpp"].append(llama_bench_decode(tools, gguf, args.tokens, os.cpu_count() or 1))
                 peer["llama.cpp RPC-3"].append(llama_bench_decode(tools, gguf, args.tokens, os.cpu_count() or 1, rpc))
@@ -225,8 +242,20 @@ def main() -> int:
                 "layers": [s["layers"] for s in inst["shards"]],
             })
         peers = {k: max(v) for k, v in peer.items() if v}
+        timelines = {}
+        if args.timeline:
+            for p in procs[:3]:  # the nodes stop their runners, which write what they still hold
+                os.kill(p.pid, signal.SIGTERM)
+            for p in procs[:3]:
+                p.wait(60)
+            marks = read_timeline(root / "timeline")
+            for label, inst in placed.items():
+                if all(s["tp_size"] == 1 for s in inst["shards"]):
+                    timelines[label] = timeline_legs(marks, windows[label])
         if args.json:
-            print(json.dumps({"model": args.model, "tokens": args.tokens, "rows": rows, "llama_cpp": peers}, indent=2))
+            print(json.dumps({"model": args.model, "tokens": args.tokens, "rows": rows, "llama_cpp": peers,
+                              "timelines": {k: {"steps": n, "legs_s": dict(legs)} for k, (legs, n) in timelines.items()}},
+                             indent=2))
             return 0
         prof = json.loads((root / "profile.json").read_text())
         print(f"model {args.model}, {args.prompt}-token prompt, {args.tokens} tokens greedy, best of {args.repeats} "
@@ -246,6 +275,10 @@ def main() -> int:
                   f"({three / one:.2f}x its own single)")
             print(f"shoal / llama.cpp: single {by['single'] / one:.2f}x"
                   + (f", pipeline-3 / RPC-3 {by['pipeline-3'] / three:.2f}x" if "pipeline-3" in by else ""))
+        for label, (legs, n) in timelines.items():
+            print(f"\n{label}: a decode step, leg by leg (median of {n} steps, us)")
+            for name, sec in legs:
+                print(f"  {name:<36} {sec * 1e6:8.0f}")
         return 0
     finally:
         for p in procs:

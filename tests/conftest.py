@@ -185,10 +185,10 @@ class NodeLauncher:
             node.wait_ready()
         return node
 
-    def start_cluster(self, names: Sequence[str]) -> list[NodeProc]:
+    def start_cluster(self, names: Sequence[str], env: dict[str, str] | None = None) -> list[NodeProc]:
         """Nodes that all joined the first, started together, once every one sees them all up."""
-        first = self.start(names[0])
-        others = [self.start(name, peers=[first], wait=False) for name in names[1:]]
+        first = self.start(names[0], env=env)
+        others = [self.start(name, peers=[first], wait=False, env=env) for name in names[1:]]
         for n in others:
             n.wait_ready()
         nodes = [first, *others]

@@ -30,6 +30,8 @@ import torch
 from conftest import TEST_API_KEY, NodeLauncher, NodeProc, wait_for
 
 from shoal.catalog import CATALOG, DEFAULT_MODEL, bundled_path
+from shoal.runner import timeline
+from shoal.runner.timeline import ENV as TIMELINE_ENV
 
 transformers = pytest.importorskip("transformers")
 
@@ -166,10 +168,14 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def cluster4(tmp_path_factory: pytest.TempPathFactory, cached_profile: Path):
-    """Four nodes on loopback, shared by the equivalence tests (each test removes its instances)."""
-    nl = NodeLauncher(tmp_path_factory.mktemp("cluster4"), cached_profile)
+    """Four nodes on loopback, shared by the equivalence tests (each test removes its instances).
+    Their runners record their steps' timelines (runner/timeline.py): the equivalence tests show
+    that recording changes nothing, and test_a_step_timeline_follows_a_token reads them."""
+    root = tmp_path_factory.mktemp("cluster4")
+    (root / "timeline").mkdir()
+    nl = NodeLauncher(root, cached_profile)
     try:
-        yield nl.start_cluster([f"n{i}" for i in range(4)])
+        yield nl.start_cluster([f"n{i}" for i in range(4)], env={TIMELINE_ENV: str(root / "timeline")})
     finally:
         nl.close()
 
@@ -256,6 +262,37 @@ def test_float_matrices_held_as_q8_where_an_instance_asks(cluster4, tiny_models)
     finally:
         delete(node, iid)
     wait_for(lambda: not any(runner_pids(nd) for nd in cluster4), 30, what="runners gone")
+
+
+def test_a_step_timeline_follows_a_token_through_the_stages(cluster4, tiny_models):
+    """With SHOAL_STEP_TIMELINE set (as on these nodes), each runner of a pipeline-3 records every
+    step's path, and `timeline.legs` lays a decode step out stage by stage: the entry's layers,
+    each hop to the next stage and its layers, the final rows back to the entry, the head."""
+    model = str(tiny_models["llama"])
+    node = cluster4[0]
+    t0 = time.perf_counter()
+    iid = place(node, model, "pipeline", 3)["id"]
+    try:
+        wait_ready(node, iid)
+        pids = [pid for nd in cluster4 for pid in runner_pids(nd)]
+        assert len(pids) == 3
+        assert generate(node, iid, TINY_PROMPT, 12, ignore_eos=True) == single_process_tokens(model, TINY_PROMPT, 12, True)
+    finally:
+        delete(node, iid)
+    wait_for(lambda: not any(runner_pids(nd) for nd in cluster4), 30, what="runners gone")  # each wrote what it held
+    marks = {pid: ms for pid, ms in timeline.read(cluster4[0].home.parent / "timeline").items() if pid in pids}
+    assert len(marks) == 3
+    follower = [[p for p, _ in ms] for ms in marks.values() if "step" not in {p for p, _ in ms}]
+    assert len(follower) == 2 and all(ms[:4] == ["recv", "compute", "layers", "send"] for ms in follower)
+    legs, steps = timeline.legs(marks, [(t0, time.perf_counter())])
+    assert steps >= 8  # 12 tokens: the prompt's step, then decode steps
+    assert [name for name, _ in legs] == [
+        "stage 0: step -> compute", "stage 0: compute -> layers", "stage 0: layers -> send", "stage 0 send -> stage 1 recv",
+        "stage 1: recv -> compute", "stage 1: compute -> layers", "stage 1: layers -> send", "stage 1 send -> stage 2 recv",
+        "stage 2: recv -> compute", "stage 2: compute -> layers", "stage 2: layers -> send", "stage 2 send -> stage 0 final",
+        "stage 0: final -> logits", "stage 0: logits -> next step", "the whole step",
+    ]
+    assert all(sec >= 0 for _, sec in legs)
 
 
 # -- in-process: the tensor-parallel slicing itself -----------------------------------------------------

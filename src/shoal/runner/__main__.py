@@ -51,6 +51,9 @@ def _follower_commands(out, worker) -> None:
                 out(StageStats(**worker.stats()))
         except ValidationError:
             pass
+    from shoal.runner.timeline import TIMELINE
+
+    TIMELINE.flush()
     os._exit(0)
 
 
@@ -58,6 +61,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("shoal.runner")
     from shoal.runner.entry import DistributedModel, Output, serve_entry, start_reader
+    from shoal.runner.timeline import TIMELINE
 
     out = Output(sys.stdout)
     sys.stdout = sys.stderr  # stray prints must not corrupt the event stream
@@ -115,6 +119,8 @@ def main() -> int:
         log.exception("runner rank %d failed", cfg.rank)
         out(Fatal(message=f"{type(e).__name__}: {e}"[:500]))
         return 1
+    finally:
+        TIMELINE.flush()
 
 
 def entry_scheduler(cfg: RunnerConfig, model, stage):

@@ -34,6 +34,7 @@ from shoal.runner.protocol import (
     StepMessage,
     store_prefix,
 )
+from shoal.runner.timeline import TIMELINE
 from shoal.runner.wire import Wire, WireError
 
 log = logging.getLogger("shoal.runner")
@@ -166,6 +167,7 @@ class StageWorker:
             self._apply(msg)
             return None
         self.wait_s += time.perf_counter() - t
+        TIMELINE.mark("step")
         return self.run(msg, encoded, None, t)
 
     # -- the others
@@ -185,6 +187,7 @@ class StageWorker:
                 continue
             if msg.op != OP_STEP or (c.stage > 0) != (h is not None):
                 raise WireError(f"rank {src} sent a step that does not fit this stage (op {msg.op})")
+            TIMELINE.mark("recv")
             self.run(msg, encoded, h, t)
 
     def _apply(self, msg: StepMessage) -> None:
@@ -216,19 +219,23 @@ class StageWorker:
         threads.for_step(msg.positions.numel())
         out = None
         with torch.inference_mode():
+            TIMELINE.mark("compute")
             if c.stage == 0:
                 h = m.embed(msg.token_ids)
             assert h is not None
             h = m.run_layers(h, layout)
+            TIMELINE.mark("layers")
             t = time.perf_counter()
             final = None
             if c.stage + 1 < c.n_stages:
                 if c.tp_rank == 0:
+                    TIMELINE.mark("send")
                     c.send_step(encoded, h, c.stages[c.stage + 1])
             else:
                 final = h[msg.logit_rows].contiguous()
                 if c.n_stages > 1:
                     if c.tp_rank == 0:
+                        TIMELINE.mark("send")
                         for dst in c.stages[0]:
                             c.send(final, dst, TAG_FINAL)
                     final = None
@@ -236,8 +243,10 @@ class StageWorker:
                 if final is None:
                     final = torch.empty(R, self.hidden)
                     c.recv(final, c.leader(c.n_stages - 1), TAG_FINAL)
+                    TIMELINE.mark("final")
                 wait += time.perf_counter() - t
                 logits = m.logits(final)
+                TIMELINE.mark("logits")
                 t = time.perf_counter()
                 if c.rank == 0:
                     parts = [logits]
