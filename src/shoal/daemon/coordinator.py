@@ -39,7 +39,7 @@ from shoal.daemon.messages import (
 )
 from shoal.daemon.peers import CALL_TIMEOUT_S, Peers
 from shoal.daemon.records import Coordinated, InstanceError
-from shoal.placement.contract import Placement, PlacementError, PlacementRequest
+from shoal.placement.contract import Placement, PlacementError
 from shoal.placement.planner import plan
 
 if TYPE_CHECKING:
@@ -438,9 +438,7 @@ class Coordinator:
             for nid, b in inst.placement.memory_by_node().items():
                 if nid in reserved:
                     reserved[nid] -= b
-            request = PlacementRequest(context=inst.placement.context, weights=inst.placement.weights,
-                                       collective=inst.placement.collective)
-            return plan(spec, view, request, reserved)
+            return plan(spec, view, inst.placement.replan_request(), reserved)
         except (PlacementError, InstanceError):
             return None
 
@@ -553,8 +551,7 @@ class Coordinator:
         spec = await self.spec_of(inst.model, inst.placement.weights)
         if inst.ended:
             return
-        request = PlacementRequest(context=inst.placement.context, weights=inst.placement.weights,
-                                   collective=inst.placement.collective)
+        request = inst.placement.replan_request()
         refused = ""
         for _ in range(PLACE_ATTEMPTS):
             view = self.view

@@ -43,7 +43,6 @@ MLX_GROUP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_mo
 CARD_USABLE = 0.9  # of a card's memory, for shards: the rest is the CUDA context, allocator slack, activations
 
 
-
 def collectives(device: str) -> list[str]:
     """The transports beside shoal's own that a node computing on `device` offers its groups
     (NodeProfile.collectives, placement/contract.Collective): MLX's ring, where this MLX has it."""
@@ -52,6 +51,7 @@ def collectives(device: str) -> list[str]:
     import mlx.core as mx
 
     return ["mlx-ring"] if mx.distributed.is_available("ring") else []
+
 
 @dataclass(frozen=True)
 class Device:

@@ -99,6 +99,11 @@ class Placement(BaseModel):
     weights: HeldAs = "stored"  # PlacementRequest.weights, which every rank loads by
     collective: Collective = "shoal"  # PlacementRequest.collective, which every group's ranks join by
 
+    def replan_request(self) -> PlacementRequest:
+        """What placing this instance afresh asks for (after a loss, or to move it back): its
+        context, and how it holds its weights and sums its groups; strategy and nodes are chosen anew."""
+        return PlacementRequest(context=self.context, weights=self.weights, collective=self.collective)
+
     @property
     def stages(self) -> list[list[ShardPlan]]:
         out: list[list[ShardPlan]] = []
